@@ -1,0 +1,28 @@
+# `make run` and `make test` work on a fresh clone: the virtual environment is created on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch and torchvision pinned together on every pip call (this pair installs from local disk, CPU OK)
+PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: run test venv bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PINS) -e ".[test,diffusers]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(PY) -m amedlab stage=compare
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) benchmarks/solver_overhead.py
+
+clean:
+	rm -rf outputs multirun

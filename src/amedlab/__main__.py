@@ -1,0 +1,3 @@
+from amedlab.cli import main
+
+main()

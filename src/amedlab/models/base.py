@@ -1,0 +1,99 @@
+"""The denoiser protocol every model follows, and the NFE counter that wraps any of them.
+
+A denoiser is a callable ``D(x, sigma) -> x0_hat`` (EDM / VE parameterisation, Karras et al. 2022):
+``x`` has shape ``[B, ...]`` and ``sigma`` has shape ``[B]`` (one noise level per sample). Solvers
+only ever see this callable. A denoiser may also expose a per-sample feature vector captured during
+the same forward pass (``last_features``, shape ``[B, feature_dim]``); AMED's predictor reads it, so
+reading it must never cost an extra evaluation.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+
+class Denoiser(nn.Module):
+    """Base class for D(x, sigma).
+
+    Subclasses implement :meth:`denoise` and, if they capture features, set ``self.last_features``
+    inside it. ``feature_dim`` is the length of that vector (0 if none).
+    """
+
+    feature_dim: int = 0
+    #: shape of one sample without the batch dimension, e.g. (1, 16, 16); solvers draw x_T from it
+    sample_shape: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_features: torch.Tensor | None = None
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        return self.denoise(x, as_batch_sigma(sigma, x))
+
+    def identity(self) -> str:
+        """A short stable hash of everything that determines the outputs (class, config, weights).
+
+        Used to key caches (teacher trajectories, predictors) to the exact model.
+        """
+        h = hashlib.sha256(type(self).__qualname__.encode())
+        h.update(repr(self.config()).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().to(torch.float64).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def config(self) -> dict:
+        """The constructor arguments needed to rebuild the model (for checkpoints and identity)."""
+        return {}
+
+
+def as_batch_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Return sigma as a tensor of shape [B] on x's device and dtype."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    return sigma.reshape(x.shape[0])
+
+
+class CountingDenoiser(nn.Module):
+    """Wraps any denoiser and counts its calls: NFE is counted, never inferred.
+
+    One call on a batch is one function evaluation. Features of the wrapped model pass through.
+    """
+
+    def __init__(self, denoiser) -> None:
+        super().__init__()
+        self.inner = denoiser
+        self.calls = 0
+
+    @property
+    def feature_dim(self) -> int:
+        return getattr(self.inner, "feature_dim", 0)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.inner.sample_shape
+
+    @property
+    def last_features(self) -> torch.Tensor | None:
+        return getattr(self.inner, "last_features", None)
+
+    def identity(self) -> str:
+        return self.inner.identity()
+
+    def reset(self) -> None:
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x, sigma)
+
+
+def counting(denoiser) -> CountingDenoiser:
+    """Wrap ``denoiser`` in a :class:`CountingDenoiser` unless it already is one."""
+    return denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)

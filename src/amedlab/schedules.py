@@ -1,0 +1,55 @@
+"""Noise-level grids t_0 = sigma_max > ... > t_{N-1} = sigma_min (method.md section 1)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("polynomial", "time_uniform", "logsnr")
+VP_EPS_T = 1e-3  # VP time at sigma_min for the time-uniform schedule (as in DPM-Solver / the AMED code)
+
+
+def check_schedule_args(kind: str, num_points: int, sigma_min: float, sigma_max: float, rho: float) -> None:
+    """Raise a ValueError that names the key and the accepted values."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule.kind={kind!r} is not a known schedule; accepted: {', '.join(SCHEDULES)}")
+    if int(num_points) != num_points or num_points < 2:
+        raise ValueError(f"num_points={num_points!r}: a grid needs an integer number of points >= 2")
+    if not sigma_min > 0:
+        raise ValueError(f"schedule.sigma_min={sigma_min!r} must be > 0")
+    if not sigma_max > sigma_min:
+        raise ValueError(
+            f"schedule.sigma_min={sigma_min!r} must be smaller than schedule.sigma_max={sigma_max!r}"
+        )
+    if not rho > 0:
+        raise ValueError(f"schedule.rho={rho!r} must be > 0")
+
+
+def make_sigmas(
+    kind: str, num_points: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> torch.Tensor:
+    """Descending float64 grid of ``num_points`` noise levels from sigma_max to sigma_min.
+
+    - ``polynomial``: EDM (Karras et al. 2022, eq. 5), uniform in sigma^(1/rho).
+    - ``time_uniform``: uniform in VP time t^(1/rho) on [1, 1e-3], mapped through
+      sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) with beta_d, beta_min fitted to the ends.
+    - ``logsnr``: uniform in log sigma (DPM-Solver's logSNR steps; rho unused).
+    """
+    check_schedule_args(kind, num_points, sigma_min, sigma_max, rho)
+    u = torch.linspace(0.0, 1.0, int(num_points), dtype=torch.float64)
+    if kind == "polynomial":
+        a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+        sigmas = (a + u * (b - a)) ** rho
+    elif kind == "logsnr":
+        sigmas = torch.exp(math.log(sigma_max) + u * (math.log(sigma_min) - math.log(sigma_max)))
+    else:
+        # log(1 + sigma(t)^2) = beta_d t^2 / 2 + beta_min t, linear in (beta_d, beta_min): solve at both ends.
+        big, small = math.log1p(sigma_max**2), math.log1p(sigma_min**2)
+        eps = VP_EPS_T
+        beta_d = 2 * (small / eps - big) / (eps - 1)
+        beta_min = big - 0.5 * beta_d
+        t = (1 + u * (eps ** (1 / rho) - 1)) ** rho
+        sigmas = torch.sqrt(torch.expm1(0.5 * beta_d * t**2 + beta_min * t))
+    # Pin the ends exactly: the solvers' contract is "from sigma_max to sigma_min".
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min
+    return sigmas

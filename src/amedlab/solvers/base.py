@@ -1,0 +1,155 @@
+"""The pieces every solver shares: evaluated points, the step-rule interface, AFS and the driver loop.
+
+A solver is a *step rule* (one interval t_cur -> t_next, given the point evaluated at t_cur and the
+history of earlier points) plus this driver, which walks the grid, evaluates the model at the start
+of every interval (or applies AFS on the first), calls the callback, and handles the final step.
+AMED's plug-in (``amedlab.amed``) is itself a step rule wrapping another one, so each rule exists
+once. All times are per-sample tensors of shape [B]; everything stays differentiable.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+FINAL_STEPS = ("sigma_min", "denoise")
+
+
+def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape per-sample times [B] so they broadcast against x [B, ...]."""
+    return t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@dataclass
+class Point:
+    """A state on the trajectory: step time t [B], x, and the model's D at (x, t_model)."""
+
+    t: torch.Tensor
+    x: torch.Tensor
+    denoised: torch.Tensor
+    features: torch.Tensor | None = None
+
+    @functools.cached_property
+    def slope(self) -> torch.Tensor:
+        """d(x, t) = (x - D) / t: the probability-flow ODE's dx/dsigma (EDM eq. 3).
+
+        Divides by the step time t even when the model was queried at another time (AMED's a*t).
+        """
+        return (self.x - self.denoised) / bcast(self.t, self.x)
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """lambda = -log sigma (half the log-SNR), the time variable of DPM-Solver(++)/UniPC."""
+        return -torch.log(self.t)
+
+
+def evaluate(denoiser, x: torch.Tensor, t: torch.Tensor, t_model: torch.Tensor | None = None) -> Point:
+    """One function evaluation: D(x, t_model or t), with the features captured in the same call."""
+    denoised = denoiser(x, t if t_model is None else t_model)
+    return Point(t, x, denoised, getattr(denoiser, "last_features", None))
+
+
+def afs_point(x: torch.Tensor, t: torch.Tensor) -> Point:
+    """Analytical first step (Dockhorn et al. 2022, GENIE): d(x_T, t_0) ~= x_T / sqrt(1 + t_0^2).
+
+    Expressed as the implied D = x - t * d so it can enter multistep histories; no features (no
+    forward pass ran), so AMED's predictor sees zeros.
+    """
+    tb = bcast(t, x)
+    return Point(t, x, x - tb * x / torch.sqrt(1 + tb**2), None)
+
+
+class StepRule:
+    """One interval of a solver. Subclasses set ``nfe_per_step`` and implement :meth:`step`."""
+
+    name: str = ""
+    #: model evaluations per interval, including the one at t_cur that the driver makes
+    nfe_per_step: int = 1
+    #: how many earlier points the rule may read (the driver keeps no more)
+    history_size: int = 0
+
+    def step(
+        self, denoiser, cur: Point, t_next: torch.Tensor, history: list[Point], remaining: int
+    ) -> tuple[torch.Tensor, list[Point]]:
+        """Advance from ``cur`` to ``t_next``.
+
+        ``history``: earlier points, oldest first (``cur`` excluded). ``remaining``: steps left
+        including this one (for lower-order-final policies). Returns x_next and the points to append
+        to the history (normally ``[cur]``).
+        """
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        return {}
+
+
+@dataclass
+class State:
+    """What a callback receives after each evaluated grid point (and once at the end)."""
+
+    index: int
+    sigma: float
+    x: torch.Tensor
+    denoised: torch.Tensor | None
+
+
+class Solver:
+    """A step rule driven over a grid: ``sample(denoiser, x, sigmas, callback=None) -> x``."""
+
+    def __init__(self, rule: StepRule, afs: bool = False, final_step: str = "sigma_min") -> None:
+        if final_step not in FINAL_STEPS:
+            raise ValueError(f"solver.final_step={final_step!r}; accepted: {', '.join(FINAL_STEPS)}")
+        self.rule, self.afs, self.final_step = rule, bool(afs), final_step
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    def nfe(self, num_points: int) -> int:
+        """Model evaluations for a grid of ``num_points`` points: (N-1)k - AFS + final denoise."""
+        return (num_points - 1) * self.rule.nfe_per_step - int(self.afs) + int(self.final_step == "denoise")
+
+    def num_points(self, nfe: int) -> int:
+        """Inverse of :meth:`nfe`; an unreachable NFE is an error listing the reachable ones."""
+        k = self.rule.nfe_per_step
+        steps, rem = divmod(nfe + int(self.afs) - int(self.final_step == "denoise"), k)
+        if rem or steps < 1:
+            reachable = [self.nfe(n) for n in range(2, 9)]
+            raise ValueError(
+                f"nfe={nfe} is not reachable by solver={self.name} (afs={self.afs}, "
+                f"final_step={self.final_step}); reachable: {', '.join(map(str, reachable))}, ..."
+            )
+        return steps + 1
+
+    def sample(
+        self,
+        denoiser,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        callback: Callable[[State], None] | None = None,
+    ) -> torch.Tensor:
+        """Integrate the probability-flow ODE from ``x`` at sigmas[0] to sigmas[-1] (or to 0)."""
+        if sigmas.ndim != 1 or len(sigmas) < 2:
+            raise ValueError(f"sigmas must be a 1-D grid of >= 2 points, got shape {tuple(sigmas.shape)}")
+        grid = sigmas.to(device=x.device, dtype=x.dtype)
+        ones = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
+        steps = len(grid) - 1
+        history: list[Point] = []
+        for i in range(steps):
+            t_cur, t_next = grid[i] * ones, grid[i + 1] * ones
+            cur = afs_point(x, t_cur) if (i == 0 and self.afs) else evaluate(denoiser, x, t_cur)
+            if callback is not None:
+                callback(State(i, float(sigmas[i]), x, cur.denoised))
+            x, new_points = self.rule.step(denoiser, cur, t_next, history, steps - i)
+            if self.rule.history_size:
+                history = (history + new_points)[-self.rule.history_size :]
+        if self.final_step == "denoise":
+            # EDM's last Euler step from sigma_min to 0 lands exactly on D(x, sigma_min): one NFE.
+            x = denoiser(x, grid[-1] * ones)
+            if callback is not None:
+                callback(State(steps, 0.0, x, x))
+        elif callback is not None:
+            callback(State(steps, float(sigmas[-1]), x, None))
+        return x
