@@ -1,0 +1,110 @@
+"""The built-in digits teacher (``model.name=digits_unet``) and the project's checkpoint format.
+
+A checkpoint is the weights plus the config needed to rebuild the network, in one file:
+- ``.safetensors``: tensors + string metadata ``{"kind", "config" (JSON), ...}``;
+- ``.pt``: ``torch.save({"kind", "config", "state_dict", "metadata"})``, loaded with ``weights_only=True``.
+Neither format runs code when loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .factory import register_model
+from .precond import EDMPrecond
+from .unet import SmallUNet
+
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+SHIPPED_TEACHER = ASSETS_DIR / "digits_teacher.safetensors"
+TEACHER_KIND = "amedlab.digits_unet"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt")
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], kind: str, config: dict,
+                    metadata: Mapping[str, str] | None = None) -> Path:
+    """Write weights + config atomically (temporary file, then ``os.replace``)."""
+    path = Path(path)
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise ValueError(f"checkpoint path {str(path)!r} must end in one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp), metadata={**meta, "kind": kind, "config": json.dumps(config)})
+    else:
+        torch.save({"kind": kind, "config": config, "state_dict": tensors, "metadata": meta}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str) -> tuple[dict, dict, dict]:
+    """Return ``(state_dict, config, metadata)``; checks that the file holds a ``kind`` checkpoint."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        state_dict = load_file(str(path))
+        config = json.loads(meta.pop("config", "null"))
+        found = meta.pop("kind", None)
+    else:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict, config, found = blob.get("state_dict"), blob.get("config"), blob.get("kind")
+        meta = dict(blob.get("metadata") or {})
+    if found != kind or config is None:
+        raise ValueError(f"{str(path)!r} is not a {kind} checkpoint (found kind={found!r})")
+    return state_dict, config, meta
+
+
+def make_digits_denoiser(net_config: Mapping, sigma_data: float = 0.5) -> EDMPrecond:
+    """A fresh (untrained) digits U-Net inside EDM preconditioning, with feature capture."""
+    net = SmallUNet(**dict(net_config))
+    res = int(net.config()["img_resolution"])
+    return EDMPrecond(net, sigma_data=sigma_data, sample_shape=(net.config()["in_channels"], res, res),
+                      feature_block=net.feature_block)
+
+
+def save_denoiser(denoiser: EDMPrecond, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+    return save_checkpoint(path, denoiser.state_dict(), TEACHER_KIND, denoiser.config(), metadata)
+
+
+def load_denoiser(path: str | os.PathLike) -> EDMPrecond:
+    """Rebuild a digits denoiser from a checkpoint written by :func:`save_denoiser`; eval mode, frozen."""
+    state_dict, config, _ = load_checkpoint(path, TEACHER_KIND)
+    denoiser = make_digits_denoiser(config["net"], sigma_data=config["sigma_data"])
+    denoiser.load_state_dict(state_dict)
+    return denoiser.eval().requires_grad_(False)
+
+
+def resolve_checkpoint_path(value, key: str, default: Path) -> Path:
+    """``value`` (None = the shipped default) -> an existing checkpoint file, or a clear error."""
+    if value in (None, ""):
+        if not default.is_file():
+            raise FileNotFoundError(f"{key}=null means the shipped checkpoint {default}, which is missing; "
+                                    "reinstall the package or pass a path")
+        return default
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={str(value)!r}: no such file (accepted: a {' or '.join(CHECKPOINT_SUFFIXES)} "
+                                "checkpoint written by the project, or null for the shipped one)")
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise ValueError(f"{key}={str(value)!r}: accepted file types are {', '.join(CHECKPOINT_SUFFIXES)}")
+    return path
+
+
+@register_model("digits_unet")
+def build_digits_unet(cfg: Mapping) -> EDMPrecond:
+    """``model: {name: digits_unet, path: null | <file>}``; null loads the shipped teacher."""
+    unknown = set(cfg) - {"name", "path"}
+    if unknown:
+        raise ValueError(f"model.name=digits_unet does not take {sorted(unknown)}; accepted keys: name, path")
+    return load_denoiser(resolve_checkpoint_path(cfg.get("path"), "model.path", SHIPPED_TEACHER))
