@@ -1,0 +1,270 @@
+"""Adapters that turn users' own checkpoints into D(x, sigma). Nothing is downloaded.
+
+- ``diffusers``: a ``UNet2DModel`` saved with ``save_pretrained`` plus its DDPM scheduler config
+  (VP, discrete timesteps; epsilon, v or sample prediction). sigma <-> timestep by linear
+  interpolation in log sigma over the scheduler's table (as k-diffusion's ``DiscreteSchedule``);
+  features: channel-mean of ``mid_block``'s output (what AMED hooks on ADM / LDM models).
+- ``edm_pkl``: an NVlabs EDM network pickle (e.g. ``edm-cifar10-32x32-uncond-vp.pkl``). Unpickling
+  runs code, so it needs ``model.trust_pickle=true`` and NVlabs' source (``dnnlib``, ``torch_utils``)
+  importable via ``model.source_dir``. Features: channel-mean of the last encoder block at the lowest
+  resolution, ``enc['8x8_block3']`` for CIFAR-10, as in the official AMED code.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .base import Denoiser
+from .factory import register_model
+from .precond import FeatureHook
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _check_keys(cfg: Mapping, name: str, accepted: tuple[str, ...]) -> None:
+    unknown = set(cfg) - set(accepted)
+    if unknown:
+        raise ValueError(f"model.name={name} does not take {sorted(unknown)}; accepted keys: {', '.join(accepted)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers
+
+
+class DiffusersVPDenoiser(Denoiser):
+    """D(x, sigma) for a VP epsilon/v/sample-prediction ``UNet2DModel`` with a discrete DDPM schedule.
+
+    With alpha_bar_t from the scheduler, the VE noise level is sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
+    and the model input is x / sqrt(1 + sigma^2). Noise levels outside the table clamp the timestep to
+    [0, T-1] (the model never saw them) while sigma itself is used for scaling.
+    """
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                 feature_block: str | None = "mid_block", source: str = "") -> None:
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={prediction_type!r}; accepted: {', '.join(PREDICTION_TYPES)}")
+        self.unet = unet
+        self.prediction_type = prediction_type
+        self.source = source
+        sigmas = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()
+        self.register_buffer("log_sigmas", sigmas.log().float())
+        cfg = unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        self.sample_shape = (int(cfg.in_channels), int(size), int(size))
+        if feature_block not in (None, "mid_block"):
+            raise ValueError(f"feature_block={feature_block!r}; accepted: mid_block or null")
+        self.feature_block = feature_block
+        self._hook = FeatureHook(unet.mid_block) if feature_block else None
+        # mid_block runs at the last down block's resolution (that block does not downsample)
+        low = int(size) >> (len(cfg.block_out_channels) - 1)
+        self.feature_dim = low * low if feature_block else 0
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.log_sigmas[0].exp())
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.log_sigmas[-1].exp())
+
+    def config(self) -> dict:
+        return dict(prediction_type=self.prediction_type, feature_block=self.feature_block, source=self.source,
+                    unet=dict(self.unet.config))
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous timestep: piecewise-linear interpolation of the index in log sigma, clamped."""
+        log_sigma = sigma.float().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        idx = torch.searchsorted(self.log_sigmas, log_sigma.contiguous()).clamp(1, len(self.log_sigmas) - 1)
+        lo, hi = self.log_sigmas[idx - 1], self.log_sigmas[idx]
+        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+        return (idx - 1).float() + w
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.float().clamp(0, len(self.log_sigmas) - 1)
+        lo = t.floor().long().clamp(max=len(self.log_sigmas) - 2)
+        w = t - lo.float()
+        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[lo + 1]).exp()
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        c_in = 1 / (s**2 + 1).sqrt()
+        dtype = next(self.unet.parameters()).dtype
+        if self._hook is not None:
+            self._hook.clear()
+        out = self.unet((c_in * x).to(dtype), self.sigma_to_t(sigma)).sample.to(x.dtype)
+        if self._hook is not None:
+            self.last_features = self._hook.pop().to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        if self.prediction_type == "v_prediction":  # x0 = alpha x_t - sigma_vp v, alpha = c_in, sigma_vp = s c_in
+            return c_in * (c_in * x) - s * c_in * out
+        return out
+
+
+def _find_dir_with(candidates: list[Path], filename: str) -> Path | None:
+    return next((c for c in candidates if (c / filename).is_file()), None)
+
+
+@register_model("diffusers")
+def build_diffusers(cfg: Mapping) -> DiffusersVPDenoiser:
+    """``model: {name: diffusers, path: <dir>, scheduler_path: null | <dir>, feature_block: mid_block | null}``.
+
+    ``path``: a ``UNet2DModel.save_pretrained`` directory (``config.json`` + weights) or a pipeline
+    directory with a ``unet/`` subfolder. ``scheduler_path``: a directory with ``scheduler_config.json``;
+    null looks in ``<path>/scheduler``, ``<path>/../scheduler`` and ``<path>``.
+    """
+    _check_keys(cfg, "diffusers", ("name", "path", "scheduler_path", "feature_block"))
+    if cfg.get("path") in (None, ""):
+        raise ValueError("model.path=null: set it to a UNet2DModel save_pretrained directory (model=diffusers)")
+    root = Path(str(cfg["path"])).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"model.path={str(root)!r}: no such directory (accepted: a UNet2DModel "
+                                "save_pretrained directory or a pipeline directory with unet/)")
+    unet_dir = _find_dir_with([root, root / "unet"], "config.json")
+    if unet_dir is None:
+        raise FileNotFoundError(f"model.path={str(root)!r}: no config.json in it or in its unet/ subfolder")
+    unet_cfg = json.loads((unet_dir / "config.json").read_text())
+    if unet_cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ValueError(f"model.path={str(unet_dir)!r} holds a {unet_cfg['_class_name']}; accepted: UNet2DModel")
+    if unet_cfg.get("time_embedding_type", "positional") != "positional":
+        raise ValueError(f"model.path: time_embedding_type={unet_cfg['time_embedding_type']!r} cannot take "
+                         "continuous timesteps; accepted: positional (DDPM-style VP models)")
+    if unet_cfg.get("num_class_embeds") or unet_cfg.get("class_embed_type"):
+        raise ValueError("model.path: class-conditional UNet2DModel is not supported; accepted: unconditional")
+    if cfg.get("scheduler_path") not in (None, ""):
+        sched_dir = Path(str(cfg["scheduler_path"])).expanduser()
+        if not (sched_dir / "scheduler_config.json").is_file():
+            raise FileNotFoundError(f"model.scheduler_path={str(sched_dir)!r}: no scheduler_config.json there")
+    else:
+        sched_dir = _find_dir_with([root / "scheduler", unet_dir.parent / "scheduler", root], "scheduler_config.json")
+        if sched_dir is None:
+            raise FileNotFoundError(f"no scheduler_config.json in {root}/scheduler, {unet_dir.parent}/scheduler or "
+                                    f"{root}; set model.scheduler_path to the DDPM scheduler's directory")
+    sched_cfg = json.loads((sched_dir / "scheduler_config.json").read_text())
+    prediction_type = sched_cfg.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"{sched_dir}/scheduler_config.json: prediction_type={prediction_type!r}; "
+                         f"accepted: {', '.join(PREDICTION_TYPES)}")
+    feature_block = cfg.get("feature_block", "mid_block") or None
+    if feature_block not in (None, "mid_block"):
+        raise ValueError(f"model.feature_block={feature_block!r}; accepted: mid_block or null (no features)")
+    if importlib.util.find_spec("diffusers") is None:
+        raise ModuleNotFoundError("model=diffusers needs the diffusers package: pip install 'amed-lab[diffusers]'")
+
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    scheduler = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
+    unet = UNet2DModel.from_pretrained(str(unet_dir))
+    return DiffusersVPDenoiser(unet.eval().requires_grad_(False), scheduler.alphas_cumprod, prediction_type,
+                               feature_block, source=str(unet_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# NVlabs EDM pickles
+
+_BLOCK = re.compile(r"^(\d+)x(\d+)_(\w+)$")
+
+
+def lowest_resolution_block(enc: Mapping[str, nn.Module]) -> str:
+    """The last encoder block at the lowest resolution, e.g. '8x8_block3' for EDM's CIFAR-10 SongUNet."""
+    parsed = [(int(m.group(1)), name) for name in enc if (m := _BLOCK.match(name)) and "block" in m.group(3)]
+    if not parsed:
+        raise ValueError(f"no '<res>x<res>_block<i>' entry in the encoder; keys: {list(enc)}")
+    low = min(res for res, _ in parsed)
+    return [name for res, name in parsed if res == low][-1]
+
+
+class EDMPickleDenoiser(Denoiser):
+    """D(x, sigma) = net(x, sigma, class_labels) for an NVlabs ``EDMPrecond`` / ``VPPrecond`` / ... module."""
+
+    def __init__(self, net: nn.Module, feature_block: str | None = None, class_label: int | None = None,
+                 source: str = "") -> None:
+        super().__init__()
+        self.net = net
+        self.source = source
+        self.sample_shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+        self.label_dim = int(getattr(net, "label_dim", 0) or 0)
+        self.class_label = class_label
+        self.feature_block = feature_block
+        self._hook = None
+        if feature_block:
+            self._hook = FeatureHook(net.model.enc[feature_block])
+            res = int(_BLOCK.match(feature_block).group(1))
+            self.feature_dim = res * res
+
+    def config(self) -> dict:
+        return dict(feature_block=self.feature_block, class_label=self.class_label, source=self.source)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        labels = None
+        if self.label_dim:
+            labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
+            labels[:, self.class_label] = 1
+        if self._hook is not None:
+            self._hook.clear()
+        out = self.net(x, sigma, labels).to(x.dtype)
+        if self._hook is not None:
+            self.last_features = self._hook.pop().to(x.dtype)
+        return out
+
+
+def _ensure_edm_source(source_dir) -> None:
+    hint = ("NVlabs' EDM source (github.com/NVlabs/edm: dnnlib/, torch_utils/, training/) must be importable to "
+            "unpickle its networks: clone it and set model.source_dir=<that clone>")
+    if source_dir not in (None, ""):
+        src = Path(str(source_dir)).expanduser().resolve()
+        if not (src / "torch_utils" / "persistence.py").is_file():
+            raise FileNotFoundError(f"model.source_dir={str(source_dir)!r} has no torch_utils/persistence.py. {hint}")
+        if str(src) not in sys.path:
+            sys.path.insert(0, str(src))
+    elif importlib.util.find_spec("torch_utils") is None:
+        raise ModuleNotFoundError(f"model.source_dir=null and torch_utils is not importable. {hint}")
+
+
+@register_model("edm_pkl")
+def build_edm_pkl(cfg: Mapping) -> EDMPickleDenoiser:
+    """``model: {name: edm_pkl, path: <file.pkl>, trust_pickle: false, source_dir: null, feature_block: null,
+    class_label: null}``."""
+    _check_keys(cfg, "edm_pkl", ("name", "path", "trust_pickle", "source_dir", "feature_block", "class_label"))
+    if cfg.get("path") in (None, ""):
+        raise ValueError("model.path=null: set it to an NVlabs EDM network pickle, e.g. "
+                         "edm-cifar10-32x32-uncond-vp.pkl (nothing is downloaded)")
+    path = Path(str(cfg["path"])).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.path={str(cfg['path'])!r}: no such file (accepted: an NVlabs EDM .pkl)")
+    if cfg.get("trust_pickle") is not True:
+        raise PermissionError(f"model.trust_pickle={cfg.get('trust_pickle')!r}: loading {path} runs the code inside "
+                              "the pickle; set model.trust_pickle=true only for files you trust")
+    _ensure_edm_source(cfg.get("source_dir"))
+    with open(path, "rb") as f:
+        data = pickle.load(f)  # noqa: S301 -- explicitly trusted above
+    if not isinstance(data, Mapping) or "ema" not in data:
+        raise ValueError(f"model.path={str(path)!r}: expected a dict with an 'ema' network (an NVlabs EDM "
+                         f"network pickle); got {type(data).__name__}")
+    net = data["ema"]
+    for attr in ("img_resolution", "img_channels", "model"):
+        if not hasattr(net, attr):
+            raise ValueError(f"model.path={str(path)!r}: data['ema'] has no {attr!r}; not an NVlabs EDM network")
+    enc = getattr(net.model, "enc", None)
+    feature_block = cfg.get("feature_block")
+    if feature_block in (None, "", "auto"):
+        feature_block = lowest_resolution_block(enc) if enc is not None else None
+    elif enc is None or feature_block not in enc:
+        raise ValueError(f"model.feature_block={feature_block!r} is not in net.model.enc; "
+                         f"accepted: {list(enc) if enc is not None else []} or null (auto)")
+    class_label = cfg.get("class_label")
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if label_dim and (class_label is None or not 0 <= int(class_label) < label_dim):
+        raise ValueError(f"model.class_label={class_label!r}: this network is class-conditional; "
+                         f"accepted: an integer in [0, {label_dim})")
+    return EDMPickleDenoiser(net.eval().requires_grad_(False), feature_block,
+                             int(class_label) if label_dim else None, source=str(path))
