@@ -1,0 +1,108 @@
+"""``stage=train_features``: train the digits classifier whose penultimate layer is the FID space.
+
+Trains on the fixed train split (with random translations), measures accuracy on the held-out split,
+writes ``digits_classifier.safetensors``, ``metrics.json`` and ``recipe.json`` into the run directory.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch.nn import functional as F
+
+from amedlab.data.digits import DigitsDataModule
+from amedlab.evaluation.digits_features import DigitsClassifier, save_classifier
+from amedlab.training.teacher import (
+    check_dataset_is_digits,
+    check_positive,
+    hydra_command,
+    make_trainer,
+    output_dir,
+    set_threads,
+    to_plain,
+    write_json,
+)
+
+
+def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels in x and y, filling with background (-1)."""
+    if max_shift <= 0:
+        return images
+    b, _, h, w = images.shape
+    padded = F.pad(images, [max_shift] * 4, value=-1.0)
+    dx, dy = (torch.randint(0, 2 * max_shift + 1, (2, b), device=images.device)).unbind(0)
+    rows = (dy[:, None] + torch.arange(h, device=images.device)[None])[:, None, :, None].expand(b, 1, h, w + 2 * max_shift)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=images.device)[None])[:, None, None, :].expand(b, 1, h, w)
+    return out.gather(3, cols)
+
+
+class ClassifierModule(pl.LightningModule):
+    def __init__(self, channels: int = 32, feature_dim: int = 64, dropout: float = 0.3, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, max_shift: int = 1, steps: int = 1500) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = DigitsClassifier(channels=channels, feature_dim=feature_dim, dropout=dropout)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self.model(random_shift(images, int(self.hparams.max_shift)))
+        loss = F.cross_entropy(logits, labels)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self.model(images)
+        self.log("val/loss", F.cross_entropy(logits, labels))
+        self.log("val/accuracy", (logits.argmax(1) == labels).float().mean())
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(self.hparams.steps), 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def module_from_config(fcfg: Mapping) -> ClassifierModule:
+    return ClassifierModule(channels=int(fcfg["channels"]), feature_dim=int(fcfg["feature_dim"]),
+                            dropout=float(fcfg["dropout"]), lr=float(fcfg["lr"]),
+                            weight_decay=float(fcfg["weight_decay"]), max_shift=int(fcfg["max_shift"]),
+                            steps=int(fcfg["steps"]))
+
+
+@torch.no_grad()
+def accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    return float((model(images).argmax(1) == labels).float().mean())
+
+
+def run(cfg) -> float:
+    """Train the classifier; returns its held-out accuracy."""
+    check_dataset_is_digits(cfg, "train_features")
+    fcfg = cfg.train.features
+    for key in ("steps", "batch_size", "lr", "channels", "feature_dim", "val_every_steps"):
+        check_positive(fcfg, key, "train.features")
+    out = output_dir()
+    set_threads(fcfg)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    datamodule = DigitsDataModule.from_config(cfg.dataset, batch_size=int(fcfg.batch_size))
+    module = module_from_config(fcfg)
+    trainer = make_trainer(cfg, fcfg, out, datamodule)
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule)
+    wall = time.time() - start
+    model = module.model.cpu().eval()
+    held_out = datamodule.held_out_set.tensors
+    acc = accuracy(model, *held_out)
+    recipe = {"command": hydra_command(), "seed": int(cfg.seed), "steps": int(trainer.global_step),
+              "wall_time_s": round(wall, 1), "held_out_accuracy": acc, "num_held_out": len(held_out[1]),
+              "num_params": sum(p.numel() for p in model.parameters()),
+              "train": to_plain(fcfg), "dataset": to_plain(cfg.dataset)}
+    ckpt = save_classifier(model, out / "digits_classifier.safetensors",
+                           metadata={"held_out_accuracy": f"{acc:.4f}", "command": recipe["command"]})
+    write_json(out / "recipe.json", {**recipe, "checkpoint": ckpt.name})
+    write_json(out / "metrics.json", {"held_out_accuracy": acc, "wall_time_s": round(wall, 1),
+                                      "steps": int(trainer.global_step)})
+    return acc

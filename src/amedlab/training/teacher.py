@@ -1,0 +1,232 @@
+"""``stage=train_teacher``: train the digits U-Net with EDM's loss (Karras et al. 2022) and EMA weights.
+
+Writes into the run directory: ``digits_teacher.safetensors`` (EMA weights + the config that rebuilds
+the network), ``metrics.json`` and ``recipe.json`` (command, seed, steps, wall time).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from amedlab.data.digits import DigitsDataModule
+from amedlab.models.digits import make_digits_denoiser, save_denoiser
+from amedlab.models.precond import edm_loss
+from amedlab.training.ema import EMA
+
+VAL_SEED = 1234  # fixed noise for the held-out loss, so its curve is comparable across steps
+
+
+# --- helpers shared by the two training stages (features.py imports them) ---------------------
+
+def output_dir() -> Path:
+    """The Hydra run directory (or ./outputs/<stage> when called outside Hydra, e.g. from tests)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        path = Path("outputs") / "no_hydra"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def hydra_command() -> str:
+    """The command line that reproduces this run: ``python -m amedlab <overrides>``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = sys.argv[1:]
+    return " ".join(["python -m amedlab", *overrides])
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file, then ``os.replace``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def trainer_device(device: str) -> tuple[str, list[int] | int]:
+    """``device`` ('cpu', 'cuda', 'cuda:1') -> Lightning's (accelerator, devices)."""
+    if device == "cpu":
+        return "cpu", 1
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available; accepted here: cpu")
+        return "gpu", [int(device.split(":")[1])] if ":" in device else 1
+    raise ValueError(f"device={device!r}; accepted: cpu, cuda, cuda:<index>")
+
+
+def make_logger(cfg, out: Path):
+    """CSV metrics in the run directory always; wandb as well when ``logger.name=wandb``."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers = [CSVLogger(str(out), name="", version="")]
+    lcfg = cfg.get("logger") or {}
+    if lcfg.get("name") == "wandb":
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=lcfg.get("project", "amedlab"), save_dir=str(out),
+                                   offline=bool(lcfg.get("offline", False)), name=lcfg.get("run_name")))
+    return loggers
+
+
+def log_every_n_steps(datamodule) -> int:
+    """Log at least once per epoch (the digits train split is only a few batches long)."""
+    datamodule.setup("fit")
+    return max(1, min(50, len(datamodule.train_set) // datamodule.batch_size))
+
+
+def max_time(node) -> timedelta | None:
+    """``max_minutes`` (null = no limit) as Lightning's ``max_time``: training stops at whichever of
+    ``steps`` and ``max_minutes`` comes first; the recipe records the steps actually taken."""
+    minutes = node.get("max_minutes")
+    return None if minutes is None else timedelta(minutes=float(minutes))
+
+
+def set_threads(node) -> None:
+    """``num_threads`` (null = torch's default): 1 is faster than 2 when other jobs share a 2-core CPU."""
+    if node.get("num_threads") is not None:
+        torch.set_num_threads(int(node.get("num_threads")))
+
+
+def to_plain(node):
+    """An OmegaConf node as plain Python containers (for JSON)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def make_trainer(cfg, node, out: Path, datamodule) -> pl.Trainer:
+    """A Lightning trainer for ``node`` (train.teacher / train.features): stops at ``steps`` or
+    ``max_minutes``, validates every ``val_every_steps``, logs into the run directory, no checkpoints
+    (the stage writes its own, atomically)."""
+    accelerator, devices = trainer_device(str(cfg.device))
+    return pl.Trainer(
+        max_steps=int(node.steps), max_time=max_time(node), accelerator=accelerator, devices=devices,
+        logger=make_logger(cfg, out), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, val_check_interval=int(node.val_every_steps), check_val_every_n_epoch=None,
+        log_every_n_steps=log_every_n_steps(datamodule), num_sanity_val_steps=0, default_root_dir=str(out),
+    )
+
+
+def check_dataset_is_digits(cfg, stage: str) -> None:
+    name = cfg.dataset.get("name")
+    if name != "digits":
+        raise ValueError(f"stage={stage} trains on the built-in digits only; dataset.name={name!r}, accepted: digits")
+
+
+def check_positive(node, key: str, prefix: str) -> None:
+    value = node.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{prefix}.{key}={value!r} must be a number > 0")
+
+
+# --- the teacher ------------------------------------------------------------------------------
+
+
+class TeacherModule(pl.LightningModule):
+    """EDM training: ln(sigma) ~ N(p_mean, p_std^2), loss weight (sigma^2 + sd^2) / (sigma sd)^2."""
+
+    def __init__(self, net: Mapping, sigma_data: float = 0.5, lr: float = 2e-3, warmup_steps: int = 200,
+                 p_mean: float = -1.2, p_std: float = 1.2, ema_halflife_steps: float = 300.0,
+                 ema_rampup: float | None = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = make_digits_denoiser(dict(net), sigma_data=sigma_data)
+        self.ema = EMA(self.model, ema_halflife_steps, ema_rampup)
+
+    def training_step(self, batch, batch_idx):
+        images, _ = batch
+        loss = edm_loss(self.model, images, self.hparams.p_mean, self.hparams.p_std)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.update(self.model, self.global_step)
+
+    def validation_step(self, batch, batch_idx):
+        images, _ = batch
+        gen = torch.Generator(device=images.device).manual_seed(VAL_SEED + batch_idx)
+        loss = edm_loss(self.ema.module, images, self.hparams.p_mean, self.hparams.p_std, generator=gen)
+        self.log("val/ema_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr)
+        warmup = max(int(self.hparams.warmup_steps), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def module_from_config(tcfg: Mapping) -> TeacherModule:
+    return TeacherModule(net=dict(tcfg["net"]), sigma_data=float(tcfg["sigma_data"]), lr=float(tcfg["lr"]),
+                         warmup_steps=int(tcfg["warmup_steps"]), p_mean=float(tcfg["p_mean"]),
+                         p_std=float(tcfg["p_std"]), ema_halflife_steps=float(tcfg["ema_halflife_steps"]),
+                         ema_rampup=tcfg.get("ema_rampup"))
+
+
+def check_teacher_config(cfg) -> None:
+    check_dataset_is_digits(cfg, "train_teacher")
+    tcfg = cfg.train.teacher
+    for key in ("steps", "batch_size", "lr", "sigma_data", "p_std", "ema_halflife_steps", "val_every_steps"):
+        check_positive(tcfg, key, "train.teacher")
+    res = int(cfg.dataset.image_size)
+    levels = len(tcfg.net.channel_mult)
+    if res % 2 ** (levels - 1) or res >> (levels - 1) < 2:
+        raise ValueError(f"train.teacher.net.channel_mult={list(tcfg.net.channel_mult)} has {levels} levels, too many "
+                         f"for dataset.image_size={res}; accepted: a lowest resolution of at least 2x2")
+
+
+def run(cfg) -> float:
+    """Train the teacher; returns the final held-out EDM loss of the EMA weights."""
+    check_teacher_config(cfg)
+    tcfg = cfg.train.teacher
+    out = output_dir()
+    set_threads(tcfg)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    datamodule = DigitsDataModule.from_config(cfg.dataset, batch_size=int(tcfg.batch_size))
+    net_cfg = {**dict(tcfg.net), "img_resolution": int(cfg.dataset.image_size), "in_channels": 1, "out_channels": 1}
+    module = module_from_config({**dict(tcfg), "net": net_cfg})
+    trainer = make_trainer(cfg, tcfg, out, datamodule)
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule)
+    wall = time.time() - start
+    final_train_loss = float(trainer.callback_metrics.get("train/loss", math.nan))
+    val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/ema_loss"]
+    num_params = sum(p.numel() for p in module.model.net.parameters())
+    recipe = {
+        "command": hydra_command(),
+        "seed": int(cfg.seed),
+        "steps": int(trainer.global_step),
+        "batch_size": int(tcfg.batch_size),
+        "wall_time_s": round(wall, 1),
+        "device": str(cfg.device),
+        "torch_threads": torch.get_num_threads(),
+        "num_params": num_params,
+        "final_train_loss": final_train_loss,
+        "held_out_ema_loss": float(val),
+        "train": to_plain(tcfg),
+        "dataset": to_plain(cfg.dataset),
+    }
+    ckpt = save_denoiser(module.ema.module, out / "digits_teacher.safetensors",
+                         metadata={"recipe": _json(recipe)})
+    write_json(out / "recipe.json", {**recipe, "checkpoint": ckpt.name})
+    write_json(out / "metrics.json", {"held_out_ema_loss": float(val), "wall_time_s": round(wall, 1),
+                                      "steps": int(trainer.global_step), "num_params": num_params})
+    return float(val)
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
