@@ -104,10 +104,15 @@ class Gaussian(GaussianMixture):
 
 
 def default_mixture(dim: int = 2, num_components: int = 4, std: float = 0.3, seed: int = 0) -> GaussianMixture:
-    """A reproducible mixture: component means drawn N(0, I) with a fixed seed, unequal weights."""
+    """A reproducible mixture: component means drawn N(0, I) with a fixed seed, unequal weights.
+
+    The means are centred so that E[x0] = 0, as for normalised image data; AFS assumes it (its slope
+    x_T / sqrt(1 + sigma^2) is exact for zero-mean unit-variance data).
+    """
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(num_components, dim, generator=g, dtype=torch.float64)
     weights = torch.linspace(1.0, 2.0, num_components, dtype=torch.float64)
+    means = means - (weights[:, None] * means).sum(0) / weights.sum()
     return GaussianMixture(means, std, weights)
 
 

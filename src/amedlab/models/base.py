@@ -44,7 +44,8 @@ class Denoiser(nn.Module):
         h.update(repr(self.config()).encode())
         for name, tensor in sorted(self.state_dict().items()):
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().to(torch.float64).numpy().tobytes())
+            # hashed in float32 so that one model in float32 and float64 has one identity
+            h.update(tensor.detach().cpu().contiguous().to(torch.float32).numpy().tobytes())
         return h.hexdigest()[:16]
 
     def config(self) -> dict:

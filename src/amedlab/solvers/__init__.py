@@ -6,14 +6,14 @@ from typing import Callable
 
 from .base import FINAL_STEPS, Point, Solver, State, StepRule, afs_point, bcast, evaluate
 from .multistep import IPNDM, DPMSolverPP, UniPC
-from .single_step import Euler, Heun, MeanDirection, mean_direction_step
+from .single_step import DPMSolver2, Euler, Heun, MeanDirection, mean_direction_step
 
 # name -> factory(**rule_options) -> StepRule
 _RULES: dict[str, Callable[..., StepRule]] = {
     "euler": Euler,
     "heun": Heun,
     "midpoint": lambda: MeanDirection("arithmetic"),
-    "dpm2": lambda: MeanDirection("geometric"),
+    "dpm2": DPMSolver2,
     "ipndm": IPNDM,
     "dpmpp": DPMSolverPP,
     "dpmpp2m": lambda lower_order_final=True: DPMSolverPP(2, lower_order_final),
@@ -32,8 +32,9 @@ def available_solvers() -> list[str]:
     return sorted(_RULES)
 
 
-def make_solver(name: str, afs: bool = False, final_step: str = "sigma_min", **options) -> Solver:
-    """Build a solver. ``afs``: analytical first step; ``final_step``: ``sigma_min`` (paper tables) or
+def make_solver(name: str, afs: bool | None = None, final_step: str = "sigma_min", **options) -> Solver:
+    """Build a solver. ``afs``: analytical first step (None: the rule's default, e.g. what an AMED
+    predictor was trained with, else off); ``final_step``: ``sigma_min`` (paper tables) or
     ``denoise`` (one extra evaluation, EDM's final step to 0). Other options go to the step rule."""
     _load_plugins()
     if name not in _RULES:
@@ -47,15 +48,16 @@ def make_solver(name: str, afs: bool = False, final_step: str = "sigma_min", **o
         raise ValueError(f"solver {name!r} has no option {', '.join(unknown)}; accepted: {accepted}")
     if final_step not in FINAL_STEPS:
         raise ValueError(f"solver.final_step={final_step!r}; accepted: {', '.join(FINAL_STEPS)}")
-    return Solver(factory(**options), afs=afs, final_step=final_step)
+    rule = factory(**options)
+    return Solver(rule, afs=rule.default_afs if afs is None else afs, final_step=final_step)
 
 
-def nfe_for(name: str, num_points: int, afs: bool = False, final_step: str = "sigma_min", **options) -> int:
+def nfe_for(name: str, num_points: int, afs: bool | None = None, final_step: str = "sigma_min", **options) -> int:
     """Counted model evaluations of ``name`` on a grid of ``num_points`` points."""
     return make_solver(name, afs, final_step, **options).nfe(num_points)
 
 
-def num_points_for(name: str, nfe: int, afs: bool = False, final_step: str = "sigma_min", **options) -> int:
+def num_points_for(name: str, nfe: int, afs: bool | None = None, final_step: str = "sigma_min", **options) -> int:
     """Grid points giving exactly ``nfe`` evaluations; a clear error lists the reachable NFEs."""
     return make_solver(name, afs, final_step, **options).num_points(nfe)
 
@@ -72,5 +74,5 @@ def _load_plugins() -> None:
 __all__ = [
     "Solver", "StepRule", "Point", "State", "make_solver", "register_solver", "available_solvers",
     "nfe_for", "num_points_for", "evaluate", "afs_point", "bcast", "mean_direction_step",
-    "Euler", "Heun", "MeanDirection", "IPNDM", "DPMSolverPP", "UniPC",
+    "Euler", "Heun", "MeanDirection", "DPMSolver2", "IPNDM", "DPMSolverPP", "UniPC",
 ]

@@ -69,6 +69,8 @@ class StepRule:
     nfe_per_step: int = 1
     #: how many earlier points the rule may read (the driver keeps no more)
     history_size: int = 0
+    #: AFS when the caller does not say (make_solver(afs=None))
+    default_afs: bool = False
 
     def step(
         self, denoiser, cur: Point, t_next: torch.Tensor, history: list[Point], remaining: int
@@ -83,6 +85,9 @@ class StepRule:
 
     def options(self) -> dict:
         return {}
+
+    def prepare(self, denoiser, sigmas: torch.Tensor, afs: bool) -> None:
+        """Called once before sampling; rules trained for one setting (AMED) check it here."""
 
 
 @dataclass
@@ -133,6 +138,7 @@ class Solver:
         """Integrate the probability-flow ODE from ``x`` at sigmas[0] to sigmas[-1] (or to 0)."""
         if sigmas.ndim != 1 or len(sigmas) < 2:
             raise ValueError(f"sigmas must be a 1-D grid of >= 2 points, got shape {tuple(sigmas.shape)}")
+        self.rule.prepare(denoiser, sigmas, self.afs)
         grid = sigmas.to(device=x.device, dtype=x.dtype)
         ones = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
         steps = len(grid) - 1

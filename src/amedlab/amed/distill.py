@@ -1,0 +1,209 @@
+"""Distillation of g_phi against cached teacher trajectories (AMED, Sec. 3.4), on Lightning.
+
+Per batch of trajectories, one optimizer step per interval: the student takes one AMED step from
+x_i and the loss is the batch mean of ||x_{i+1}^student - x_{i+1}^teacher||^2. Single-step students
+restart each interval from the teacher state; multistep students continue from their own detached
+output (their history must be their own). ``distill(denoiser, ...)`` is the Python API;
+``run(cfg)`` is ``python -m amedlab stage=distill``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import pytorch_lightning as pl
+import torch
+
+from ..configs import check_schedule_cfg, solver_from_cfg
+from ..data.trajectories import TrajectoryDataModule, cached_trajectories, student_grid
+from ..sampling import parse_seeds
+from ..solvers.base import Point, afs_point, evaluate
+from .predictor import AMEDPredictor
+from .solvers import AMEDPlugin
+
+log = logging.getLogger(__name__)
+
+AMED_SOLVERS = ("amed", "amed_plugin")
+# method.md section 2: the paper's recommended settings
+DEFAULTS = {
+    "amed": {"teacher": {"name": "heun", "afs": False, "options": {}}, "M": 1, "s_dir": 0.01, "s_time": 0.0,
+             "schedule": {"kind": "time_uniform", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 1.0}},
+    "amed_plugin": {"teacher": {"name": "ipndm", "afs": False, "options": {"max_order": 4}}, "M": 2, "s_dir": 0.01,
+                    "s_time": 0.2, "schedule": {"kind": "polynomial", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}},
+}
+
+
+def _detach(p: Point) -> Point:
+    f = None if p.features is None else p.features.detach()
+    return Point(p.t.detach(), p.x.detach(), p.denoised.detach(), f)
+
+
+def student_intervals(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: torch.Tensor, afs: bool):
+    """Walk the student over teacher trajectories ``states`` [B, N, ...]; yield (i, loss_i) per interval.
+
+    loss_i = batch mean of ||x_{i+1} - teacher_{i+1}||^2. The caller may take an optimizer step between
+    yields (the paper's one update per interval). Single-step students restart from the teacher state;
+    multistep students continue from their own detached output and history.
+    """
+    steps = len(sigmas) - 1
+    ones = torch.ones(states.shape[0], dtype=states.dtype, device=states.device)
+    x, history = states[:, 0], []
+    rule.last_outputs = []
+    for i in range(steps):
+        t_cur, t_next = sigmas[i].to(states.dtype) * ones, sigmas[i + 1].to(states.dtype) * ones
+        with torch.no_grad():
+            cur = afs_point(x, t_cur) if (i == 0 and afs) else evaluate(denoiser, x, t_cur)
+        x_next, new = rule.step(denoiser, cur, t_next, history, steps - i)
+        yield i, (x_next - states[:, i + 1]).pow(2).flatten(1).sum(1).mean()
+        if rule.multistep:
+            x = x_next.detach()
+            history = [_detach(p) for p in (history + new)][-rule.history_size :]
+        else:
+            x = states[:, i + 1]
+
+
+@torch.no_grad()
+def interval_losses(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: torch.Tensor, afs: bool) -> list[float]:
+    """The per-interval distillation losses of ``rule`` on held-out trajectories (no update)."""
+    return [loss.item() for _, loss in student_intervals(denoiser, rule, states, sigmas, afs)]
+
+
+class AMEDDistillation(pl.LightningModule):
+    """Trains ``rule.predictor``; the denoiser is frozen (gradients flow through its input only)."""
+
+    def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs: bool, lr: float = 5e-3) -> None:
+        super().__init__()
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.rule, self.predictor = rule, rule.predictor
+        self.register_buffer("sigmas", sigmas.clone())
+        self.afs, self.lr = bool(afs), float(lr)
+        self.automatic_optimization = False
+        self.records: list[dict] = []  # per interval and batch: loss and r/c/a statistics
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.predictor.parameters(), lr=self.lr)
+
+    def training_step(self, batch, batch_idx):
+        (states,) = batch
+        opt = self.optimizers()
+        for i, loss in student_intervals(self.denoiser, self.rule, states, self.sigmas, self.afs):
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            rec = {"interval": i, "loss": loss.item()}
+            for name, v in zip("rca", self.rule.last_outputs[-1]):
+                v = v.detach()
+                rec[f"{name}_mean"], rec[f"{name}_std"] = v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
+            self.records.append(rec)
+            self.log_dict({f"interval_{i}/{k}": v for k, v in rec.items() if k != "interval"}, on_step=True, batch_size=len(states))
+
+
+def distill(
+    denoiser,
+    solver: str = "amed",
+    nfe: int = 5,
+    schedule: Mapping | None = None,
+    afs: bool = True,
+    solver_options: Mapping | None = None,
+    teacher: Mapping | None = None,
+    M: int | None = None,
+    s_dir: float | None = None,
+    s_time: float | None = None,
+    num_trajectories: int = 10000,
+    seeds=None,
+    batch_size: int = 128,
+    lr: float = 5e-3,
+    epochs: int = 1,
+    predictor_sizes: Mapping | None = None,
+    cache_dir=None,
+    dtype: torch.dtype = torch.float32,
+    gen_batch_size: int = 500,
+    seed: int = 0,
+    logger=False,
+    model_name: str | None = None,
+) -> AMEDPredictor:
+    """Distill an AMED predictor for ``denoiser``; returns it with its training settings in ``meta``.
+
+    Unset settings follow the paper's recommendations for ``solver`` (see ``DEFAULTS``).
+    ``seeds`` default to 100000.. (disjoint from evaluation seeds 0..).
+    """
+    if solver not in AMED_SOLVERS:
+        raise ValueError(f"solver={solver!r} cannot be distilled; accepted: {', '.join(AMED_SOLVERS)}")
+    d = DEFAULTS[solver]
+    schedule = dict(schedule or d["schedule"])
+    teacher = dict(teacher or d["teacher"])
+    M = d["M"] if M is None else int(M)
+    s_dir = d["s_dir"] if s_dir is None else float(s_dir)
+    s_time = d["s_time"] if s_time is None else float(s_time)
+    solver_options = dict(solver_options or ({"base": "ipndm", "max_order": 4} if solver == "amed_plugin" else {}))
+    check_schedule_cfg(schedule)
+    solver_from_cfg(teacher)  # validates the teacher's name and options before any compute
+    feature_dim = int(getattr(denoiser, "feature_dim", 0))
+    if feature_dim < 1:
+        raise ValueError("the model exposes no per-sample features (feature_dim = 0); AMED's predictor needs them")
+    seeds = parse_seeds(seeds if seeds is not None else f"100000-{100000 + int(num_trajectories) - 1}")
+
+    torch.manual_seed(seed)  # the predictor's initialisation
+    predictor = AMEDPredictor(feature_dim=feature_dim, s_dir=s_dir, s_time=s_time, **dict(predictor_sizes or {}))
+    node = {"name": solver, "afs": afs, "final_step": "sigma_min", "options": solver_options}
+    student = solver_from_cfg(node, predictor=predictor)
+    num_points = student.num_points(int(nfe))
+    sigmas = student_grid(schedule, num_points)
+
+    t0 = time.perf_counter()
+    data, was_cached = cached_trajectories(denoiser, teacher, schedule, num_points, M, seeds, cache_dir, dtype, gen_batch_size)
+    cache_seconds = time.perf_counter() - t0
+
+    module = AMEDDistillation(denoiser, student.rule, sigmas, afs, lr)
+    trainer = pl.Trainer(max_epochs=int(epochs), logger=logger, enable_checkpointing=False, enable_model_summary=False,
+                         enable_progress_bar=False, accelerator="auto", devices=1, deterministic=False)
+    t1 = time.perf_counter()
+    trainer.fit(module, datamodule=TrajectoryDataModule(data["states"], batch_size, seed))
+    train_seconds = time.perf_counter() - t1
+    predictor = predictor.cpu()
+
+    last = {}
+    for rec in module.records:
+        last[rec["interval"]] = rec
+    predictor.meta = {
+        "solver": solver, "solver_options": solver_options, "nfe": int(nfe), "num_points": num_points,
+        "sigmas": sigmas.tolist(), "schedule": schedule, "afs": bool(afs),
+        "teacher": teacher, "M": M, "s_dir": s_dir, "s_time": s_time,
+        "model_identity": denoiser.identity() if hasattr(denoiser, "identity") else None,
+        "model_name": model_name or type(denoiser).__name__,
+        "num_trajectories": len(seeds), "batch_size": int(batch_size), "lr": float(lr), "epochs": int(epochs),
+        "updates": len(module.records), "final_interval_loss": [last[i]["loss"] for i in sorted(last)],
+        "trajectories_cached": was_cached, "trajectory_seconds": cache_seconds, "train_seconds": train_seconds,
+    }
+    predictor.records = module.records
+    return predictor
+
+
+def run(cfg):
+    """``stage=distill``: distill for ``solver`` (amed or amed_plugin) at ``nfe`` on ``model``."""
+    from ..io import atomic_write_json, run_dir
+    from ..models import build_model
+
+    if cfg.solver.name not in AMED_SOLVERS:
+        raise ValueError(f"stage=distill needs solver=amed or solver=amed_plugin, got solver={cfg.solver.name!r}")
+    check_schedule_cfg(cfg.schedule)
+    model = build_model(cfg.model)
+    dcfg, sdist = cfg.distill, cfg.solver.get("distill", {})
+    predictor = distill(
+        model, solver=cfg.solver.name, nfe=int(cfg.nfe), schedule=dict(cfg.schedule), afs=bool(cfg.solver.afs),
+        solver_options=dict(cfg.solver.get("options") or {}), teacher=sdist.get("teacher"), M=sdist.get("M"),
+        s_dir=sdist.get("s_dir"), s_time=sdist.get("s_time"), num_trajectories=int(dcfg.num_trajectories),
+        batch_size=int(dcfg.batch_size), lr=float(dcfg.lr), epochs=int(dcfg.epochs),
+        predictor_sizes=dict(cfg.get("predictor") or {}), cache_dir=dcfg.cache_dir,
+        gen_batch_size=int(dcfg.gen_batch_size), seed=int(cfg.seed), model_name=cfg.model.name,
+    )
+    out = run_dir()
+    path = predictor.save(out / "predictor.pt")
+    atomic_write_json(out / "distill.json", {"predictor": str(path), "meta": predictor.meta, "records": predictor.records})
+    m = predictor.meta
+    print(f"distilled {m['solver']} for nfe={m['nfe']} ({m['num_points']} points, {m['updates']} updates) in "
+          f"{m['train_seconds']:.1f} s; trajectories {'from cache' if m['trajectories_cached'] else 'generated'} in "
+          f"{m['trajectory_seconds']:.1f} s\nfinal loss per interval: {[round(v, 5) for v in m['final_interval_loss']]}\n"
+          f"predictor: {path}")
+    return sum(m["final_interval_loss"])

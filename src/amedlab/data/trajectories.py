@@ -1,0 +1,149 @@
+"""Teacher trajectories for AMED distillation: generated once, cached on disk, verified on load.
+
+The teacher runs on the student's schedule family with M extra points in every interval,
+(M + 1)(N - 1) + 1 points in all, so the student's grid points are every (M + 1)-th teacher point
+(all schedules here are uniform in a warped variable). Stored: the starting noise and the teacher
+states at the student's grid points. The cache key hashes everything that determines them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..configs import check_schedule_cfg, solver_from_cfg
+from ..io import atomic_write_bytes
+from ..sampling import seeded_noise
+from ..schedules import make_sigmas
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+
+
+def student_grid(schedule: Mapping, num_points: int) -> torch.Tensor:
+    check_schedule_cfg(schedule)
+    return make_sigmas(schedule["kind"], num_points, float(schedule["sigma_min"]), float(schedule["sigma_max"]), float(schedule["rho"]))
+
+
+def teacher_grid(schedule: Mapping, num_points: int, M: int) -> torch.Tensor:
+    if int(M) < 0:
+        raise ValueError(f"distill.M={M!r} must be >= 0")
+    return student_grid(schedule, (M + 1) * (num_points - 1) + 1)
+
+
+def _tensor_digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def trajectory_key(spec: dict) -> str:
+    """sha256 of the canonical JSON of everything that determines the trajectories."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def trajectory_spec(model_identity: str, teacher: Mapping, schedule: Mapping, num_points: int, M: int,
+                    seeds: list[int], dtype: torch.dtype) -> dict:
+    seeds = list(seeds)
+    contiguous = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    return {
+        "format": CACHE_FORMAT,
+        "model_identity": model_identity,
+        "teacher": {"name": teacher["name"], "afs": bool(teacher.get("afs", False)), "options": dict(teacher.get("options") or {})},
+        "schedule": {k: (float(schedule[k]) if k != "kind" else schedule[k]) for k in ("kind", "sigma_min", "sigma_max", "rho")},
+        "num_points": int(num_points),
+        "M": int(M),
+        "seeds": f"{seeds[0]}-{seeds[-1]}" if contiguous else hashlib.sha256(str(seeds).encode()).hexdigest()[:16],
+        "num_trajectories": len(seeds),
+        "dtype": str(dtype),
+    }
+
+
+@torch.no_grad()
+def generate_trajectories(denoiser, teacher: Mapping, schedule: Mapping, num_points: int, M: int, seeds,
+                          dtype=torch.float32, batch_size: int = 500) -> dict:
+    """Run the teacher; return {"noise": [n, ...], "states": [n, num_points, ...]} (states[:, 0] = x_T)."""
+    solver = solver_from_cfg(teacher)
+    sigmas = teacher_grid(schedule, num_points, M)
+    shape = tuple(denoiser.sample_shape)
+    seeds = list(seeds)
+    noise = seeded_noise(seeds, shape, float(schedule["sigma_max"]), dtype)
+    states = torch.empty(len(seeds), num_points, *shape, dtype=dtype)
+    for lo in range(0, len(seeds), batch_size):
+        kept = []
+
+        def keep(state, stride=M + 1):
+            if state.index % stride == 0:
+                kept.append(state.x)
+
+        solver.sample(denoiser, noise[lo : lo + batch_size], sigmas, callback=keep)
+        states[lo : lo + batch_size] = torch.stack(kept, dim=1)
+    return {"noise": noise, "states": states}
+
+
+class TrajectoryCache:
+    """Files ``<root>/<key>.pt`` holding the spec, the tensors and their digest."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.pt"
+
+    def load(self, spec: dict) -> dict | None:
+        """The cached trajectories for ``spec``, or None if absent; a corrupt file is removed."""
+        path = self.path(trajectory_key(spec))
+        if not path.is_file():
+            return None
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            ok = blob["spec"] == json.loads(json.dumps(spec, default=str)) and blob["digest"] == _tensor_digest(blob["noise"], blob["states"])
+        except Exception as err:  # truncated or garbled file: torch.load's error types vary
+            log.warning("trajectory cache %s is unreadable (%s); regenerating", path, err)
+            ok = False
+        if not ok:
+            log.warning("trajectory cache %s failed verification; regenerating", path)
+            path.unlink(missing_ok=True)
+            return None
+        return {"noise": blob["noise"], "states": blob["states"]}
+
+    def save(self, spec: dict, data: dict) -> Path:
+        buf = io.BytesIO()
+        torch.save({"spec": spec, "noise": data["noise"], "states": data["states"],
+                    "digest": _tensor_digest(data["noise"], data["states"])}, buf)
+        return atomic_write_bytes(self.path(trajectory_key(spec)), buf.getvalue())
+
+
+def cached_trajectories(denoiser, teacher: Mapping, schedule: Mapping, num_points: int, M: int, seeds,
+                        cache_dir: str | Path | None, dtype=torch.float32, batch_size: int = 500) -> tuple[dict, bool]:
+    """Load or generate (and store) the teacher trajectories. Returns (data, was_cached)."""
+    spec = trajectory_spec(denoiser.identity(), teacher, schedule, num_points, M, list(seeds), dtype)
+    cache = TrajectoryCache(cache_dir) if cache_dir else None
+    if cache is not None:
+        data = cache.load(spec)
+        if data is not None:
+            return data, True
+    data = generate_trajectories(denoiser, teacher, schedule, num_points, M, seeds, dtype, batch_size)
+    if cache is not None:
+        cache.save(spec, data)
+    return data, False
+
+
+class TrajectoryDataModule(pl.LightningDataModule):
+    """Serves teacher trajectories [n, num_points, ...] in shuffled batches (seeded)."""
+
+    def __init__(self, states: torch.Tensor, batch_size: int = 128, seed: int = 0) -> None:
+        super().__init__()
+        self.states, self.batch_size, self.seed = states, int(batch_size), int(seed)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(TensorDataset(self.states), batch_size=self.batch_size, shuffle=True, generator=g)
