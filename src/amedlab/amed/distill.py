@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..data.trajectories import TrajectoryDataModule, cached_trajectories, student_grid
@@ -131,12 +133,12 @@ def distill(
     if solver not in AMED_SOLVERS:
         raise ValueError(f"solver={solver!r} cannot be distilled; accepted: {', '.join(AMED_SOLVERS)}")
     d = DEFAULTS[solver]
-    schedule = dict(schedule or d["schedule"])
-    teacher = dict(teacher or d["teacher"])
+    schedule = _plain(schedule or d["schedule"])
+    teacher = _plain(teacher or d["teacher"])
     M = d["M"] if M is None else int(M)
     s_dir = d["s_dir"] if s_dir is None else float(s_dir)
     s_time = d["s_time"] if s_time is None else float(s_time)
-    solver_options = dict(solver_options or ({"base": "ipndm", "max_order": 4} if solver == "amed_plugin" else {}))
+    solver_options = _plain(solver_options or ({"base": "ipndm", "max_order": 4} if solver == "amed_plugin" else {}))
     check_schedule_cfg(schedule)
     solver_from_cfg(teacher)  # validates the teacher's name and options before any compute
     feature_dim = int(getattr(denoiser, "feature_dim", 0))
@@ -156,6 +158,10 @@ def distill(
     cache_seconds = time.perf_counter() - t0
 
     module = AMEDDistillation(denoiser, student.rule, sigmas, afs, lr)
+    # the frozen teacher is in eval mode on purpose; Lightning's banner and tips are noise here
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     trainer = pl.Trainer(max_epochs=int(epochs), logger=logger, enable_checkpointing=False, enable_model_summary=False,
                          enable_progress_bar=False, accelerator="auto", devices=1, deterministic=False)
     t1 = time.perf_counter()
@@ -178,6 +184,11 @@ def distill(
     }
     predictor.records = module.records
     return predictor
+
+
+def _plain(node) -> dict:
+    """Config nodes become plain dicts (they end up in the predictor's metadata)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
 def run(cfg):

@@ -1,0 +1,120 @@
+"""AMED against the classical solvers: final-sample RMSE against a high-NFE reference, same noise.
+
+For each NFE in 3/5/7/9 every classical solver (its conf/solver settings, polynomial rho=7 and
+time-uniform rho=1, the better reported) and AMED-Solver / AMED-Plugin(iPNDM) distilled for that
+NFE (trajectories cached on disk, generation timed apart from distillation). Same seeds for all.
+
+    .venv/bin/python benchmarks/amed_quality.py --model digits_unet
+    .venv/bin/python benchmarks/amed_quality.py --model gaussian_mixture
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+
+import torch
+from omegaconf import OmegaConf
+
+from amedlab.amed.distill import distill
+from amedlab.configs import grid_for, load_group, solver_from_cfg
+from amedlab.data.trajectories import cached_trajectories
+from amedlab.models import build_model
+from amedlab.sampling import seeded_noise
+
+CLASSICAL = ["euler", "heun", "dpm2", "ipndm", "dpmpp3m", "unipc"]
+SCHEDULES = {
+    "poly7": {"kind": "polynomial", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
+    "tu1": {"kind": "time_uniform", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 1.0},
+}
+
+
+def reference(model, seeds, points, cache_dir, batch):
+    """Heun on a fine polynomial grid from the same noise, cached like teacher trajectories."""
+    heun = {"name": "heun", "afs": False, "options": {}}
+    data, cached = cached_trajectories(model, heun, SCHEDULES["poly7"], 2, points - 2, seeds, cache_dir, torch.float32, batch)
+    return data["noise"], data["states"][:, -1], cached
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="digits_unet")
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--nfes", default="3,5,7,9")
+    ap.add_argument("--trajectories", type=int, default=10000, help="distillation trajectories per predictor")
+    ap.add_argument("--reference-points", type=int, default=129)
+    ap.add_argument("--teacher-M", type=int, default=None, help="override the paper's M (1 for AMED, 2 for the plug-in)")
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--cache", default=".cache/amedlab/trajectories")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+
+    model = build_model(OmegaConf.load(f"conf/model/{args.model}.yaml")).float()
+    seeds = list(range(args.samples))
+    t = time.perf_counter()
+    noise, ref, cached = reference(model, seeds, args.reference_points, args.cache, args.batch)
+    print(f"reference: Heun, {args.reference_points} points, {args.samples} samples, "
+          f"{'cached' if cached else f'{time.perf_counter() - t:.0f} s'}")
+
+    def rmse(x):
+        return (x - ref).pow(2).flatten(1).mean(1).sqrt().mean().item()
+
+    results = {}
+    for nfe in [int(n) for n in args.nfes.split(",")]:
+        row = {}
+        for name in CLASSICAL:
+            node = load_group("solver", name)
+            solver = solver_from_cfg(node)
+            best = None
+            for sname, sched in SCHEDULES.items():
+                try:
+                    sigmas = grid_for(solver, nfe, sched)
+                except ValueError:
+                    continue
+                with torch.no_grad():
+                    err = rmse(torch.cat([solver.sample(model, noise[i:i + args.batch], sigmas) for i in range(0, len(noise), args.batch)]))
+                if best is None or err < best[0]:
+                    best = (err, sname)
+            row[name] = {"rmse": best[0], "schedule": best[1]}
+        for name, sname in (("amed", "tu1"), ("amed_plugin", "poly7")):
+            node = load_group("solver", name)
+            dist = node.distill
+            t = time.perf_counter()
+            pred = distill(model, solver=name, nfe=nfe, schedule=SCHEDULES[sname], afs=bool(node.afs),
+                           solver_options=dict(node.options), teacher=OmegaConf.to_container(dist.teacher),
+                           M=args.teacher_M if args.teacher_M is not None else dist.M, s_dir=dist.s_dir, s_time=dist.s_time,
+                           num_trajectories=args.trajectories, cache_dir=args.cache, gen_batch_size=args.batch,
+                           model_name=args.model)
+            solver = solver_from_cfg(node, predictor=pred)
+            sigmas = torch.tensor(pred.meta["sigmas"], dtype=torch.float64)
+            with torch.no_grad():
+                err = rmse(torch.cat([solver.sample(model, noise[i:i + args.batch], sigmas) for i in range(0, len(noise), args.batch)]))
+            m = pred.meta
+            row[name] = {"rmse": err, "schedule": sname, "distill_seconds": m["train_seconds"],
+                         "trajectory_seconds": m["trajectory_seconds"], "trajectories_cached": m["trajectories_cached"],
+                         "updates": m["updates"], "r_final": [rec["r_mean"] for rec in pred.records[-(len(sigmas) - 1):]]}
+            print(f"  nfe={nfe} {name}: distilled in {m['train_seconds']:.1f} s ({m['updates']} updates); trajectories "
+                  f"{'cached' if m['trajectories_cached'] else 'generated'} in {m['trajectory_seconds']:.1f} s", flush=True)
+        results[nfe] = row
+        best_classical = min(v["rmse"] for k, v in row.items() if k in CLASSICAL)
+        print(f"NFE {nfe}: " + ", ".join(f"{k} {v['rmse']:.4f}" for k, v in row.items())
+              + f" | AMED / best classical = {row['amed']['rmse'] / best_classical:.2f},"
+              f" plug-in / iPNDM = {row['amed_plugin']['rmse'] / row['ipndm']['rmse']:.2f}", flush=True)
+
+    nfes = list(results)
+    print(f"\nRMSE against the reference ({args.model}, {args.samples} samples; classical: better of poly7/tu1)")
+    print("| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+    print("|---" * (len(nfes) + 1) + "|")
+    for name in CLASSICAL + ["amed", "amed_plugin"]:
+        print(f"| {name} | " + " | ".join(f"{results[n][name]['rmse']:.4f}" for n in nfes) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
