@@ -128,7 +128,7 @@ def test_oracle_is_exact_on_the_gaussian(gaussian_traj):
         scale = (traj[:, i1] - traj[:, i0]).norm(dim=-1)
         assert (o.error_rc / scale).max() < 1e-12
         assert (o.error_rc <= o.error).all() and (o.r >= 0).all() and (o.r <= 1).all()
-    assert o.calls == 9 + 3 * (10 + 3 + 1)  # one shared grid pass, three refinements
+    assert o.calls == 9 + 3 * (8 + 3 + 1)  # one shared grid pass, three refinements
 
 
 def test_oracle_restart_beats_dpm2_on_every_interval(mixture_traj):

@@ -48,8 +48,8 @@ def search_grid(grid_points: int, dtype=torch.float64, device="cpu") -> torch.Te
 def search_minimum(
     objective: Callable[[torch.Tensor], torch.Tensor],
     size: int,
-    grid_points: int = 17,
-    iters: int = 20,
+    grid_points: int = 9,
+    iters: int = 8,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     f_grid: torch.Tensor | None = None,
@@ -168,7 +168,7 @@ def oracle_step(
     t_next: torch.Tensor,
     target: torch.Tensor,
     grid_points: int = 9,
-    iters: int = 10,
+    iters: int = 8,
     c_bounds: Sequence[float] | None = None,
     modes: Sequence[str] = MODES,
 ) -> OracleStep:
@@ -220,7 +220,8 @@ def oracle_step(
         err_at_r, err_j = error(x_at_r), error(x_j)
         # prefer (r*, c*(r*)) unless the joint search is clearly better: where every r is exact
         # (the step collinear with the target, e.g. a locally Gaussian model), c* stays near 1
-        use_j = err_j < 0.999 * err_at_r
+        noise = 100 * torch.finfo(delta.dtype).eps * _flat(delta).norm(dim=-1)  # round-off level of the step
+        use_j = err_j < 0.999 * err_at_r - noise
         out.r_rc, out.c_rc = torch.where(use_j, r_j, r), torch.where(use_j, c_j, c_at_r)
         out.x_next_rc = torch.where(_per_sample(use_j, v), x_j, x_at_r)
         out.error_rc = torch.minimum(err_j, err_at_r)

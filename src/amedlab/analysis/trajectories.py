@@ -100,7 +100,7 @@ def oracle_on_grid(
     stride: int,
     restart_rules: Mapping[str, Solver],
     grid_points: int = 9,
-    iters: int = 10,
+    iters: int = 8,
     c_bounds: Sequence[float] | None = None,
     chained: Sequence[str] = MODES,
 ) -> tuple[dict, dict]:
@@ -318,7 +318,7 @@ def analyze(model, acfg: Mapping, schedule: Mapping, seed: int = 0, device: str 
         if nfe in amed:
             rules["amed"] = amed[nfe]
         oracle[nfe], raw_oracle[nfe] = oracle_on_grid(
-            model, traj, fine_sigmas, stride, rules, int(ocfg.get("grid_points", 9)), int(ocfg.get("iters", 10)),
+            model, traj, fine_sigmas, stride, rules, int(ocfg.get("grid_points", 9)), int(ocfg.get("iters", 8)),
             c_bounds, chained)
         oracle[nfe]["nfe"] = nfe
     timings["oracle"] = time.perf_counter() - t0
@@ -337,7 +337,7 @@ def analyze(model, acfg: Mapping, schedule: Mapping, seed: int = 0, device: str 
     results = {
         "model": None, "schedule": dict(schedule), "num_samples": n, "dtype": str(dtype).replace("torch.", ""),
         "sample_shape": list(model.sample_shape), "seed": int(seed), "fine": fine, "pca": pca,
-        "oracle": {"search": {"grid_points": int(ocfg.get("grid_points", 9)), "iters": int(ocfg.get("iters", 10)),
+        "oracle": {"search": {"grid_points": int(ocfg.get("grid_points", 9)), "iters": int(ocfg.get("iters", 8)),
                               "c_bounds": None if c_bounds is None else [float(c) for c in c_bounds]},
                    "nfe": oracle},
         "final_rmse": finals, "amed": amed_status, "seconds": timings,
