@@ -36,6 +36,17 @@ DEFAULTS = {
 }
 
 
+def _average_gradients(module: torch.nn.Module) -> None:
+    """Mean of the gradients over processes (no-op on one). Explicit, because the distillation takes
+    several backward passes per training step (one per interval) and DDP's reducer syncs only one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
 def _detach(p: Point) -> Point:
     f = None if p.features is None else p.features.detach()
     return Point(p.t.detach(), p.x.detach(), p.denoised.detach(), f)
@@ -86,12 +97,19 @@ class AMEDDistillation(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(self.predictor.parameters(), lr=self.lr)
 
+    def on_train_start(self):
+        # DDP's reducer syncs one backward per forward; we take one per interval and average ourselves.
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            wrapped.require_backward_grad_sync = False
+
     def training_step(self, batch, batch_idx):
         (states,) = batch
         opt = self.optimizers()
         for i, loss in student_intervals(self.denoiser, self.rule, states, self.sigmas, self.afs):
             opt.zero_grad()
             self.manual_backward(loss)
+            _average_gradients(self.predictor)
             opt.step()
             rec = {"interval": i, "loss": loss.item()}
             for name, v in zip("rca", self.rule.last_outputs[-1]):
@@ -124,11 +142,16 @@ def distill(
     seed: int = 0,
     logger=False,
     model_name: str | None = None,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
 ) -> AMEDPredictor:
     """Distill an AMED predictor for ``denoiser``; returns it with its training settings in ``meta``.
 
     Unset settings follow the paper's recommendations for ``solver`` (see ``DEFAULTS``).
-    ``seeds`` default to 100000.. (disjoint from evaluation seeds 0..).
+    ``seeds`` default to 100000.. (disjoint from evaluation seeds 0..). ``devices``/``strategy``
+    are Lightning's (e.g. devices=2, strategy="ddp"): each process takes batch_size / devices of
+    every global batch, so the result matches one process. Every rank returns the trained predictor.
     """
     if solver not in AMED_SOLVERS:
         raise ValueError(f"solver={solver!r} cannot be distilled; accepted: {', '.join(AMED_SOLVERS)}")
@@ -163,7 +186,8 @@ def distill(
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     trainer = pl.Trainer(max_epochs=int(epochs), logger=logger, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=False, accelerator="auto", devices=1, deterministic=False)
+                         enable_progress_bar=False, accelerator=accelerator, devices=devices, strategy=strategy,
+                         use_distributed_sampler=False)  # the data module shards itself (same batches as one process)
     t1 = time.perf_counter()
     trainer.fit(module, datamodule=TrajectoryDataModule(data["states"], batch_size, seed))
     train_seconds = time.perf_counter() - t1
@@ -179,6 +203,7 @@ def distill(
         "model_identity": denoiser.identity() if hasattr(denoiser, "identity") else None,
         "model_name": model_name or type(denoiser).__name__,
         "num_trajectories": len(seeds), "batch_size": int(batch_size), "lr": float(lr), "epochs": int(epochs),
+        "world_size": trainer.world_size,
         "updates": len(module.records), "final_interval_loss": [last[i]["loss"] for i in sorted(last)],
         "trajectories_cached": was_cached, "trajectory_seconds": cache_seconds, "train_seconds": train_seconds,
     }
@@ -208,6 +233,7 @@ def run(cfg):
         batch_size=int(dcfg.batch_size), lr=float(dcfg.lr), epochs=int(dcfg.epochs),
         predictor_sizes=dict(cfg.get("predictor") or {}), cache_dir=dcfg.cache_dir,
         gen_batch_size=int(dcfg.gen_batch_size), seed=int(cfg.seed), model_name=cfg.model.name,
+        accelerator=dcfg.get("accelerator", "auto"), devices=dcfg.get("devices", 1), strategy=dcfg.get("strategy", "auto"),
     )
     out = run_dir()
     path = predictor.save(out / "predictor.pt")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..io import atomic_write_bytes
@@ -138,12 +138,27 @@ def cached_trajectories(denoiser, teacher: Mapping, schedule: Mapping, num_point
 
 
 class TrajectoryDataModule(pl.LightningDataModule):
-    """Serves teacher trajectories [n, num_points, ...] in shuffled batches (seeded)."""
+    """Serves teacher trajectories [n, num_points, ...] in batches; the same global batches on any
+    number of processes.
+
+    The order is one seeded permutation, read sequentially with incomplete batches dropped; under DDP
+    each rank reads every world_size-th trajectory with batch_size / world_size per batch (an
+    unshuffled DistributedSampler; the Trainer must not inject its own), so the union of the ranks'
+    batch b is the one-process batch b and averaged gradients match one process.
+    """
 
     def __init__(self, states: torch.Tensor, batch_size: int = 128, seed: int = 0) -> None:
         super().__init__()
-        self.states, self.batch_size, self.seed = states, int(batch_size), int(seed)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        order = torch.randperm(len(states), generator=torch.Generator().manual_seed(self.seed))
+        self.states = states[order]
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(TensorDataset(self.states), batch_size=self.batch_size, shuffle=True, generator=g)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise ValueError(f"distill.batch_size={self.batch_size} must be divisible by the number of processes ({world})")
+        if len(self.states) < self.batch_size:
+            raise ValueError(f"distill.num_trajectories={len(self.states)} is smaller than distill.batch_size={self.batch_size}")
+        dataset = TensorDataset(self.states)
+        sampler = DistributedSampler(dataset, world, self.trainer.global_rank, shuffle=False) if world > 1 else None
+        return DataLoader(dataset, batch_size=self.batch_size // world, sampler=sampler, shuffle=False, drop_last=True)
