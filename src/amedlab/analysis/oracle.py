@@ -11,9 +11,10 @@ t_mid = t_next^r t_cur^(1-r), x_mid = x + (t_mid - t_cur) d_cur, x_next = x + c 
   grid point (in particular DPM-Solver-2).
 - c*: for a fixed r, x_next(c) = x + c v with v = (t_next - t_cur) d(x_mid, t_mid), so the best c is the
   least-squares projection <x* - x, v> / <v, v> (clipped to ``c_bounds`` if given: exact, the error
-  is quadratic in c). The (r, c) oracle searches r with c = c*(r) at every r and keeps, per sample,
-  that result when it beats (r*, c*(r*)) by more than 0.1%, else (r*, c*(r*)): it is never worse
-  than r* alone, and where every r is exact (a step collinear with its target) c* stays near 1.
+  is quadratic in c). The (r, c) oracle is (r*, c*(r*)): never worse than r* alone. With
+  ``joint_rc`` it also searches r with c = c*(r) at every r and keeps, per sample, that result when
+  it beats (r*, c*(r*)) by more than 0.1% (where every r is exact, a step collinear with its
+  target, c* then stays near 1).
 - a shared r: one r per interval for the whole batch (mean squared error), to see how much of the
   gain needs per-sample adaptivity.
 """
@@ -171,9 +172,11 @@ def oracle_step(
     iters: int = 8,
     c_bounds: Sequence[float] | None = None,
     modes: Sequence[str] = MODES,
+    joint_rc: bool = False,
 ) -> OracleStep:
     """Search, from ``cur`` towards ``target`` at ``t_next``, the oracle ``modes``:
-    ``r`` (per-sample r*, c = 1), ``rc`` (per-sample r* and c*), ``shared`` (one r for the batch)."""
+    ``r`` (per-sample r*, c = 1), ``rc`` (r* with its c*; with ``joint_rc`` also a search of r with
+    c = c*(r) at every r, one more refinement per step), ``shared`` (one r for the batch)."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"oracle modes {sorted(unknown)} unknown; accepted: {', '.join(MODES)}")
@@ -201,7 +204,7 @@ def oracle_step(
         e = sq_err_of(v)
         grid_vals["r"].append(e)
         grid_vals["shared"].append(e.mean().reshape(1))
-        if "rc" in modes:
+        if "rc" in modes and joint_rc:
             grid_vals["rc"].append(sq_err_rc_of(v))
     opts = dict(grid_points=grid_points, iters=iters, dtype=cur.x.dtype, device=cur.x.device)
     if "r" in modes or "rc" in modes:
@@ -210,21 +213,24 @@ def oracle_step(
         out.r, out.x_next = r, cur.x + v
         out.error = error(out.x_next)
     if "rc" in modes:
-        # c* at every r; per sample keep the better of that search and (r*, c*(r*))
         c_at_r = best_scale(delta, v, c_bounds)
         x_at_r = cur.x + _per_sample(c_at_r, v) * v
+        out.r_rc, out.c_rc, out.x_next_rc, out.error_rc = r, c_at_r, x_at_r, error(x_at_r)
+    if "rc" in modes and joint_rc:
+        # c* at every r; per sample keep the better of that search and (r*, c*(r*))
+        err_at_r = out.error_rc
         r_j, _ = search_minimum(lambda r: sq_err_rc_of(direction(r)), B, f_grid=torch.stack(grid_vals["rc"]), **opts)
         v_j = direction(r_j)
         c_j = best_scale(delta, v_j, c_bounds)
         x_j = cur.x + _per_sample(c_j, v_j) * v_j
-        err_at_r, err_j = error(x_at_r), error(x_j)
+        err_j = error(x_j)
         # prefer (r*, c*(r*)) unless the joint search is clearly better: where every r is exact
         # (the step collinear with the target, e.g. a locally Gaussian model), c* stays near 1
         noise = 100 * torch.finfo(delta.dtype).eps * _flat(delta).norm(dim=-1)  # round-off level of the step
         use_j = err_j < 0.999 * err_at_r - noise
         out.r_rc, out.c_rc = torch.where(use_j, r_j, r), torch.where(use_j, c_j, c_at_r)
         out.x_next_rc = torch.where(_per_sample(use_j, v), x_j, x_at_r)
-        out.error_rc = torch.minimum(err_j, err_at_r)
+        out.error_rc = torch.where(use_j, err_j, err_at_r)
     if "shared" in modes:
         r_s, _ = search_minimum(lambda s: sq_err_of(direction(s.expand(B))).mean().reshape(1), 1,
                                 f_grid=torch.stack(grid_vals["shared"]), **opts)

@@ -103,6 +103,7 @@ def oracle_on_grid(
     iters: int = 8,
     c_bounds: Sequence[float] | None = None,
     chained: Sequence[str] = MODES,
+    joint_rc: bool = False,
 ) -> tuple[dict, dict]:
     """Restart and chained oracle on the coarse grid ``fine_sigmas[::stride]`` (AFS on the first step).
 
@@ -118,7 +119,7 @@ def oracle_on_grid(
     ones = torch.ones(B, dtype=traj.dtype, device=traj.device)
     for solver in restart_rules.values():
         solver.rule.prepare(denoiser, sigmas, True)
-    search = dict(grid_points=grid_points, iters=iters, c_bounds=c_bounds)
+    search = dict(grid_points=grid_points, iters=iters, c_bounds=c_bounds, joint_rc=joint_rc)
     intervals, raw_intervals, calls = [], [], 0
     # restart convention: every interval from the fine state
     for i in range(steps):
@@ -319,7 +320,7 @@ def analyze(model, acfg: Mapping, schedule: Mapping, seed: int = 0, device: str 
             rules["amed"] = amed[nfe]
         oracle[nfe], raw_oracle[nfe] = oracle_on_grid(
             model, traj, fine_sigmas, stride, rules, int(ocfg.get("grid_points", 9)), int(ocfg.get("iters", 8)),
-            c_bounds, chained)
+            c_bounds, chained, bool(ocfg.get("joint_rc", False)))
         oracle[nfe]["nfe"] = nfe
     timings["oracle"] = time.perf_counter() - t0
 
@@ -338,7 +339,8 @@ def analyze(model, acfg: Mapping, schedule: Mapping, seed: int = 0, device: str 
         "model": None, "schedule": dict(schedule), "num_samples": n, "dtype": str(dtype).replace("torch.", ""),
         "sample_shape": list(model.sample_shape), "seed": int(seed), "fine": fine, "pca": pca,
         "oracle": {"search": {"grid_points": int(ocfg.get("grid_points", 9)), "iters": int(ocfg.get("iters", 8)),
-                              "c_bounds": None if c_bounds is None else [float(c) for c in c_bounds]},
+                              "c_bounds": None if c_bounds is None else [float(c) for c in c_bounds],
+                              "joint_rc": bool(ocfg.get("joint_rc", False)), "chained": chained},
                    "nfe": oracle},
         "final_rmse": finals, "amed": amed_status, "seconds": timings,
     }
