@@ -98,3 +98,36 @@ class CountingDenoiser(nn.Module):
 def counting(denoiser) -> CountingDenoiser:
     """Wrap ``denoiser`` in a :class:`CountingDenoiser` unless it already is one."""
     return denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class AutocastDenoiser(CountingDenoiser):
+    """Runs the wrapped denoiser under torch.autocast (bf16/fp16) and returns x's dtype.
+
+    For sampling only (mixed precision on GPU; bf16 also runs on CPU). The solver's own arithmetic
+    stays in x's dtype; the model identity is the wrapped model's (precision is a sampling option).
+    """
+
+    def __init__(self, denoiser, precision: str = "bf16") -> None:
+        super().__init__(denoiser)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}; accepted: {', '.join(PRECISIONS)}")
+        self.precision = precision
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        self.calls += 1
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return self.inner(x, sigma)
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = self.inner(x, sigma)
+        return out.to(x.dtype)
+
+
+def with_precision(denoiser, precision: str = "fp32"):
+    """``denoiser`` itself for fp32, else wrapped in :class:`AutocastDenoiser`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; accepted: {', '.join(PRECISIONS)}")
+    return denoiser if precision == "fp32" else AutocastDenoiser(denoiser, precision)
