@@ -12,6 +12,15 @@ from amedlab.evaluation.fid import feature_statistics, fid_from_features, freche
 from amedlab.training import features as features_stage
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread: on a shared 2-core CPU, two threads can run 10x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_shipped_classifier_accuracy_and_features():
     assert SHIPPED_CLASSIFIER.is_file() and SHIPPED_CLASSIFIER.stat().st_size < 1e6
     clf = load_digits_classifier()
@@ -43,10 +52,11 @@ def test_fid_on_digits_features_separates_real_from_noise():
     clf = load_digits_classifier()
     images, _ = load_digits_tensors()
     feats = digits_features(images, clf)
-    assert fid_from_features(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    # zero up to round-off: 13 dead ReLU units make the covariance singular, and sqrt(1e-12) = 1e-6
+    assert fid_from_features(feats, feats) == pytest.approx(0.0, abs=1e-4)
     perm = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
     floor = fid_from_features(feats[perm[:898]], feats[perm[898:]])
-    noise = digits_features(torch.rand(898, 1, 8, 8) * 2 - 1, clf)
+    noise = digits_features(torch.rand(898, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1, clf)
     to_noise = fid_from_features(noise, feats[perm[898:]])
     assert 0 < floor < 0.05 * to_noise, (floor, to_noise)
     mu, cov = feature_statistics(feats)
@@ -70,13 +80,13 @@ def test_train_features_stage_end_to_end(tmp_path, monkeypatch):
         "seed": 0, "device": "cpu", "logger": {"name": "none"},
         "dataset": {"name": "digits", "image_size": 8, "upsample_mode": "bilinear", "held_out_fraction": 0.2,
                     "split_seed": 0},
-        "train": {"features": {"steps": 30, "max_minutes": 2, "batch_size": 128, "lr": 1e-2,
+        "train": {"features": {"steps": 50, "max_minutes": 2, "batch_size": 128, "lr": 1e-2,
                                "weight_decay": 1e-4, "max_shift": 1, "channels": 16, "feature_dim": 32,
-                               "dropout": 0.1, "val_every_steps": 30, "num_threads": None}},
+                               "dropout": 0.1, "val_every_steps": 25, "num_threads": None}},
     })
     acc = features_stage.run(cfg)
     out = tmp_path / "outputs" / "no_hydra"
-    assert acc > 0.5  # 30 steps already learn a lot (chance: 0.1)
+    assert acc > 0.6  # measured: 0.78 after 50 steps (chance: 0.1)
     assert json.loads((out / "metrics.json").read_text())["held_out_accuracy"] == pytest.approx(acc)
     clf = load_digits_classifier(out / "digits_classifier.safetensors")
     assert clf.feature_dim == 32
