@@ -141,3 +141,22 @@ def test_train_teacher_stage_end_to_end(tmp_path, monkeypatch):
     bad = OmegaConf.merge(cfg, {"dataset": {"name": "cifar10"}})
     with pytest.raises(ValueError, match="dataset.name='cifar10'"):
         teacher_stage.run(bad)
+
+
+@pytest.mark.parametrize("backend", ["digits_unet", "diffusers", "edm_pkl"])
+def test_model_configs_compose_and_validate_before_compute(backend):
+    """The real conf/model/<backend>.yaml: digits_unet loads the shipped teacher; the checkpoint
+    adapters, whose path defaults to null, stop with an error naming model.path."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={backend}", "stage=train_teacher"])
+    assert cfg.model.name == backend and cfg.train.teacher.steps == 1700 and cfg.dataset.name == "digits"
+    if backend == "digits_unet":
+        assert build_model(cfg.model).feature_dim == 16
+    else:
+        with pytest.raises(ValueError, match="model.path=null"):
+            build_model(cfg.model)
