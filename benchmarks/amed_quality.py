@@ -1,7 +1,7 @@
 """AMED against the classical solvers: final-sample RMSE against a high-NFE reference, same noise.
 
 For each NFE in 3/5/7/9 every classical solver (its conf/solver settings, polynomial rho=7 and
-time-uniform rho=1, the better reported) and AMED-Solver / AMED-Plugin(iPNDM) distilled for that
+time-uniform rho=1 by default, the better reported) and AMED-Solver / AMED-Plugin(iPNDM) distilled for that
 NFE (trajectories cached on disk, generation timed apart from distillation). Same seeds for all.
 
     .venv/bin/python benchmarks/amed_quality.py --model digits_unet
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--cache", default=".cache/amedlab/trajectories")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--classical-schedules", default="poly7,tu1", help="schedules tried for the classical solvers (best kept)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -70,7 +71,8 @@ def main() -> None:
             node = load_group("solver", name)
             solver = solver_from_cfg(node)
             best = None
-            for sname, sched in SCHEDULES.items():
+            for sname in args.classical_schedules.split(","):
+                sched = SCHEDULES[sname]
                 try:
                     sigmas = grid_for(solver, nfe, sched)
                 except ValueError:
