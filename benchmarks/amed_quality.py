@@ -49,8 +49,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--cache", default=".cache/amedlab/trajectories")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared 2-core box)")
     ap.add_argument("--classical-schedules", default="poly7,tu1", help="schedules tried for the classical solvers (best kept)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 
