@@ -52,7 +52,7 @@ def best_of(fn, repeats):
 
 @torch.no_grad()
 def main() -> None:
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(1)  # one thread: the figures are per core, and a shared 2-core box oversubscribes
     # the shipped teacher when present, else an untrained U-Net of about the same size
     unet = load_denoiser(SHIPPED_TEACHER) if SHIPPED_TEACHER.is_file() else make_digits_denoiser({"img_resolution": 8, "model_channels": 32}).eval()
     params = sum(p.numel() for p in unet.parameters())
