@@ -1,0 +1,280 @@
+"""What every cell is compared with, computed once and cached on disk.
+
+- The real data's feature statistics (FID) and features (KID), once per (data, feature extractor):
+  ``<cache_dir>/real_stats/<extractor>-<key>.pt``.
+- The high-NFE solution of the ODE from the same noise, once per (model, seeds, reference solver):
+  ``<cache_dir>/ode_references/<key>.pt``. Every cell's trajectory error is measured against it.
+
+Keys hash everything that determines the content (the model's identity, the images' bytes, the
+extractor's weights, the seeds, ...). Files are written atomically; a lock file makes concurrent
+cells (parallel launchers) compute an entry once and wait for it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from ..configs import solver_from_cfg
+from ..io import atomic_write_bytes
+from ..schedules import make_sigmas
+from .extractors import DIGITS, create_extractor, extract_features
+from .generate import generate
+from .metrics import feature_statistics, quantize
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DIGITS_SPLITS = ("train", "held_out", "all")
+
+
+def digest(obj) -> str:
+    """sha256 (24 hex digits) of the canonical JSON of ``obj``."""
+    return hashlib.sha256(json.dumps(plain(obj), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _to_builtin(obj):
+    if OmegaConf.is_config(obj):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    return str(obj)
+
+
+def plain(obj):
+    """Builtins only (config nodes, tuples and paths become dicts, lists and strings)."""
+    return json.loads(json.dumps(obj, default=_to_builtin))
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:24]
+
+
+def seeds_spec(seeds) -> str:
+    """``"0-1999"`` for a contiguous range, else a hash of the list."""
+    seeds = list(seeds)
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return "list:" + hashlib.sha256(str(seeds).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def locked(path: Path, wait: bool = True):
+    """An exclusive lock on ``<path>.lock``; waits while another process holds it, or with
+    ``wait=False`` yields False at once instead (and True when the lock was taken)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def save_blob(path: Path, blob: dict) -> Path:
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_blob(path: Path, spec: dict) -> dict | None:
+    """The cached blob if present, readable and made for ``spec``; else None (a bad file is removed)."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        ok = blob.get("spec") == plain(spec)
+    except Exception as err:  # truncated or garbled: torch.load's error types vary
+        log.warning("cache file %s is unreadable (%s); recomputing", path, err)
+        ok = False
+    if not ok:
+        path.unlink(missing_ok=True)
+        return None
+    return blob
+
+
+# ------------------------------------------------------------------------------------------------
+# Real-data reference (FID statistics, KID features)
+# ------------------------------------------------------------------------------------------------
+
+def real_images_digits(dataset_cfg: Mapping, split: str) -> torch.Tensor:
+    """The built-in digits (fixed split) as uint8 images, quantised like the samples."""
+    from ..data.digits import digits_split, load_digits_tensors
+
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"eval.real.split={split!r}; accepted: {', '.join(DIGITS_SPLITS)}")
+    images, _ = load_digits_tensors(int(dataset_cfg.get("image_size", 8)), str(dataset_cfg.get("upsample_mode", "bilinear")))
+    if split != "all":
+        train, held_out = digits_split(float(dataset_cfg.get("held_out_fraction", 0.2)), int(dataset_cfg.get("split_seed", 0)))
+        images = images[train if split == "train" else held_out]
+    return quantize(images)
+
+
+def _array_to_images(array: np.ndarray, where: str) -> torch.Tensor:
+    if array.dtype != np.uint8 or array.ndim != 4:
+        raise ValueError(f"{where}: expected uint8 images [N, H, W, C] or [N, C, H, W]; got {array.dtype} {array.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
+        t = t.permute(0, 3, 1, 2).contiguous()
+    return t
+
+
+def real_source_from_path(path) -> tuple[str, dict]:
+    """Inspect ``eval.real.path``: ("stats", {mu, sigma}) | ("images", {tensor}) | ("folder", {files}).
+
+    Raises a clear error for a missing path or an unreadable kind, before any compute.
+    """
+    if path in (None, ""):
+        raise ValueError("eval.real.source=path needs eval.real.path: a folder of images, a .npz/.npy of uint8 "
+                         "images, or a .npz with mu and sigma (FID statistics)")
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"eval.real.path={str(path)!r}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        return "folder", {"files": files}
+    if not p.is_file():
+        raise FileNotFoundError(f"eval.real.path={str(path)!r}: no such file or folder")
+    if p.suffix == ".npz":
+        with np.load(p) as data:
+            if "mu" in data and "sigma" in data:
+                return "stats", {"mu": np.asarray(data["mu"], np.float64), "sigma": np.asarray(data["sigma"], np.float64)}
+            key = "images" if "images" in data else ("arr_0" if "arr_0" in data else None)
+            if key is None:
+                raise ValueError(f"eval.real.path={str(path)!r}: a .npz needs mu and sigma, or images (or arr_0)")
+            return "images", {"images": _array_to_images(data[key], f"eval.real.path={str(path)!r}")}
+    if p.suffix == ".npy":
+        return "images", {"images": _array_to_images(np.load(p), f"eval.real.path={str(path)!r}")}
+    raise ValueError(f"eval.real.path={str(path)!r}: accepted: a folder of images, .npz or .npy")
+
+
+def real_reference(real_cfg: Mapping, dataset_cfg: Mapping, extractor: str, weights_path: str | None,
+                   cache_dir, device: str = "cpu", batch_size: int = 500, need_features: bool = True) -> dict:
+    """Statistics ``{"mu", "sigma"}``, features (or None) and a description of the real data, cached."""
+    source = str(real_cfg.get("source", "dataset"))
+    if source == "dataset":
+        name = dataset_cfg.get("name")
+        if name != "digits":
+            raise ValueError(f"eval.real.source=dataset supports dataset=digits (got {name!r}); "
+                             "for other data set eval.real.source=path and eval.real.path")
+        split = str(real_cfg.get("split", "train"))
+        images = real_images_digits(dataset_cfg, split)
+        desc = {"source": "dataset", "dataset": plain(dict(dataset_cfg)), "split": split}
+        content = {"images_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()[:24]}
+        kind, payload = "images", {"images": images}
+    elif source == "path":
+        kind, payload = real_source_from_path(real_cfg.get("path"))
+        p = Path(str(real_cfg["path"])).expanduser().resolve()
+        desc = {"source": "path", "path": str(p), "kind": kind}
+        if kind == "folder":
+            content = {"files": digest([(f, os.path.getsize(f), os.path.getmtime(f)) for f in payload["files"]])}
+        else:
+            content = {"sha256": file_sha256(p)}
+    else:
+        raise ValueError(f"eval.real.source={source!r}; accepted: dataset, path")
+
+    if kind == "stats":  # precomputed statistics: FID only, in the user's feature space
+        return {"mu": payload["mu"], "sigma": payload["sigma"], "features": None,
+                "description": {**desc, "num_images": None, "extractor": extractor, "cached": False}}
+
+    weights = {"file": file_sha256(weights_path) if weights_path else ("shipped" if extractor == DIGITS else None)}
+    spec = plain({"format": CACHE_FORMAT, "extractor": extractor, "weights": weights, "data": desc, "content": content})
+    path = Path(cache_dir) / "real_stats" / f"{extractor}-{digest(spec)}.pt"
+    with locked(path):
+        blob = load_blob(path, spec)
+        cached = blob is not None
+        if blob is None:
+            fe = create_extractor(extractor, weights_path, device)
+            if kind == "folder":
+                from torch_fidelity.datasets import ImagesPathDataset
+
+                data = ImagesPathDataset(payload["files"])
+            else:
+                data = payload["images"]
+            features = extract_features(fe, data, batch_size)
+            stats = feature_statistics(features)
+            blob = {"spec": spec, "mu": torch.from_numpy(np.asarray(stats["mu"])), "sigma": torch.from_numpy(np.asarray(stats["sigma"])),
+                    "features": features.float(), "num_images": len(features)}
+            save_blob(path, blob)
+            log.info("real-data statistics (%s, %d images) cached in %s", extractor, len(features), path)
+    return {"mu": blob["mu"].numpy(), "sigma": blob["sigma"].numpy(),
+            "features": blob["features"].double() if need_features else None,
+            "description": {**desc, "num_images": int(blob["num_images"]), "extractor": extractor,
+                            "cache_file": str(path), "cached": cached}}
+
+
+# ------------------------------------------------------------------------------------------------
+# High-NFE reference solution (trajectory error)
+# ------------------------------------------------------------------------------------------------
+
+def ode_reference(denoiser, ref_cfg: Mapping, sigma_min: float, sigma_max: float, seeds, cache_dir,
+                  batch_size: int = 500, dtype=torch.float32, device: str = "cpu") -> tuple[torch.Tensor, dict]:
+    """The high-NFE solution x(sigma_min) from x_T = sigma_max * z(seed), cached per chunk of seeds.
+
+    ``ref_cfg``: {solver: {name, afs, final_step, options}, nfe, schedule: {kind, rho}, chunk_size}.
+    Chunks (``chunk_size`` seeds each, default 250) are cached separately; processes running side by
+    side (a parallel launcher) each take chunks nobody holds, then wait for the rest.
+    """
+    solver_node = plain(dict(ref_cfg["solver"]))
+    solver_node["final_step"] = "sigma_min"  # the reference is the ODE solution at sigma_min
+    solver = solver_from_cfg(solver_node)
+    schedule = {"kind": str(ref_cfg["schedule"]["kind"]), "rho": float(ref_cfg["schedule"]["rho"]),
+                "sigma_min": float(sigma_min), "sigma_max": float(sigma_max)}
+    nfe = int(ref_cfg["nfe"])
+    sigmas = make_sigmas(schedule["kind"], solver.num_points(nfe), schedule["sigma_min"], schedule["sigma_max"], schedule["rho"])
+    identity = denoiser.identity() if hasattr(denoiser, "identity") else type(denoiser).__name__
+    base = {"format": CACHE_FORMAT, "model_identity": identity, "solver": solver_node, "nfe": nfe,
+            "schedule": schedule, "dtype": str(dtype)}
+    seeds = list(seeds)
+    chunk = max(1, int(ref_cfg.get("chunk_size", 250) or 250))
+    chunks = [seeds[i : i + chunk] for i in range(0, len(seeds), chunk)]
+    specs = [plain({**base, "seeds": seeds_spec(c), "num_samples": len(c)}) for c in chunks]
+    paths = [Path(cache_dir) / "ode_references" / f"{digest(s)}.pt" for s in specs]
+    parts: list[torch.Tensor | None] = [None] * len(chunks)
+    computed = 0
+
+    def load_or_compute(k: int) -> None:
+        nonlocal computed
+        blob = load_blob(paths[k], specs[k])
+        if blob is None:
+            samples, counted = generate(denoiser, solver, sigmas, chunks[k], batch_size, dtype, device)
+            if counted != nfe:
+                raise RuntimeError(f"reference solver made {counted} calls, expected {nfe}")
+            save_blob(paths[k], {"spec": specs[k], "samples": samples})
+            computed += 1
+            log.info("high-NFE reference: chunk %d/%d (%d seeds) computed", k + 1, len(chunks), len(chunks[k]))
+        else:
+            samples = blob["samples"]
+        parts[k] = samples
+
+    for k in range(len(chunks)):  # first the chunks nobody else is computing
+        with locked(paths[k], wait=False) as got:
+            if got:
+                load_or_compute(k)
+    for k in range(len(chunks)):  # then wait for the others
+        if parts[k] is None:
+            with locked(paths[k]):
+                load_or_compute(k)
+    desc = {"solver": solver_node, "nfe": nfe, "schedule": schedule, "cache_dir": str(Path(cache_dir) / "ode_references"),
+            "chunks": len(chunks), "cached": computed == 0}
+    return torch.cat(parts), desc

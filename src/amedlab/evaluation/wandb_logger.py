@@ -1,0 +1,134 @@
+"""Experiment logging: ``logger=none`` (nothing) or ``logger=wandb`` (offline unless asked otherwise).
+
+Offline runs need no network and no account; they are written under the run directory and can be
+uploaded later with ``wandb sync <dir>/wandb/offline-run-*``. ``logger.mode=online`` asks for a live
+run; if wandb cannot start one within ``logger.init_timeout`` seconds (no network, no login) the run
+falls back to offline instead of hanging. Every cell of one sweep, and its table, share a wandb group
+(the sweep directory's name unless ``logger.group`` says otherwise).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+MODES = ("offline", "online", "disabled")
+
+
+class RunLogger:
+    """The no-op logger (``logger=none``); :class:`WandbLogger` has the same methods."""
+
+    enabled = False
+    mode = "none"
+
+    def log_config(self, cfg) -> None: ...
+
+    def log_metrics(self, metrics: Mapping, summary: bool = False) -> None: ...
+
+    def log_image(self, key: str, path, caption: str | None = None) -> None: ...
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None: ...
+
+    def log_distillation(self, records: list[Mapping], prefix: str = "distill") -> None: ...
+
+    def finish(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+
+def check_logger_cfg(cfg: Mapping) -> None:
+    """Raise a clear error for a bad ``logger`` config, before any compute."""
+    name = cfg.get("name", "none")
+    if name not in ("none", "wandb"):
+        raise ValueError(f"logger={name!r}; accepted: none, wandb")
+    if name == "wandb":
+        mode = str(cfg.get("mode", "offline"))
+        if mode not in MODES:
+            raise ValueError(f"logger.mode={mode!r}; accepted: {', '.join(MODES)}")
+
+
+class WandbLogger(RunLogger):
+    enabled = True
+
+    def __init__(self, cfg: Mapping, name: str, group: str | None, job_type: str, directory: Path) -> None:
+        import wandb
+
+        self._wandb = wandb
+        mode = str(cfg.get("mode", "offline"))
+        directory = Path(cfg.get("dir") or directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        kwargs = dict(project=cfg.get("project") or "amedlab", entity=cfg.get("entity") or None, name=name,
+                      group=cfg.get("group") or group, job_type=job_type, tags=list(cfg.get("tags") or []),
+                      dir=str(directory), reinit="finish_previous")
+        timeout = float(cfg.get("init_timeout", 60))
+        settings = wandb.Settings(silent=True, init_timeout=timeout, console="off")
+        try:
+            self.run = wandb.init(mode=mode, settings=settings, **kwargs)
+        except Exception as err:  # wandb raises several types when it cannot reach its server
+            if mode != "online":
+                raise
+            log.warning("wandb could not start an online run (%s); logging offline instead", err)
+            mode = "offline"
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(silent=True, console="off"), **kwargs)
+        self.mode = mode
+        self.directory = directory
+
+    def log_config(self, cfg) -> None:
+        container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        self.run.config.update(container, allow_val_change=True)
+
+    def log_metrics(self, metrics: Mapping, summary: bool = False) -> None:
+        flat = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float, bool)) or v is None}
+        self.run.log(flat)
+        if summary:
+            for k, v in flat.items():
+                self.run.summary[k] = v
+
+    def log_image(self, key: str, path, caption: str | None = None) -> None:
+        if path is not None and Path(path).is_file():
+            self.run.log({key: self._wandb.Image(str(path), caption=caption)})
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        self.run.log({key: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def log_distillation(self, records: list[Mapping], prefix: str = "distill") -> None:
+        """One point per optimizer update: loss and r/c/a statistics of the interval it trained."""
+        for update, rec in enumerate(records):
+            i = rec.get("interval", 0)
+            point = {f"{prefix}/update": update}
+            point.update({f"{prefix}/interval_{i}/{k}": v for k, v in rec.items() if k != "interval"})
+            self.run.log(point)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def make_logger(cfg: Mapping | None, name: str, group: str | None, job_type: str, directory) -> RunLogger:
+    """``cfg`` is the ``logger`` config node; ``none`` (or no node) gives the no-op logger."""
+    cfg = cfg or {"name": "none"}
+    check_logger_cfg(cfg)
+    if cfg.get("name") != "wandb" or str(cfg.get("mode", "offline")) == "disabled":
+        return RunLogger()
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(cfg, name, group, job_type, Path(directory))
