@@ -38,6 +38,13 @@ def reference(model, seeds, points, cache_dir, batch):
     return data["noise"], data["states"][:, -1], cached
 
 
+def with_afs(node, mode):
+    """The solver config with its AFS replaced by ``mode`` where it uses AFS at all."""
+    if mode is not None and node.afs:
+        node.afs = True if mode == "true" else mode
+    return node
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="digits_unet")
@@ -49,6 +56,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--cache", default=".cache/amedlab/trajectories")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--afs", default=None, choices=["true", "mean"],
+                    help="override the AFS mode of the solvers that use AFS (heun, dpm2, amed, amed_plugin)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared 2-core box)")
     ap.add_argument("--classical-schedules", default="poly7,tu1", help="schedules tried for the classical solvers (best kept)")
     args = ap.parse_args()
@@ -70,7 +79,7 @@ def main() -> None:
     for nfe in [int(n) for n in args.nfes.split(",")]:
         row = {}
         for name in CLASSICAL:
-            node = load_group("solver", name)
+            node = with_afs(load_group("solver", name), args.afs)
             solver = solver_from_cfg(node)
             best = None
             for sname in args.classical_schedules.split(","):
@@ -85,10 +94,10 @@ def main() -> None:
                     best = (err, sname)
             row[name] = {"rmse": best[0], "schedule": best[1]}
         for name, sname in (("amed", "tu1"), ("amed_plugin", "poly7")):
-            node = load_group("solver", name)
+            node = with_afs(load_group("solver", name), args.afs)
             dist = node.distill
             t = time.perf_counter()
-            pred = distill(model, solver=name, nfe=nfe, schedule=SCHEDULES[sname], afs=bool(node.afs),
+            pred = distill(model, solver=name, nfe=nfe, schedule=SCHEDULES[sname], afs=node.afs,
                            solver_options=dict(node.options), teacher=OmegaConf.to_container(dist.teacher),
                            M=args.teacher_M if args.teacher_M is not None else dist.M, s_dir=dist.s_dir, s_time=dist.s_time,
                            num_trajectories=args.trajectories, cache_dir=args.cache, gen_batch_size=args.batch,

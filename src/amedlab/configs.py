@@ -26,7 +26,7 @@ def solver_from_cfg(node: Mapping, **extra) -> Solver:
     """``node`` is a ``solver`` config: name, afs, final_step, options."""
     options = dict(node.get("options") or {})
     options.update(extra)
-    return make_solver(node["name"], afs=bool(node.get("afs", False)), final_step=node.get("final_step", "sigma_min"), **options)
+    return make_solver(node["name"], afs=node.get("afs", False), final_step=node.get("final_step", "sigma_min"), **options)
 
 
 def check_schedule_cfg(node: Mapping) -> None:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..data.trajectories import TrajectoryDataModule, cached_trajectories, student_grid
 from ..sampling import parse_seeds
-from ..solvers.base import Point, afs_point, evaluate
+from ..solvers.base import Point, check_afs, evaluate, first_point
 from .predictor import AMEDPredictor
 from .solvers import AMEDPlugin
 
@@ -52,7 +52,7 @@ def _detach(p: Point) -> Point:
     return Point(p.t.detach(), p.x.detach(), p.denoised.detach(), f)
 
 
-def student_intervals(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: torch.Tensor, afs: bool):
+def student_intervals(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: torch.Tensor, afs):
     """Walk the student over teacher trajectories ``states`` [B, N, ...]; yield (i, loss_i) per interval.
 
     loss_i = batch mean of ||x_{i+1} - teacher_{i+1}||^2. The caller may take an optimizer step between
@@ -66,7 +66,7 @@ def student_intervals(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: 
     for i in range(steps):
         t_cur, t_next = sigmas[i].to(states.dtype) * ones, sigmas[i + 1].to(states.dtype) * ones
         with torch.no_grad():
-            cur = afs_point(x, t_cur) if (i == 0 and afs) else evaluate(denoiser, x, t_cur)
+            cur = first_point(denoiser, x, t_cur, afs) if i == 0 else evaluate(denoiser, x, t_cur)
         x_next, new = rule.step(denoiser, cur, t_next, history, steps - i)
         yield i, (x_next - states[:, i + 1]).pow(2).flatten(1).sum(1).mean()
         if rule.multistep:
@@ -77,7 +77,7 @@ def student_intervals(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: 
 
 
 @torch.no_grad()
-def interval_losses(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: torch.Tensor, afs: bool) -> list[float]:
+def interval_losses(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: torch.Tensor, afs) -> list[float]:
     """The per-interval distillation losses of ``rule`` on held-out trajectories (no update)."""
     return [loss.item() for _, loss in student_intervals(denoiser, rule, states, sigmas, afs)]
 
@@ -85,12 +85,12 @@ def interval_losses(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: to
 class AMEDDistillation(pl.LightningModule):
     """Trains ``rule.predictor``; the denoiser is frozen (gradients flow through its input only)."""
 
-    def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs: bool, lr: float = 5e-3) -> None:
+    def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs, lr: float = 5e-3) -> None:
         super().__init__()
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.rule, self.predictor = rule, rule.predictor
         self.register_buffer("sigmas", sigmas.clone())
-        self.afs, self.lr = bool(afs), float(lr)
+        self.afs, self.lr = afs, float(lr)
         self.automatic_optimization = False
         self.records: list[dict] = []  # per interval and batch: loss and r/c/a statistics
 
@@ -124,7 +124,7 @@ def distill(
     solver: str = "amed",
     nfe: int = 5,
     schedule: Mapping | None = None,
-    afs: bool = True,
+    afs: bool | str = True,
     solver_options: Mapping | None = None,
     teacher: Mapping | None = None,
     M: int | None = None,
@@ -163,6 +163,7 @@ def distill(
     s_time = d["s_time"] if s_time is None else float(s_time)
     solver_options = _plain(solver_options or ({"base": "ipndm", "max_order": 4} if solver == "amed_plugin" else {}))
     check_schedule_cfg(schedule)
+    check_afs(afs)
     solver_from_cfg(teacher)  # validates the teacher's name and options before any compute
     feature_dim = int(getattr(denoiser, "feature_dim", 0))
     if feature_dim < 1:
@@ -198,7 +199,7 @@ def distill(
         last[rec["interval"]] = rec
     predictor.meta = {
         "solver": solver, "solver_options": solver_options, "nfe": int(nfe), "num_points": num_points,
-        "sigmas": sigmas.tolist(), "schedule": schedule, "afs": bool(afs),
+        "sigmas": sigmas.tolist(), "schedule": schedule, "afs": afs,
         "teacher": teacher, "M": M, "s_dir": s_dir, "s_time": s_time,
         "model_identity": denoiser.identity() if hasattr(denoiser, "identity") else None,
         "model_name": model_name or type(denoiser).__name__,
@@ -227,7 +228,7 @@ def run(cfg):
     model = build_model(cfg.model)
     dcfg, sdist = cfg.distill, cfg.solver.get("distill", {})
     predictor = distill(
-        model, solver=cfg.solver.name, nfe=int(cfg.nfe), schedule=dict(cfg.schedule), afs=bool(cfg.solver.afs),
+        model, solver=cfg.solver.name, nfe=int(cfg.nfe), schedule=dict(cfg.schedule), afs=cfg.solver.afs,
         solver_options=dict(cfg.solver.get("options") or {}), teacher=sdist.get("teacher"), M=sdist.get("M"),
         s_dir=sdist.get("s_dir"), s_time=sdist.get("s_time"), num_trajectories=int(dcfg.num_trajectories),
         batch_size=int(dcfg.batch_size), lr=float(dcfg.lr), epochs=int(dcfg.epochs),

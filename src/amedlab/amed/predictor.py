@@ -99,7 +99,7 @@ class AMEDPredictor(nn.Module):
         model.load_state_dict(blob["state_dict"])
         return model
 
-    def check_compatible(self, model_identity: str | None, sigmas: torch.Tensor, afs: bool) -> None:
+    def check_compatible(self, model_identity: str | None, sigmas: torch.Tensor, afs) -> None:
         """Raise if sampling differs from what the predictor was trained for (meta keys absent = untrained)."""
         meta = self.meta
         if not meta:
@@ -114,7 +114,7 @@ class AMEDPredictor(nn.Module):
                 f"this predictor was distilled for a {len(trained)}-point {meta.get('schedule')} grid "
                 f"{[round(v, 4) for v in trained.tolist()]}, not for the {len(sigmas)}-point grid given "
                 f"{[round(v, 4) for v in sigmas.double().tolist()]}: use the schedule, rho and nfe it was trained for")
-        if bool(meta.get("afs")) != bool(afs):
+        if meta.get("afs", False) != afs:
             raise ValueError(f"this predictor was distilled with afs={meta.get('afs')}, sampling asks afs={afs}")
 
 

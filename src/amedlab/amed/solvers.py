@@ -30,7 +30,7 @@ class AMEDPlugin(StepRule):
             raise ValueError(f"AMED plugs into one-evaluation or two-stage (step_at) rules, not {base.name!r}")
         self.base, self.predictor = base, predictor
         self.history_size = base.history_size
-        self.default_afs = bool(predictor.meta.get("afs", False))
+        self.default_afs = predictor.meta.get("afs", False)
         self.name = "amed" if isinstance(base, MeanDirection) else f"amed_plugin[{base.name}]"
         self.last_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._checked: set = set()

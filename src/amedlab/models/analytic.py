@@ -45,6 +45,11 @@ class GaussianMixture(Denoiser):
     def config(self) -> dict:
         return {"means": self.means.tolist(), "stds": self.stds.tolist(), "weights": self.weights.tolist()}
 
+    @property
+    def data_mean(self) -> torch.Tensor:
+        """E[x0] = sum_k w_k mu_k (exact)."""
+        return (self.weights[:, None] * self.means).sum(0)
+
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         means, var0 = self.means.to(x.dtype), (self.stds**2).to(x.dtype)  # [K, d], [K]
         var = var0[None] + sigma[:, None] ** 2  # [B, K]

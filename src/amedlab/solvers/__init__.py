@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from .base import FINAL_STEPS, Point, Solver, State, StepRule, afs_point, bcast, evaluate
+from .base import FINAL_STEPS, Point, Solver, State, StepRule, afs_point, bcast, evaluate, first_point
 from .multistep import IPNDM, DPMSolverPP, UniPC
 from .single_step import DPMSolver2, Euler, Heun, MeanDirection, mean_direction_step
 
@@ -32,9 +32,9 @@ def available_solvers() -> list[str]:
     return sorted(_RULES)
 
 
-def make_solver(name: str, afs: bool | None = None, final_step: str = "sigma_min", **options) -> Solver:
-    """Build a solver. ``afs``: analytical first step (None: the rule's default, e.g. what an AMED
-    predictor was trained with, else off); ``final_step``: ``sigma_min`` (paper tables) or
+def make_solver(name: str, afs: bool | str | None = None, final_step: str = "sigma_min", **options) -> Solver:
+    """Build a solver. ``afs``: analytical first step, False / True (GENIE) / "mean" (with the data
+    mean); None: the rule's default, e.g. what an AMED predictor was trained with, else off; ``final_step``: ``sigma_min`` (paper tables) or
     ``denoise`` (one extra evaluation, EDM's final step to 0). Other options go to the step rule."""
     _load_plugins()
     if name not in _RULES:
@@ -73,6 +73,6 @@ def _load_plugins() -> None:
 
 __all__ = [
     "Solver", "StepRule", "Point", "State", "make_solver", "register_solver", "available_solvers",
-    "nfe_for", "num_points_for", "evaluate", "afs_point", "bcast", "mean_direction_step",
+    "nfe_for", "num_points_for", "evaluate", "afs_point", "first_point", "bcast", "mean_direction_step",
     "Euler", "Heun", "MeanDirection", "DPMSolver2", "IPNDM", "DPMSolverPP", "UniPC",
 ]

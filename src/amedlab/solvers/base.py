@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 FINAL_STEPS = ("sigma_min", "denoise")
+AFS_MODES = (False, True, "mean")
 
 
 def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -51,14 +52,34 @@ def evaluate(denoiser, x: torch.Tensor, t: torch.Tensor, t_model: torch.Tensor |
     return Point(t, x, denoised, getattr(denoiser, "last_features", None))
 
 
-def afs_point(x: torch.Tensor, t: torch.Tensor) -> Point:
+def afs_point(x: torch.Tensor, t: torch.Tensor, mean: torch.Tensor | None = None) -> Point:
     """Analytical first step (Dockhorn et al. 2022, GENIE): d(x_T, t_0) ~= x_T / sqrt(1 + t_0^2).
 
-    Expressed as the implied D = x - t * d so it can enter multistep histories; no features (no
-    forward pass ran), so AMED's predictor sees zeros.
+    That slope is exact for zero-mean, unit-variance data. With ``mean`` (the data mean E[x0]) the
+    first D is taken as E[x0] instead: the large-sigma limit of D for any data (``afs="mean"``).
+    Expressed as the implied D so it can enter multistep histories; no features (no forward pass
+    ran), so AMED's predictor sees zeros.
     """
+    if mean is not None:
+        return Point(t, x, mean.expand_as(x), None)
     tb = bcast(t, x)
     return Point(t, x, x - tb * x / torch.sqrt(1 + tb**2), None)
+
+
+def check_afs(afs) -> None:
+    if not any(afs is m or (isinstance(afs, str) and afs == m) for m in AFS_MODES):
+        raise ValueError(f"solver.afs={afs!r}; accepted: false, true (GENIE's AFS), mean (AFS with the data mean)")
+
+
+def first_point(denoiser, x: torch.Tensor, t: torch.Tensor, afs) -> Point:
+    """The evaluated point at sigma_max: a model call, or AFS (no call)."""
+    if not afs:
+        return evaluate(denoiser, x, t)
+    if afs == "mean":
+        from ..models.base import data_mean
+
+        return afs_point(x, t, data_mean(denoiser, float(t[0]), x))
+    return afs_point(x, t)
 
 
 class StepRule:
@@ -70,7 +91,7 @@ class StepRule:
     #: how many earlier points the rule may read (the driver keeps no more)
     history_size: int = 0
     #: AFS when the caller does not say (make_solver(afs=None))
-    default_afs: bool = False
+    default_afs: bool | str = False
 
     def step(
         self, denoiser, cur: Point, t_next: torch.Tensor, history: list[Point], remaining: int
@@ -86,7 +107,7 @@ class StepRule:
     def options(self) -> dict:
         return {}
 
-    def prepare(self, denoiser, sigmas: torch.Tensor, afs: bool) -> None:
+    def prepare(self, denoiser, sigmas: torch.Tensor, afs) -> None:
         """Called once before sampling; rules trained for one setting (AMED) check it here."""
 
 
@@ -103,10 +124,11 @@ class State:
 class Solver:
     """A step rule driven over a grid: ``sample(denoiser, x, sigmas, callback=None) -> x``."""
 
-    def __init__(self, rule: StepRule, afs: bool = False, final_step: str = "sigma_min") -> None:
+    def __init__(self, rule: StepRule, afs: bool | str = False, final_step: str = "sigma_min") -> None:
         if final_step not in FINAL_STEPS:
             raise ValueError(f"solver.final_step={final_step!r}; accepted: {', '.join(FINAL_STEPS)}")
-        self.rule, self.afs, self.final_step = rule, bool(afs), final_step
+        check_afs(afs)
+        self.rule, self.afs, self.final_step = rule, afs, final_step
 
     @property
     def name(self) -> str:
@@ -114,12 +136,12 @@ class Solver:
 
     def nfe(self, num_points: int) -> int:
         """Model evaluations for a grid of ``num_points`` points: (N-1)k - AFS + final denoise."""
-        return (num_points - 1) * self.rule.nfe_per_step - int(self.afs) + int(self.final_step == "denoise")
+        return (num_points - 1) * self.rule.nfe_per_step - int(bool(self.afs)) + int(self.final_step == "denoise")
 
     def num_points(self, nfe: int) -> int:
         """Inverse of :meth:`nfe`; an unreachable NFE is an error listing the reachable ones."""
         k = self.rule.nfe_per_step
-        steps, rem = divmod(nfe + int(self.afs) - int(self.final_step == "denoise"), k)
+        steps, rem = divmod(nfe + int(bool(self.afs)) - int(self.final_step == "denoise"), k)
         if rem or steps < 1:
             reachable = [self.nfe(n) for n in range(2, 9)]
             raise ValueError(
@@ -145,7 +167,7 @@ class Solver:
         history: list[Point] = []
         for i in range(steps):
             t_cur, t_next = grid[i] * ones, grid[i + 1] * ones
-            cur = afs_point(x, t_cur) if (i == 0 and self.afs) else evaluate(denoiser, x, t_cur)
+            cur = first_point(denoiser, x, t_cur, self.afs) if i == 0 else evaluate(denoiser, x, t_cur)
             if callback is not None:
                 callback(State(i, float(sigmas[i]), x, cur.denoised))
             x, new_points = self.rule.step(denoiser, cur, t_next, history, steps - i)
