@@ -57,7 +57,7 @@ def trajectory_spec(model_identity: str, teacher: Mapping, schedule: Mapping, nu
     return {
         "format": CACHE_FORMAT,
         "model_identity": model_identity,
-        "teacher": {"name": teacher["name"], "afs": bool(teacher.get("afs", False)), "options": dict(teacher.get("options") or {})},
+        "teacher": {"name": teacher["name"], "afs": teacher.get("afs", False), "options": dict(teacher.get("options") or {})},
         "schedule": {k: (float(schedule[k]) if k != "kind" else schedule[k]) for k in ("kind", "sigma_min", "sigma_max", "rho")},
         "num_points": int(num_points),
         "M": int(M),

@@ -62,7 +62,7 @@ def cell_schedule(schedule: Mapping, solver_name: str, per_solver: Mapping | Non
 
 def solver_label(node: Mapping) -> str:
     """The paper's row name for a solver config (Table 2)."""
-    name, afs = node["name"], bool(node.get("afs", False))
+    name, afs = node["name"], node.get("afs", False)
     options = dict(node.get("options") or {})
     names = {"euler": "DDIM (Euler)", "heun": "EDM (Heun)", "midpoint": "Midpoint", "dpm2": "DPM-Solver-2",
              "dpmpp2m": "DPM-Solver++(2M)", "dpmpp3m": "DPM-Solver++(3M)", "dpmpp": "DPM-Solver++",
@@ -73,7 +73,8 @@ def solver_label(node: Mapping) -> str:
         return f"AMED-Plugin (on {base_name})"
     label = names.get(name, name)
     if afs and name != "amed":
-        label = label[:-1] + ", AFS)" if label.endswith(")") else label + " (AFS)"
+        tag = "AFS-mean" if afs == "mean" else "AFS"
+        label = label[:-1] + f", {tag})" if label.endswith(")") else label + f" ({tag})"
     return label
 
 
@@ -102,7 +103,7 @@ def distill_settings(cfg, solver_node: Mapping, schedule: Mapping) -> dict:
     sdist = plain(dict(cfg.solver.get("distill") or {}))
     dcfg = cfg.distill
     return {
-        "solver": solver_node["name"], "nfe": int(cfg.nfe), "schedule": schedule, "afs": bool(solver_node.get("afs", True)),
+        "solver": solver_node["name"], "nfe": int(cfg.nfe), "schedule": schedule, "afs": solver_node.get("afs", True),
         "solver_options": dict(solver_node.get("options") or {}), "teacher": sdist.get("teacher"), "M": sdist.get("M"),
         "s_dir": sdist.get("s_dir"), "s_time": sdist.get("s_time"), "num_trajectories": int(dcfg.num_trajectories),
         "batch_size": int(dcfg.batch_size), "lr": float(dcfg.lr), "epochs": int(dcfg.epochs),
