@@ -25,10 +25,11 @@ from omegaconf import OmegaConf
 
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..io import atomic_write_json, run_dir
+from ..models.base import PRECISIONS, with_precision
 from ..sampling import parse_seeds
 from ..schedules import make_sigmas
 from .extractors import check_extractor_weights, create_extractor, extract_features, resolve_extractor_name
-from .generate import generate
+from .distributed import generate_sharded, world
 from .metrics import feature_statistics, fid_from_statistics, kid, quantize, rmse
 from .plots import sample_grid_png
 from .reference import digest, locked, ode_reference, plain, real_reference, seeds_spec
@@ -116,7 +117,7 @@ def cell_spec(cfg, solver_node: Mapping, schedule: Mapping, seeds, extractor: st
     e = cfg.eval
     spec = {
         "format": METRICS_FORMAT, "model": plain(cfg.model), "solver": solver_node, "nfe": int(cfg.nfe),
-        "schedule": schedule, "seeds": seeds_spec(seeds), "dtype": str(e.dtype),
+        "schedule": schedule, "seeds": seeds_spec(seeds), "dtype": str(e.dtype), "precision": str(e.get("precision", "fp32")),
         "extractor": extractor, "extractor_weights": weights, "real": plain(e.real),
         "dataset": plain(cfg.dataset) if e.real.source == "dataset" else None,
         "kid": [bool(e.kid), int(e.kid_subsets), int(e.kid_subset_size)], "ode_reference": {k: v for k, v in plain(e.ode_reference).items() if k != "chunk_size"},
@@ -234,6 +235,9 @@ def run(cfg):
     if e.get("num_threads"):
         torch.set_num_threads(int(e.num_threads))
     device = str(cfg.get("device", "cpu"))
+    precision = str(e.get("precision", "fp32"))
+    if precision not in PRECISIONS:
+        raise ValueError(f"eval.precision={precision!r}; accepted: {', '.join(PRECISIONS)}")
     cache_dir = Path(str(e.cache_dir))
     label = solver_label(solver_node)
 
@@ -254,7 +258,9 @@ def run(cfg):
                              float(schedule["rho"]))
 
         t0 = time.perf_counter()
-        samples, counted = generate(model, solver, sigmas, seeds, int(e.batch_size), dtype, device, progress=f"{label} NFE {nfe}")
+        # seeds sharded over processes when a torch.distributed group is up (torchrun / SLURM tasks)
+        samples, counted = generate_sharded(with_precision(model, precision), solver, sigmas, seeds, int(e.batch_size),
+                                            dtype, device, progress=f"{label} NFE {nfe}")
         sampling_seconds = time.perf_counter() - t0
         if counted != nfe:
             raise RuntimeError(f"{label}: {counted} model calls counted, nfe={nfe} asked")
@@ -309,6 +315,7 @@ def run(cfg):
                        "distill_s": (predictor_info or {}).get("distill_seconds", 0.0),
                        "total_s": time.perf_counter() - t_start},
             "device": device, "torch_threads": torch.get_num_threads(), "batch_size": int(e.batch_size),
+            "precision": precision, "world_size": world()[1],
         }
         path = atomic_write_json(out_dir / METRICS_FILE, metrics)
         logger.log_metrics({"fid": fid, "kid_mean": kid_out["kid_mean"], "rmse": traj_rmse, "nfe": nfe,
