@@ -16,14 +16,6 @@ from amedlab.schedules import make_sigmas
 from amedlab.solvers import make_solver
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core CPU, two threads can run 10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tiny_unet():
     torch.manual_seed(0)

@@ -14,14 +14,6 @@ from amedlab.training import teacher as teacher_stage
 TINY_NET = dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core CPU, two threads can run 10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_digits_data_and_fixed_split():
     images, labels = load_digits_tensors()

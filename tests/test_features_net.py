@@ -12,14 +12,6 @@ from amedlab.evaluation.fid import feature_statistics, fid_from_features, freche
 from amedlab.training import features as features_stage
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core CPU, two threads can run 10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_shipped_classifier_accuracy_and_features():
     assert SHIPPED_CLASSIFIER.is_file() and SHIPPED_CLASSIFIER.stat().st_size < 1e6

@@ -1,5 +1,4 @@
 """The small U-Net: size, shapes, the named lowest-resolution block, feature capture without extra NFE."""
-import pytest
 import torch
 
 from amedlab.models.base import CountingDenoiser
@@ -8,14 +7,6 @@ from amedlab.models.unet import SmallUNet
 
 NET = dict(img_resolution=8, model_channels=32, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4])
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core CPU, two threads can run 10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_size_and_named_blocks():
