@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..io import atomic_write_json, run_dir
