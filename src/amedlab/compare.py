@@ -6,48 +6,56 @@ settings from ``conf/solver/<name>.yaml`` (AFS, options); the schedule is the ru
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 
 from .configs import check_schedule_cfg, grid_for, load_group, solver_from_cfg
 from .io import atomic_write_json, run_dir
 from .models import build_model, counting
+from .solvers import Solver
 
 log = logging.getLogger(__name__)
 
 
-def compare(model, solver_cfgs: dict, nfes, schedule, num_samples: int, seed: int = 0, dtype=torch.float64) -> dict:
-    """RMSE of the final sample against the reference solution, per solver and NFE.
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root mean square over samples and all elements."""
+    return (a - b).pow(2).mean().sqrt().item()
 
-    Returns {solver: {nfe: {"rmse": float, "nfe_counted": int, "num_points": int}}}; an NFE a solver
-    cannot reach is recorded as None.
-    """
+
+def final_errors(model, solvers: Mapping[str, Solver], nfes, schedule: Mapping, x_T: torch.Tensor,
+                 reference: torch.Tensor, smin: float) -> dict:
+    """{solver: {nfe: {"rmse", "nfe_counted", "num_points"} | None}}: each solver's final sample from
+    ``x_T`` against ``reference`` (the solution at sigma_min); an unreachable NFE is None."""
+    counter = counting(model)
+    out = {}
+    for name, solver in solvers.items():
+        out[name] = {}
+        for nfe in nfes:
+            try:
+                sigmas = grid_for(solver, nfe, schedule)
+            except ValueError:
+                out[name][nfe] = None
+                continue
+            counter.reset()
+            with torch.no_grad():
+                x = solver.sample(counter, x_T, sigmas)
+            # a final denoise step ends on D(x, sigma_min): compare with the reference denoised the same way
+            ref = model(reference, smin) if solver.final_step == "denoise" else reference
+            out[name][nfe] = {"rmse": rmse(x, ref), "nfe_counted": counter.calls, "num_points": len(sigmas)}
+    return out
+
+
+def compare(model, solver_cfgs: dict, nfes, schedule, num_samples: int, seed: int = 0, dtype=torch.float64) -> dict:
+    """RMSE of the final sample against the reference solution, per solver and NFE (see final_errors)."""
     if not hasattr(model, "reference"):
         raise ValueError("stage=compare needs a model with a reference solution (model=gaussian or gaussian_mixture)")
     smax, smin = float(schedule["sigma_max"]), float(schedule["sigma_min"])
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(num_samples, *model.sample_shape, generator=g, dtype=torch.float64).to(dtype) * smax
     model = model.to(dtype)
-    reference = model.reference(x_T, smax, smin)
-    counter = counting(model)
-    results = {}
-    for name, node in solver_cfgs.items():
-        solver = solver_from_cfg(node)
-        results[name] = {}
-        for nfe in nfes:
-            try:
-                sigmas = grid_for(solver, nfe, schedule)
-            except ValueError:
-                results[name][nfe] = None
-                continue
-            counter.reset()
-            with torch.no_grad():
-                out = solver.sample(counter, x_T, sigmas)
-            # a final denoise step ends on D(x, sigma_min): compare with the reference denoised the same way
-            ref = model(reference, smin) if solver.final_step == "denoise" else reference
-            rmse = (out - ref).pow(2).mean().sqrt().item()
-            results[name][nfe] = {"rmse": rmse, "nfe_counted": counter.calls, "num_points": len(sigmas)}
-    return results
+    solvers = {name: solver_from_cfg(node) for name, node in solver_cfgs.items()}
+    return final_errors(model, solvers, nfes, schedule, x_T, model.reference(x_T, smax, smin), smin)
 
 
 def format_table(results: dict, nfes) -> str:

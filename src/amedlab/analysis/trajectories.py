@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from amedlab.configs import check_schedule_cfg, grid_for, load_group, solver_from_cfg
+from amedlab.compare import final_errors, rmse
+from amedlab.configs import check_schedule_cfg, load_group, solver_from_cfg
 from amedlab.io import atomic_write_json, run_dir
 from amedlab.schedules import make_sigmas
 from amedlab.solvers import Point, Solver, afs_point, evaluate, make_solver, num_points_for
@@ -60,11 +61,6 @@ def sample_trajectories(denoiser, solver: Solver, x_T: torch.Tensor, sigmas: tor
     if len(states) != len(sigmas):
         raise RuntimeError(f"expected {len(sigmas)} states from the callback, got {len(states)}")
     return torch.stack(states, 1)
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root mean square over samples and all elements (as ``stage=compare``)."""
-    return (a - b).pow(2).mean().sqrt().item()
 
 
 def _rmse_from_norms(norms: torch.Tensor, dim: int) -> float:
@@ -176,28 +172,8 @@ def oracle_on_grid(
 
 
 # ----------------------------------------------------------------------------------------------
-# classical solvers and AMED at the same NFE
+# classical solvers and AMED at the same NFE (amedlab.compare.final_errors)
 # ----------------------------------------------------------------------------------------------
-def final_errors(model, solvers: Mapping[str, Solver], nfes, schedule: Mapping, x_T, end, smin: float) -> dict:
-    """{solver: {nfe: {"rmse", "nfe_counted", "num_points"} | None}}: final sample vs the fine end."""
-    from amedlab.models import counting
-
-    counter = counting(model)
-    out = {}
-    for name, solver in solvers.items():
-        out[name] = {}
-        for nfe in nfes:
-            try:
-                sigmas = grid_for(solver, nfe, schedule)
-            except ValueError:
-                out[name][nfe] = None
-                continue
-            counter.reset()
-            with torch.no_grad():
-                x = solver.sample(counter, x_T, sigmas)
-            ref = model(end, smin) if solver.final_step == "denoise" else end
-            out[name][nfe] = {"rmse": rmse(x, ref), "nfe_counted": counter.calls, "num_points": len(sigmas)}
-    return out
 
 
 def amed_mode(acfg: Mapping) -> str:
