@@ -7,6 +7,7 @@ Neither format runs code when loaded.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import atomic_write_bytes
 from .factory import register_model
 from .precond import EDMPrecond
 from .unet import SmallUNet
@@ -26,22 +28,21 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt")
 
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], kind: str, config: dict,
                     metadata: Mapping[str, str] | None = None) -> Path:
-    """Write weights + config atomically (temporary file, then ``os.replace``)."""
+    """Write weights + config atomically (``amedlab.io.atomic_write_bytes``)."""
     path = Path(path)
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"checkpoint path {str(path)!r} must end in one of {', '.join(CHECKPOINT_SUFFIXES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(tensors, str(tmp), metadata={**meta, "kind": kind, "config": json.dumps(config)})
+        data = save(tensors, metadata={**meta, "kind": kind, "config": json.dumps(config)})
     else:
-        torch.save({"kind": kind, "config": config, "state_dict": tensors, "metadata": meta}, tmp)
-    os.replace(tmp, path)
-    return path
+        buf = io.BytesIO()
+        torch.save({"kind": kind, "config": config, "state_dict": tensors, "metadata": meta}, buf)
+        data = buf.getvalue()
+    return atomic_write_bytes(path, data)
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str) -> tuple[dict, dict, dict]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from amedlab.data.digits import DigitsDataModule
+from amedlab.io import atomic_write_text
 from amedlab.models.digits import make_digits_denoiser, save_denoiser
 from amedlab.models.precond import edm_loss
 from amedlab.training.ema import EMA
@@ -51,10 +51,8 @@ def hydra_command() -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, then ``os.replace``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically, keys sorted (recipes diff cleanly)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def trainer_device(device: str) -> tuple[str, list[int] | int]:
