@@ -21,6 +21,7 @@ from ..configs import check_schedule_cfg, solver_from_cfg
 from ..data.trajectories import TrajectoryDataModule, cached_trajectories, student_grid
 from ..sampling import parse_seeds
 from ..solvers.base import Point, check_afs, evaluate, first_point
+from .placement import held_teacher, lightning_placement, teacher_to
 from .predictor import AMEDPredictor
 from .solvers import AMEDPlugin
 
@@ -83,11 +84,15 @@ def interval_losses(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: to
 
 
 class AMEDDistillation(pl.LightningModule):
-    """Trains ``rule.predictor``; the denoiser is frozen (gradients flow through its input only)."""
+    """Trains ``rule.predictor``; the denoiser is frozen (gradients flow through its input only).
+
+    The denoiser is held, not registered as a submodule: Lightning moves its module to the CPU when
+    ``fit`` ends, and the denoiser is the caller's model (see ``placement.py``).
+    """
 
     def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs, lr: float = 5e-3) -> None:
         super().__init__()
-        self.denoiser = denoiser.eval().requires_grad_(False)
+        object.__setattr__(self, "denoiser", denoiser)  # bypasses nn.Module's registration
         self.rule, self.predictor = rule, rule.predictor
         self.register_buffer("sigmas", sigmas.clone())
         self.afs, self.lr = afs, float(lr)
@@ -96,6 +101,9 @@ class AMEDDistillation(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.predictor.parameters(), lr=self.lr)
+
+    def on_fit_start(self):
+        teacher_to(self.denoiser, self.device)  # a DDP rank's own GPU; held_teacher moves it back
 
     def on_train_start(self):
         # DDP's reducer syncs one backward per forward; we take one per interval and average ourselves.
@@ -186,11 +194,13 @@ def distill(
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    accelerator, devices = lightning_placement(denoiser, accelerator, devices)  # where the teacher is
     trainer = pl.Trainer(max_epochs=int(epochs), logger=logger, enable_checkpointing=False, enable_model_summary=False,
                          enable_progress_bar=False, accelerator=accelerator, devices=devices, strategy=strategy,
                          use_distributed_sampler=False)  # the data module shards itself (same batches as one process)
     t1 = time.perf_counter()
-    trainer.fit(module, datamodule=TrajectoryDataModule(data["states"], batch_size, seed))
+    with held_teacher(denoiser):  # the caller's model comes back as it was: mode, flags, device
+        trainer.fit(module, datamodule=TrajectoryDataModule(data["states"], batch_size, seed))
     train_seconds = time.perf_counter() - t1
     predictor = predictor.cpu()
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..io import atomic_write_bytes
+from ..models.base import device_of
 from ..sampling import seeded_noise
 from ..schedules import make_sigmas
 
@@ -70,11 +71,17 @@ def trajectory_spec(model_identity: str, teacher: Mapping, schedule: Mapping, nu
 @torch.no_grad()
 def generate_trajectories(denoiser, teacher: Mapping, schedule: Mapping, num_points: int, M: int, seeds,
                           dtype=torch.float32, batch_size: int = 500) -> dict:
-    """Run the teacher; return {"noise": [n, ...], "states": [n, num_points, ...]} (states[:, 0] = x_T)."""
+    """Run the teacher; return {"noise": [n, ...], "states": [n, num_points, ...]} (states[:, 0] = x_T).
+
+    The teacher runs where its weights are (each batch of noise is moved there); the returned tensors
+    are on the CPU (they are cached and served in batches). The noise is drawn on the CPU, one
+    generator per seed, so it is the same on any device.
+    """
     solver = solver_from_cfg(teacher)
     sigmas = teacher_grid(schedule, num_points, M)
     shape = tuple(denoiser.sample_shape)
     seeds = list(seeds)
+    device = device_of(denoiser)
     noise = seeded_noise(seeds, shape, float(schedule["sigma_max"]), dtype)
     states = torch.empty(len(seeds), num_points, *shape, dtype=dtype)
     for lo in range(0, len(seeds), batch_size):
@@ -84,8 +91,8 @@ def generate_trajectories(denoiser, teacher: Mapping, schedule: Mapping, num_poi
             if state.index % stride == 0:
                 kept.append(state.x)
 
-        solver.sample(denoiser, noise[lo : lo + batch_size], sigmas, callback=keep)
-        states[lo : lo + batch_size] = torch.stack(kept, dim=1)
+        solver.sample(denoiser, noise[lo : lo + batch_size].to(device), sigmas, callback=keep)
+        states[lo : lo + batch_size] = torch.stack(kept, dim=1).cpu()
     return {"noise": noise, "states": states}
 
 

@@ -12,6 +12,7 @@ Both take uint8 images ``[B, C, H, W]`` (C = 1 or 3), as quantised by
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -129,10 +130,20 @@ def create_extractor(name: str, weights_path: str | None, device: str = "cpu") -
     if name == INCEPTION and weights_path is None:
         raise ValueError("eval.inception_weights is required for inception-v3-compat (nothing is downloaded)")
     cuda = str(device).startswith("cuda")
-    extractor = create_feature_extractor(
-        name, [FEATURE_LAYER[name]], cuda=cuda, verbose=False, feature_extractor_weights_path=weights_path,
-        feature_extractor_compile=False)
+    with _current_cuda(device):
+        extractor = create_feature_extractor(
+            name, [FEATURE_LAYER[name]], cuda=cuda, verbose=False, feature_extractor_weights_path=weights_path,
+            feature_extractor_compile=False)
     return extractor
+
+
+def _current_cuda(device):
+    """torch-fidelity moves the extractor and each batch with ``.cuda()`` (the current CUDA device):
+    make ``cuda:<k>`` the current one for the duration, so features are computed on the run's GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def channels_for(name: str) -> int | None:
@@ -146,6 +157,7 @@ def extract_features(extractor: FeatureExtractorBase, images, batch_size: int = 
     through torch-fidelity's own extraction loop (no worker processes)."""
     if isinstance(images, torch.Tensor):
         images = UInt8Images(images, channels_for(extractor.get_name()))
-    cuda = next(extractor.parameters()).is_cuda
-    feats = get_featuresdict_from_dataset(images, extractor, int(batch_size), cuda, True, False)
+    device = next(extractor.parameters()).device
+    with _current_cuda(device):
+        feats = get_featuresdict_from_dataset(images, extractor, int(batch_size), device.type == "cuda", True, False)
     return feats[extractor.get_requested_features_list()[0]].double()

@@ -53,6 +53,20 @@ class Denoiser(nn.Module):
         return {}
 
 
+def device_of(model) -> torch.device:
+    """The device of a denoiser's weights (its first parameter, else buffer); CPU for a plain callable.
+
+    Sampling and distillation put their tensors there and never move the model: where the caller put
+    it is where it stays.
+    """
+    if isinstance(model, nn.Module):
+        for tensor in model.parameters():
+            return tensor.device
+        for tensor in model.buffers():
+            return tensor.device
+    return torch.device("cpu")
+
+
 def as_batch_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Return sigma as a tensor of shape [B] on x's device and dtype."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
