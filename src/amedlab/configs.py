@@ -10,16 +10,52 @@ from omegaconf import OmegaConf
 from .schedules import check_schedule_args, make_sigmas
 from .solvers import Solver, make_solver
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _config_locations() -> tuple[Path, Path]:
+    """(the primary config folder, the folder holding ``experiments/``).
+
+    In a source checkout (``src/amedlab``, run with PYTHONPATH=src or installed editable) the
+    top-level ``conf/`` and ``experiments/`` are used, so edits take effect without reinstalling.
+    An installed wheel carries both as ``amedlab/conf/`` and ``amedlab/conf/experiments/`` (mapped
+    by ``[tool.setuptools.package-dir]`` in pyproject.toml).
+    """
+    checkout = _PACKAGE.parents[1]
+    if _PACKAGE.parent.name == "src" and (checkout / "conf" / "config.yaml").is_file():
+        return checkout / "conf", checkout
+    return _PACKAGE / "conf", _PACKAGE / "conf"
+
+
+CONF_DIR, EXPERIMENTS_ROOT = _config_locations()
+# conf/config.yaml puts ${amedlab.root:} on Hydra's search path: experiments=<name> from any folder
+OmegaConf.register_new_resolver("amedlab.root", lambda: str(EXPERIMENTS_ROOT), replace=True)
+
+
+def config_dirs() -> list[Path]:
+    """The folders configs are read from, in Hydra's order: inside a Hydra job its search path (a
+    ``--config-dir`` included), else :data:`CONF_DIR`."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        sources = HydraConfig.get().runtime.config_sources
+        dirs = [Path(src.path) for src in sources if src.schema == "file"]
+    except ValueError:  # not in a Hydra job (Python API, tests, benchmarks)
+        dirs = []
+    return dirs + [CONF_DIR] if CONF_DIR not in dirs else dirs
 
 
 def load_group(group: str, name: str) -> Mapping:
-    """Load ``conf/<group>/<name>.yaml`` (e.g. each solver's own settings in a comparison)."""
-    path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():
-        choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        raise ValueError(f"{group}={name!r} has no config file {path}; accepted: {', '.join(choices)}")
-    return OmegaConf.load(path)
+    """Load ``<group>/<name>.yaml`` from the first config folder holding it (e.g. each solver's own
+    settings in a comparison; a ``--config-dir`` may add solvers)."""
+    dirs = config_dirs()
+    for folder in dirs:
+        path = folder / group / f"{name}.yaml"
+        if path.is_file():
+            return OmegaConf.load(path)
+    choices = sorted({p.stem for folder in dirs for p in (folder / group).glob("*.yaml")})
+    raise ValueError(f"{group}={name!r} has no config file {group}/{name}.yaml in {', '.join(map(str, dirs))}; "
+                     f"accepted: {', '.join(choices)}")
 
 
 def solver_from_cfg(node: Mapping, **extra) -> Solver:
