@@ -87,7 +87,8 @@ class AMEDDistillation(pl.LightningModule):
     """Trains ``rule.predictor``; the denoiser is frozen (gradients flow through its input only).
 
     The denoiser is held, not registered as a submodule: Lightning moves its module to the CPU when
-    ``fit`` ends, and the denoiser is the caller's model (see ``placement.py``).
+    ``fit`` ends, and the denoiser is the caller's model. Freeze it around ``fit`` with
+    ``placement.held_teacher`` (as :func:`distill` does), which also restores it afterwards.
     """
 
     def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs, lr: float = 5e-3) -> None:
