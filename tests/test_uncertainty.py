@@ -177,7 +177,7 @@ def test_table_bolds_only_a_significant_best_and_marks_the_tied_group(sweep):
     cells = fid_ipndm.split(" | ")
     assert cells[1].startswith("**") and " ± " in cells[1]            # NFE 3: bold, with its interval
     assert cells[2].startswith("*") and not cells[2].startswith("**")  # NFE 5: tied (italics)
-    assert lines and "paired bootstrap interval of the difference" in md and "95%" in md
+    assert lines and "paired bootstrap, the same resampled seeds for both cells" in md and "95% interval" in md
     # RMSE: UniPC's errors are iPNDM's in another order (same mean, unpaired): tied; Euler's are double
     rm = result["marks"]["rmse"]
     assert rm[3]["status"] == "significant" and rm[5]["status"] == "tied"

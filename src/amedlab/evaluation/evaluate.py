@@ -123,7 +123,7 @@ def cell_spec(cfg, solver_node: Mapping, schedule: Mapping, seeds, extractor: st
         "kid": [bool(e.kid), int(e.kid_subsets), int(e.kid_subset_size)], "ode_reference": {k: v for k, v in plain(e.ode_reference).items() if k != "chunk_size"},
     }
     boot = uncertainty.settings(e.get("bootstrap"))  # the intervals' settings (not what is kept on disk)
-    spec["bootstrap"] = {k: boot[k] for k in uncertainty.NUMERIC_KEYS}
+    spec["bootstrap"] = {"format": uncertainty.FORMAT, **{k: boot[k] for k in uncertainty.NUMERIC_KEYS}}
     if solver_node["name"] in AMED_SOLVERS and not solver_node.get("predictor"):
         spec["distill"] = distill_settings(cfg, solver_node, schedule)
     return spec

@@ -58,7 +58,8 @@ def metric_vs_nfe_png(series: Mapping[str, Mapping[int, float]], path, metric: s
         if any(n in half for n in xs):
             lo = [min(half.get(n, 0.0), y * 0.999) if log_y else half.get(n, 0.0) for n, y in zip(xs, ys)]
             hi = [half.get(n, 0.0) for n in xs]
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[k % len(markers)], label=label, capsize=3,
+            dx = 0.05 * (k - (len(series) - 1) / 2)  # side by side, so that the bars of one NFE do not overlap
+            ax.errorbar([x + dx for x in xs], ys, yerr=[lo, hi], marker=markers[k % len(markers)], label=label, capsize=3,
                         linestyle="--" if label.startswith("AMED") else "-")
         else:
             ax.plot(xs, ys, marker=markers[k % len(markers)], label=label,

@@ -305,13 +305,15 @@ def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data
         parts.append(f"± : {pct} interval of the cell over seeds ({how}{extra}; the real set held fixed).")
         real = sorted(h for c in with_u if (h := real_half_width(c, metric, level)) is not None)
         if real:
-            parts.append(f"The finite real set adds ± {fmt_pm(real[len(real) // 2])} (median over cells; CSV fid_real_lo/hi), "
-                         "shared by every cell, so it does not enter the comparisons.")
+            csv_cols = " (CSV fid_real_lo/hi)" if metric == "fid" else ""
+            parts.append(f"The finite real set adds ± {fmt_pm(real[len(real) // 2])} (median over cells){csv_cols}, "
+                         "the same real set for every cell: it does not enter the comparisons.")
     statuses = {m["status"] for m in marks.values() if m.get("status")}
-    test = ("paired per-sample interval of the difference" if metric == "rmse"
-            else f"paired bootstrap interval of the difference, same resampled seeds{', real set resampled too' if source == 'total' else ''}")
-    parts.append(f"**Bold**: lowest in its column and lower than every other cell there by a {pct} {test} that excludes 0; "
-                 f"*italics*: no cell is: the lowest and every cell not significantly higher (tied).")
+    test = ("paired over the per-sample errors" if metric == "rmse" else
+            "paired bootstrap, the same resampled seeds" + (" and real set" if source == "total" else "") + " for both cells")
+    parts.append(f"**Bold**: the lowest value of its column, significantly lower than every other cell there "
+                 f"(the {pct} interval of each difference excludes 0; {test}). *Italics*: where no cell is, the tied "
+                 "group: the lowest and every cell not significantly higher.")
     if "untested" in statuses:
         untested = sorted(n for n, m in marks.items() if m.get("status") == "untested")
         parts.append(f"NFE {', '.join(map(str, untested))}: no per-sample data for the lowest cell (evaluated before "

@@ -42,7 +42,7 @@ import torch
 from ..io import atomic_write_bytes
 
 FILE = "uncertainty.npz"
-FORMAT = 1
+FORMAT = 2  # part of a cell's key: a change here recomputes the cells
 #: the replicate streams: 0 = generated seed indices, 1 = real-set indices (never change: pairing)
 GEN_STREAM, REAL_STREAM = 0, 1
 DEFAULTS = {"enabled": True, "resamples": 500, "seed": 0, "level": 0.95, "real": True, "kid": True,
@@ -129,15 +129,6 @@ def _fid(mu1, s1, mu2, root2, tr2):
     return (d * d).sum(-1) + torch.diagonal(s1, dim1=-2, dim2=-1).sum(-1) + tr2 - 2 * eig.clamp_min(0).sqrt().sum(-1)
 
 
-def fid_point(gen: torch.Tensor, real_mu, real_sigma) -> float:
-    """FID of features ``gen`` against statistics (mu, sigma) with this module's arithmetic."""
-    gen = gen.double()
-    mu_r = torch.as_tensor(np.asarray(real_mu), dtype=torch.float64, device=gen.device)
-    s_r = torch.as_tensor(np.asarray(real_sigma), dtype=torch.float64, device=gen.device)
-    mu_g, s_g = _stats(gen, None)
-    return float(_fid(mu_g, s_g, mu_r, _psd_root(s_r), torch.trace(s_r)))
-
-
 # ------------------------------------------------------------------------------------------------
 # KID (unbiased MMD^2, polynomial kernel (x.y/d + 1)^3 as torch-fidelity) with bootstrap weights
 # ------------------------------------------------------------------------------------------------
@@ -152,12 +143,20 @@ def _kid_terms(gen: torch.Tensor, real: torch.Tensor):
 
 
 def _kid_parts(terms, w: torch.Tensor | None, v: torch.Tensor | None):
-    """The three sums of the unbiased MMD^2 for count vectors ``w [B, n]`` / ``v [B, m]`` (None: all ones),
-    with a duplicated index counted as a distinct sample (torch-fidelity's ``mmd2``, unequal set sizes)."""
+    """The three means of the unbiased MMD^2 (torch-fidelity's ``mmd2``, unequal set sizes) for bootstrap
+    count vectors ``w [B, n]`` / ``v [B, m]`` (None: every sample once)."""
     kgg, dgg, krr, drr, kgr = terms
     n, m = kgg.shape[0], krr.shape[0]
-    gg = (kgg.sum() - dgg.sum()).reshape(1) if w is None else ((w @ kgg) * w).sum(1) - w @ dgg
-    rr = (krr.sum() - drr.sum()).reshape(1) if v is None else ((v @ krr) * v).sum(1) - v @ drr
+    # pairs of copies of one sample are left out (k(x, x) is no distance): sums over pairs of distinct
+    # original indices, divided by their number, sum(w)^2 - sum(w^2); with w = 1 this is n (n - 1)
+    if w is None:
+        gg = ((kgg.sum() - dgg.sum()) / (n * (n - 1))).reshape(1)
+    else:
+        gg = (((w @ kgg) * w).sum(1) - (w * w) @ dgg) / (w.sum(1) ** 2 - (w * w).sum(1))
+    if v is None:
+        rr = ((krr.sum() - drr.sum()) / (m * (m - 1))).reshape(1)
+    else:
+        rr = (((v @ krr) * v).sum(1) - (v * v) @ drr) / (v.sum(1) ** 2 - (v * v).sum(1))
     if w is None and v is None:
         gr = kgr.sum().reshape(1)
     elif v is None:
@@ -166,7 +165,7 @@ def _kid_parts(terms, w: torch.Tensor | None, v: torch.Tensor | None):
         gr = v @ kgr.sum(0)
     else:
         gr = ((w @ kgr) * v).sum(1)
-    return gg / (n * (n - 1)), rr / (m * (m - 1)), gr / (n * m)
+    return gg, rr, gr / (n * m)
 
 
 def _kid(terms, w: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
