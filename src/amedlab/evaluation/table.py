@@ -305,8 +305,8 @@ def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data
         parts.append(f"± : {pct} interval of the cell over seeds ({how}{extra}; the real set held fixed).")
         real = sorted(h for c in with_u if (h := real_half_width(c, metric, level)) is not None)
         if real:
-            csv_cols = " (CSV fid_real_lo/hi)" if metric == "fid" else ""
-            parts.append(f"The finite real set adds ± {fmt_pm(real[len(real) // 2])} (median over cells){csv_cols}, "
+            csv_cols = "; CSV fid_real_lo/hi" if metric == "fid" else ""
+            parts.append(f"The finite real set adds ± {fmt_pm(real[len(real) // 2])} (median over cells{csv_cols}), "
                          "the same real set for every cell: it does not enter the comparisons.")
     statuses = {m["status"] for m in marks.values() if m.get("status")}
     test = ("paired over the per-sample errors" if metric == "rmse" else
@@ -378,7 +378,8 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
         title = f"{METRICS[m]} ({about})"
         note = legend(rows, nfes, m, marks[m], level, source, data)
         md_parts.append(f"**{title}**\n\n{markdown_table(rows, nfes, m, marks[m], level)}\n\n{note}")
-        tex_parts.append(latex_table(rows, nfes, m, f"{title}. {note}", marks[m], level))
+        plain_note = note.replace("**", "").replace("*", "")  # a LaTeX comment: no markdown emphasis
+        tex_parts.append(latex_table(rows, nfes, m, f"{title}. {plain_note}", marks[m], level))
     markdown = "\n\n".join(md_parts) + "\n"
     paths = {
         "markdown": atomic_write_text(out / "table2.md", markdown),
