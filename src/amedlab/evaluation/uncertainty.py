@@ -22,8 +22,8 @@ so they carry sampling noise. Everything here reuses what the cell already compu
 Cost: one replicate is one weighted covariance of the generated features (n d^2) and of the real
 features (m d^2), three symmetric eigenproblems of size d, and three kernel-weighted sums (n^2 + nm
 + m^2) for KID. Digits features (d = 64, n = 2000, m = 1437): a few milliseconds per replicate.
-Inception features (d = 2048, n = 50000): about 4e11 flops per replicate on the covariance alone
-(about a minute per replicate on one CPU core, well under a second on a GPU: ``device``), and KID's
+Inception features (d = 2048, n = 50000): about 4e11 flops per replicate on the covariances alone
+(a minute or two per replicate on one CPU core; on a GPU, ``device``, not measured), and KID's
 n x n kernel matrix is skipped above ``kid_max_samples``.
 """
 from __future__ import annotations
