@@ -71,7 +71,8 @@ def to_markdown(result: dict) -> str:
     a, b, pct = result["a"], result["b"], f"{100 * result['level']:g}%"
     parts = []
     for m, lines in result["metrics"].items():
-        title = f"**{METRICS[m]}: {a} minus {b}** (paired over the same seeds; {pct} interval; negative: {a} is lower)"
+        paired = "the same seeds" + (" and resampled real set" if result["source"] == "total" and m != "rmse" else "")
+        title = f"**{METRICS[m]}: {a} minus {b}** (paired over {paired}; {pct} interval; negative: {a} is lower)"
         rows = ["| NFE | " + a + " | " + b + f" | difference [{pct} interval] | |", "|---|---|---|---|---|"]
         for ln in lines:
             if ln["diff"] is None:
