@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text
 from . import uncertainty as U
-from .table import METRICS, build_rows, collect, fmt, fmt_pm, load_cell_data, significance_settings, _value
+from .table import METRICS, _value, build_rows, collect, fmt, load_cell_data, significance_settings
 
 
 def pick_row(rows, name: str) -> str:

@@ -319,7 +319,7 @@ def evaluate_cell(out_dir, seeds, seeds_spec: str, gen_features, real: Mapping, 
                         meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
                         **{k: np.asarray(v, np.float64) for k, v in arrays.items()})
     data = buf.getvalue()
-    path = atomic_write_bytes(Path(out_dir) / FILE, data)
+    atomic_write_bytes(Path(out_dir) / FILE, data)
     return {
         "method": ("bootstrap: seed indices (samples) and real-set indices (real) resampled with replacement, "
                    "separately and together (total); interval = estimate +- z * se (se = std of the replicates); "
