@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from amedlab.configs import CONF_DIR
 from amedlab.evaluation import table as table_stage
+from amedlab.evaluation import uncertainty as U
 from amedlab.models.digits import make_digits_denoiser, save_denoiser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,9 @@ def test_tiny_table2_sweep_resumes_and_tabulates(tmp_path, tiny_model, capsys):
         assert m["fid"] > 0 and m["rmse"] > 0 and m["kid_subset_size"] == 32
         assert list(path.parent.glob("wandb/offline-run-*")), "wandb logged offline in the cell's directory"
         assert (path.parent / "samples.png").is_file()
+        # the intervals and the per-sample data of paired comparisons, verified by their digest
+        assert m["uncertainty"]["resamples"] == 500 and m["uncertainty"]["rmse"]["se"] > 0
+        assert U.load_cell(m, path.parent)[0] is not None
         metrics[(m["solver"], m["nfe"])] = m
     assert set(metrics) == {("euler", 3), ("euler", 5), ("amed", 3), ("amed", 5)}
     # the paper's per-solver schedules, recorded as used
@@ -79,7 +83,7 @@ def test_tiny_table2_sweep_resumes_and_tabulates(tmp_path, tiny_model, capsys):
     rows = [line for line in md.splitlines() if line.startswith("| DDIM (Euler) |") or line.startswith("| AMED-Solver |")]
     assert len(rows) == 4  # FID and RMSE tables, one row each
     for line in rows:
-        assert len(line.split("|")) == 5 and "n/a" not in line
+        assert len(line.split("|")) == 5 and "n/a" not in line and line.count(" ± ") == 2
     for name in ("table2.md", "table2.tex", "table2.csv", "fid_vs_nfe.png"):
         assert (sweep / name).is_file() and str(sweep / name) in out
     assert "| DDIM (Euler) |" in out  # the table is printed

@@ -76,6 +76,9 @@ def test_table_from_a_fake_sweep(fake_sweep):
                                                        ("amed", "3"), ("amed", "5")]
     best = {(r["solver"], r["nfe"]): (r["best_fid"], r["best_rmse"]) for r in rows}
     assert best[("amed", "5")] == ("1", "0") and best[("ipndm", "5")] == ("0", "1") and best[("amed", "3")] == ("1", "1")
+    # cells without per-sample data: bold is the lowest value, marked as untested, and said so under the table
+    assert {r["mark_fid"] for r in rows if r["best_fid"] == "1"} == {"lowest"} and rows[0]["fid_lo"] == ""
+    assert "No intervals" in md and "not tested" in md
     assert float(rows[0]["fid"]) == 93.36 and rows[4]["schedule"] == "time_uniform"
 
     png = fake_sweep / "fid_vs_nfe.png"

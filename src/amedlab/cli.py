@@ -23,6 +23,7 @@ STAGES = {
     "distill": "amedlab.amed.distill:run",
     "evaluate": "amedlab.evaluation.evaluate:run",
     "table": "amedlab.evaluation.table:run",
+    "compare_cells": "amedlab.evaluation.compare_cells:run",
     "analyze_trajectories": "amedlab.analysis.trajectories:run",
 }
 

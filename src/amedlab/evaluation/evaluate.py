@@ -33,6 +33,7 @@ from .metrics import feature_statistics, fid_from_statistics, kid, quantize, rms
 from .plots import sample_grid_png
 from .reference import digest, locked, ode_reference, plain, real_reference, seeds_spec
 from .wandb_logger import check_logger_cfg, make_logger
+from . import uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ def cell_spec(cfg, solver_node: Mapping, schedule: Mapping, seeds, extractor: st
         "dataset": plain(cfg.dataset) if e.real.source == "dataset" else None,
         "kid": [bool(e.kid), int(e.kid_subsets), int(e.kid_subset_size)], "ode_reference": {k: v for k, v in plain(e.ode_reference).items() if k != "chunk_size"},
     }
+    boot = uncertainty.settings(e.get("bootstrap"))  # the intervals' settings (not what is kept on disk)
+    spec["bootstrap"] = {"format": uncertainty.FORMAT, **{k: boot[k] for k in uncertainty.NUMERIC_KEYS}}
     if solver_node["name"] in AMED_SOLVERS and not solver_node.get("predictor"):
         spec["distill"] = distill_settings(cfg, solver_node, schedule)
     return spec
@@ -210,6 +213,7 @@ def run(cfg):
     schedule = cell_schedule(cfg.schedule, solver_node["name"], e.get("schedule_per_solver"))
     num_points = _validate_solver(solver_node, nfe)
     seeds = parse_seeds(e.seeds)
+    boot = uncertainty.settings(e.get("bootstrap"))
     if str(e.dtype) not in DTYPES:
         raise ValueError(f"eval.dtype={e.dtype!r}; accepted: {', '.join(DTYPES)}")
     dtype = DTYPES[str(e.dtype)]
@@ -281,7 +285,7 @@ def run(cfg):
         # -- FID / KID against the real data (torch-fidelity) --
         t0 = time.perf_counter()
         real = real_reference(e.real, cfg.dataset, extractor, weights, cache_dir, device, int(e.batch_size),
-                              need_features=bool(e.kid))
+                              need_features=bool(e.kid) or (boot["enabled"] and boot["real"]))
         fe = create_extractor(extractor, weights, device)
         features = extract_features(fe, images, int(e.batch_size))
         fid = fid_from_statistics(feature_statistics(features), real)
@@ -300,6 +304,9 @@ def run(cfg):
                                        for r in reference.split(int(e.batch_size))])
         traj_rmse = rmse(samples, reference)
         reference_seconds = time.perf_counter() - t0
+        # -- intervals (bootstrap over seeds and over the real set) and the per-sample data for paired comparisons --
+        unc = uncertainty.evaluate_cell(out_dir, seeds, seeds_spec(seeds), features, real, samples.cpu(), reference.cpu(),
+                                        boot, device)
 
         metrics = {
             "complete": True, "cell_key": key, "label": label, "solver": solver_node["name"],
@@ -309,9 +316,9 @@ def run(cfg):
             "model": {"name": cfg.model.name, "identity": model.identity() if hasattr(model, "identity") else None},
             "feature_extractor": extractor, "feature_extractor_weights": weights or "shipped",
             "real_data": real["description"], "ode_reference": ref_info,
-            "predictor": predictor_info, "overrides": overrides, "sample_grid": str(grid_path) if grid_path else None,
+            "uncertainty": unc, "predictor": predictor_info, "overrides": overrides, "sample_grid": str(grid_path) if grid_path else None,
             "timing": {"sampling_s": sampling_seconds, "metrics_s": metric_seconds, "reference_s": reference_seconds,
-                       "distill_s": (predictor_info or {}).get("distill_seconds", 0.0),
+                       "distill_s": (predictor_info or {}).get("distill_seconds", 0.0), "uncertainty_s": (unc or {}).get("seconds", 0.0),
                        "total_s": time.perf_counter() - t_start},
             "device": device, "torch_threads": torch.get_num_threads(), "batch_size": int(e.batch_size),
             "precision": precision, "world_size": world()[1],
@@ -321,6 +328,9 @@ def run(cfg):
                             "timing": metrics["timing"]}, summary=True)
         logger.log_image("samples", grid_path, caption=f"{label}, NFE {nfe}")
     kid_text = f", KID {kid_out['kid_mean']:.4g}" if kid_out["kid_mean"] is not None else ""
-    print(f"{label} NFE {nfe} ({schedule['kind']} rho={schedule['rho']}, {len(seeds)} samples): FID {fid:.4g}{kid_text}, "
-          f"RMSE vs high-NFE {traj_rmse:.4g}  [{metrics['timing']['total_s']:.1f} s]\nwritten: {path}")
+    pm = {k: "" for k in ("fid", "rmse")}
+    if unc:
+        pm = {"fid": f" ± {unc['z'] * unc['fid']['samples']['se']:.2g}", "rmse": f" ± {unc['z'] * unc['rmse']['se']:.2g}"}
+    print(f"{label} NFE {nfe} ({schedule['kind']} rho={schedule['rho']}, {len(seeds)} samples): FID {fid:.4g}{pm['fid']}{kid_text}, "
+          f"RMSE vs high-NFE {traj_rmse:.4g}{pm['rmse']}  [{metrics['timing']['total_s']:.1f} s]\nwritten: {path}")
     return fid

@@ -37,8 +37,11 @@ def sample_grid_png(images: torch.Tensor, path, columns: int | None = None, scal
 
 
 def metric_vs_nfe_png(series: Mapping[str, Mapping[int, float]], path, metric: str = "FID",
-                      title: str | None = None, log_y: bool = True) -> Path:
-    """One line per solver (``{label: {nfe: value}}``), log-scale y; missing points are skipped."""
+                      title: str | None = None, log_y: bool = True,
+                      errors: Mapping[str, Mapping[int, float]] | None = None, error_label: str | None = None) -> Path:
+    """One line per solver (``{label: {nfe: value}}``), log-scale y; missing points are skipped.
+
+    ``errors`` (``{label: {nfe: half-width}}``) draws error bars (clipped at the axis on a log scale)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -50,8 +53,17 @@ def metric_vs_nfe_png(series: Mapping[str, Mapping[int, float]], path, metric: s
         xs = sorted(n for n, v in points.items() if v is not None and np.isfinite(v) and (v > 0 or not log_y))
         if not xs:
             continue
-        ax.plot(xs, [points[n] for n in xs], marker=markers[k % len(markers)], label=label,
-                linestyle="--" if label.startswith("AMED") else "-")
+        ys = [points[n] for n in xs]
+        half = (errors or {}).get(label) or {}
+        if any(n in half for n in xs):
+            lo = [min(half.get(n, 0.0), y * 0.999) if log_y else half.get(n, 0.0) for n, y in zip(xs, ys)]
+            hi = [half.get(n, 0.0) for n in xs]
+            dx = 0.05 * (k - (len(series) - 1) / 2)  # side by side, so that the bars of one NFE do not overlap
+            ax.errorbar([x + dx for x in xs], ys, yerr=[lo, hi], marker=markers[k % len(markers)], label=label, capsize=3,
+                        linestyle="--" if label.startswith("AMED") else "-")
+        else:
+            ax.plot(xs, ys, marker=markers[k % len(markers)], label=label,
+                    linestyle="--" if label.startswith("AMED") else "-")
     all_nfes = sorted({n for points in series.values() for n in points})
     if log_y:
         ax.set_yscale("log")
@@ -59,6 +71,8 @@ def metric_vs_nfe_png(series: Mapping[str, Mapping[int, float]], path, metric: s
     ax.set_xlabel("NFE")
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} vs NFE")
+    if errors and any(errors.values()) and error_label:
+        ax.text(0.99, 0.99, f"error bars: {error_label}", transform=ax.transAxes, ha="right", va="top", fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

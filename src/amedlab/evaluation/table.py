@@ -2,11 +2,16 @@
 
 Writes, into ``table.out_dir`` (default: the sweep directory):
 - ``table2.md``: one markdown table per metric in ``table.metrics`` (rows: solvers in the paper's
-  order; columns: NFE; the best value of each column in bold);
-- ``table2.tex``: the same as LaTeX tabulars (booktabs; best in ``\\textbf``);
-- ``table2.csv``: one line per cell with every metric, and ``best_<metric>`` flags;
-- ``<metric>_vs_nfe.png``: one line per solver, log-scale y (``fid_vs_nfe.png`` is the main plot);
-and prints the main table and the paths. Missing cells (not run, or still running) show as n/a.
+  order; columns: NFE; each value with its interval over seeds, ``value ± half-width``), then a
+  legend: the lowest cell of a column is in bold only if it is significantly lower than every other
+  cell there (``table.significance.level``, a paired interval of the difference excluding 0, from the
+  replicates the cells stored, :mod:`.uncertainty`); otherwise the tied group is in italics;
+- ``table2.tex``: the same as LaTeX tabulars (booktabs; ``\\textbf`` / ``\\textit``);
+- ``table2.csv``: one line per cell with every metric, its interval (``_lo``, ``_hi``), the real set's
+  spread, the marks, and the paired difference to the column's lowest cell with its interval;
+- ``<metric>_vs_nfe.png``: one line per solver, log-scale y, error bars (``fid_vs_nfe.png`` is the main plot);
+and prints the main table and the paths. Missing cells (not run, or still running) show as n/a;
+cells evaluated before intervals were stored show no interval and are never called significant.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..io import atomic_write_text
+from . import uncertainty as U
 from .evaluate import METRICS_FILE
 from .plots import metric_vs_nfe_png
 from .wandb_logger import check_logger_cfg, make_logger
@@ -104,14 +110,113 @@ def fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4g}"
 
 
-def markdown_table(rows, nfes, metric: str) -> str:
-    best = best_per_column(rows, nfes, metric)
+def fmt_pm(h: float) -> str:
+    return f"{h:.2g}" if h < 1000 else f"{h:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Intervals and significance (amedlab.evaluation.uncertainty)
+# ------------------------------------------------------------------------------------------------
+
+def half_width(cell: dict | None, metric: str, level: float) -> float | None:
+    """Half-width of the cell's interval over seeds (real set fixed) at ``level``; None without data."""
+    u = (cell or {}).get("uncertainty") or {}
+    entry = {"fid": (u.get("fid") or {}).get("samples"), "kid_mean": (u.get("kid") or {}).get("samples"),
+             "rmse": u.get("rmse")}.get(metric)
+    if not entry or not isinstance(entry.get("se"), (int, float)):
+        return None
+    return U.z_value(level) * float(entry["se"])
+
+
+def real_half_width(cell: dict | None, metric: str, level: float) -> float | None:
+    """The spread due to the finite real set (generated samples fixed), at ``level``."""
+    u = (cell or {}).get("uncertainty") or {}
+    entry = {"fid": (u.get("fid") or {}).get("real"), "kid_mean": (u.get("kid") or {}).get("real")}.get(metric)
+    if not entry or not isinstance(entry.get("se"), (int, float)):
+        return None
+    return U.z_value(level) * float(entry["se"])
+
+
+def load_cell_data(rows) -> tuple[dict, dict]:
+    """({(label, nfe): CellData}, {(label, nfe): why none}) for every cell of the table."""
+    data, why = {}, {}
+    for label, cells in rows.items():
+        for n, c in cells.items():
+            d, reason = U.load_cell(c, Path(c["_path"]).parent)
+            if d is None:
+                why[(label, n)] = reason
+                if c.get("uncertainty"):  # recorded but unusable: say so (an old cell is expected to have none)
+                    log.warning("%s NFE %d: %s", label, n, reason)
+            else:
+                data[(label, n)] = d
+    return data, why
+
+
+def column_marks(rows, nfes, metric: str, data: dict, level: float = 0.95, source: str = "samples") -> dict:
+    """Per NFE: which cells to mark, and each cell's paired difference to the lowest one.
+
+    ``{nfe: {"best": label, "status": "significant" | "tied" | "untested" | None, "tied": [labels],
+    "diffs": {label: diff dict | None}, "why": {label: reason}}}``. The lowest cell is *significant*
+    when the ``level`` paired interval of (other - lowest) excludes 0 for every other cell; else the
+    *tied* group is the lowest cell and every cell whose interval contains 0 or cannot be formed.
+    A column where the lowest cell has no per-sample data is *untested*."""
+    out = {}
+    for n in nfes:
+        values = {label: v for label, cells in rows.items() if (v := _value(cells.get(n), metric)) is not None}
+        if not values:
+            out[n] = {"best": None, "status": None, "tied": [], "diffs": {}, "why": {}}
+            continue
+        best = min(values, key=values.get)
+        diffs, why = {}, {}
+        if (best, n) not in data or len(values) == 1:
+            status = "untested" if (best, n) not in data else "significant"
+            out[n] = {"best": best, "status": status, "tied": [best], "diffs": {}, "why": {}}
+            continue
+        tied = [best]
+        for label in values:
+            if label == best:
+                continue
+            other = data.get((label, n))
+            d, reason = (None, "no per-sample data") if other is None else U.paired_diff(other, data[(best, n)], metric, level, source)
+            diffs[label] = d
+            if d is None:
+                why[label] = reason
+                tied.append(label)
+            elif not d["lo"] > 0:  # the interval of (other - lowest) does not lie above 0
+                tied.append(label)
+        status = "significant" if len(tied) == 1 else "tied"
+        out[n] = {"best": best, "status": status, "tied": tied, "diffs": diffs, "why": why}
+    return out
+
+
+def _mark(marks, label, n) -> str:
+    """'best' (significantly lowest), 'tied' (in the tied group), 'lowest' (untested column) or ''."""
+    m = marks.get(n) or {}
+    if m.get("best") is None or label not in m.get("tied", []):
+        return ""
+    if m["status"] == "significant":
+        return "best"
+    return "lowest" if m["status"] == "untested" else "tied"
+
+
+def _cell_text(cell, metric, level, tex=False):
+    v = _value(cell, metric)
+    if v is None:
+        return "--" if tex else "n/a"
+    h = half_width(cell, metric, level)
+    if h is None:
+        return fmt(v)
+    return f"{fmt(v)} $\\pm$ {fmt_pm(h)}" if tex else f"{fmt(v)} ± {fmt_pm(h)}"
+
+
+def markdown_table(rows, nfes, metric: str, marks: dict | None = None, level: float = 0.95) -> str:
+    marks = marks if marks is not None else column_marks(rows, nfes, metric, {}, level)
     lines = ["| NFE | " + " | ".join(str(n) for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
     for label, cells in rows.items():
         out = []
         for n in nfes:
-            v = _value(cells.get(n), metric)
-            out.append(f"**{fmt(v)}**" if v is not None and v == best[n] else fmt(v))
+            text, mark = _cell_text(cells.get(n), metric, level), _mark(marks, label, n)
+            out.append(f"**{text}**" if mark in ("best", "lowest") else (f"*{text}*" if mark == "tied" else text))
         lines.append(f"| {label} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -122,44 +227,103 @@ def _tex_escape(s: str) -> str:
     return "".join(special.get(ch, ch) for ch in s)
 
 
-def latex_table(rows, nfes, metric: str, caption: str) -> str:
-    best = best_per_column(rows, nfes, metric)
+def latex_table(rows, nfes, metric: str, caption: str, marks: dict | None = None, level: float = 0.95) -> str:
+    marks = marks if marks is not None else column_marks(rows, nfes, metric, {}, level)
     lines = [f"% {caption}", "% needs \\usepackage{booktabs}", "\\begin{tabular}{l" + "c" * len(nfes) + "}", "\\toprule",
              "NFE & " + " & ".join(str(n) for n in nfes) + r" \\", "\\midrule"]
     for label, cells in rows.items():
         out = []
         for n in nfes:
-            v = _value(cells.get(n), metric)
-            text = "--" if v is None else fmt(v)
-            out.append(f"\\textbf{{{text}}}" if v is not None and v == best[n] else text)
+            text, mark = _cell_text(cells.get(n), metric, level, tex=True), _mark(marks, label, n)
+            out.append(f"\\textbf{{{text}}}" if mark in ("best", "lowest") else (f"\\textit{{{text}}}" if mark == "tied" else text))
         lines.append(_tex_escape(label) + " & " + " & ".join(out) + r" \\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines)
 
 
-CSV_FIELDS = ("solver", "label", "nfe", "fid", "kid_mean", "kid_std", "rmse", "num_samples", "feature_extractor",
-              "schedule", "rho", "best_fid", "best_kid_mean", "best_rmse", "metrics_file")
+CSV_METRICS = ("fid", "kid_mean", "rmse")
+CSV_FIELDS = ("solver", "label", "nfe", "fid", "fid_lo", "fid_hi", "fid_real_lo", "fid_real_hi", "kid_mean", "kid_std",
+              "kid_lo", "kid_hi", "rmse", "rmse_lo", "rmse_hi", "num_samples", "feature_extractor", "schedule", "rho",
+              "best_fid", "best_kid_mean", "best_rmse", "mark_fid", "mark_kid_mean", "mark_rmse",
+              "fid_minus_lowest", "fid_minus_lowest_lo", "fid_minus_lowest_hi",
+              "rmse_minus_lowest", "rmse_minus_lowest_lo", "rmse_minus_lowest_hi", "metrics_file")
 
 
-def csv_table(rows, nfes) -> str:
-    best = {m: best_per_column(rows, nfes, m) for m in ("fid", "kid_mean", "rmse")}
+def csv_table(rows, nfes, marks: dict | None = None, level: float = 0.95) -> str:
+    """One line per cell: the values, their intervals (``_lo``/``_hi``; ``fid_real_*``: the real set's
+    spread), the marks (``best_<m>`` = 1 for a cell in bold; ``mark_<m>``: best (significantly lowest), tied,
+    lowest (bold but untested: no per-sample data) or empty) and the paired difference to the column's lowest cell with its interval."""
+    marks = marks or {}
+    marks = {m: marks.get(m) or column_marks(rows, nfes, m, {}, level) for m in CSV_METRICS}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
+
+    def bounds(c, m, fn):
+        v, h = _value(c, m), fn(c, m, level)
+        return (None, None) if v is None or h is None else (v - h, v + h)
+
     for label, cells in rows.items():
         for n in nfes:
             c = cells.get(n)
             if c is None:
                 continue
             sched = c.get("schedule") or {}
-            w.writerow({
+            row = {
                 "solver": c.get("solver"), "label": label, "nfe": n, "fid": c.get("fid"), "kid_mean": c.get("kid_mean"),
                 "kid_std": c.get("kid_std"), "rmse": c.get("rmse"), "num_samples": c.get("num_samples"),
                 "feature_extractor": c.get("feature_extractor"), "schedule": sched.get("kind"), "rho": sched.get("rho"),
-                **{f"best_{m}": int(_value(c, m) is not None and _value(c, m) == best[m][n]) for m in best},
                 "metrics_file": c.get("_path"),
-            })
+            }
+            row["fid_lo"], row["fid_hi"] = bounds(c, "fid", half_width)
+            row["fid_real_lo"], row["fid_real_hi"] = bounds(c, "fid", real_half_width)
+            row["kid_lo"], row["kid_hi"] = bounds(c, "kid_mean", half_width)
+            row["rmse_lo"], row["rmse_hi"] = bounds(c, "rmse", half_width)
+            for m in CSV_METRICS:
+                mark = _mark(marks[m], label, n)
+                row[f"best_{m}"] = int(mark in ("best", "lowest"))  # in bold (lowest: untested, no data)
+                row[f"mark_{m}"] = mark
+            for m in ("fid", "rmse"):
+                d = (marks[m].get(n) or {}).get("diffs", {}).get(label)
+                if d:
+                    row[f"{m}_minus_lowest"], row[f"{m}_minus_lowest_lo"], row[f"{m}_minus_lowest_hi"] = d["diff"], d["lo"], d["hi"]
+            w.writerow(row)
     return buf.getvalue()
+
+
+def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data: dict) -> str:
+    """How to read one table: what +- is, what bold and italics mean, at which level; notes on missing data."""
+    pct = f"{100 * level:g}%"
+    cells = [c for r in rows.values() for c in r.values()]
+    with_u = [c for c in cells if half_width(c, metric, level) is not None]
+    parts = []
+    if with_u:
+        how = {"fid": "bootstrap over the seeds", "kid_mean": "bootstrap over the seeds (of the full-sample KID)",
+               "rmse": "delta method over the per-sample errors"}[metric]
+        u0 = with_u[0].get("uncertainty") or {}
+        extra = f", {u0.get('resamples')} resamples" if metric != "rmse" else ""
+        parts.append(f"± : {pct} interval of the cell over seeds ({how}{extra}; the real set held fixed).")
+        real = sorted(h for c in with_u if (h := real_half_width(c, metric, level)) is not None)
+        if real:
+            csv_cols = "; CSV fid_real_lo/hi" if metric == "fid" else ""
+            parts.append(f"The finite real set adds ± {fmt_pm(real[len(real) // 2])} (median over cells{csv_cols}), "
+                         "the same real set for every cell: it does not enter the comparisons.")
+    statuses = {m["status"] for m in marks.values() if m.get("status")}
+    test = ("paired over the per-sample errors" if metric == "rmse" else
+            "paired bootstrap, the same resampled seeds" + (" and real set" if source == "total" else "") + " for both cells")
+    parts.append(f"**Bold**: the lowest value of its column, significantly lower than every other cell there "
+                 f"(the {pct} interval of each difference excludes 0; {test}). *Italics*: where no cell is, the tied "
+                 "group: the lowest and every cell not significantly higher.")
+    if "untested" in statuses:
+        untested = sorted(n for n, m in marks.items() if m.get("status") == "untested")
+        parts.append(f"NFE {', '.join(map(str, untested))}: no per-sample data for the lowest cell (evaluated before "
+                     "intervals were stored), so bold there is only the lowest value, not tested.")
+    missing = len(cells) - len(with_u)
+    if missing and with_u:
+        parts.append(f"{missing} cell(s) have no interval (evaluated before intervals were stored or bootstrap disabled).")
+    elif not with_u:
+        parts[0:0] = ["No intervals: these cells carry no per-sample data (evaluated before intervals were stored)."]
+    return " ".join(parts)
 
 
 def describe(cells: list[dict]) -> str:
@@ -177,8 +341,22 @@ def describe(cells: list[dict]) -> str:
     return f"model {model}, {samples} samples per cell, {extractor} features, real data: {real}{settings}"
 
 
-def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse")) -> dict:
-    """Collect, format and write everything; returns {"markdown", "paths", "rows", "nfes", "cells"}."""
+SOURCES = ("samples", "total")
+
+
+def significance_settings(tcfg) -> tuple[float, str]:
+    """(level, source) of ``table.significance``, checked."""
+    sig = dict((tcfg or {}).get("significance") or {})
+    level, source = sig.get("level", 0.95), sig.get("source", "samples")
+    if not isinstance(level, (int, float)) or isinstance(level, bool) or not 0.5 <= float(level) < 1:
+        raise ValueError(f"table.significance.level={level!r}; accepted: a number in [0.5, 1), e.g. 0.95")
+    if source not in SOURCES:
+        raise ValueError(f"table.significance.source={source!r}; accepted: {', '.join(SOURCES)}")
+    return float(level), str(source)
+
+
+def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float = 0.95, source: str = "samples") -> dict:
+    """Collect, format and write everything; returns {"markdown", "paths", "rows", "nfes", "cells", "marks"}."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep_dir={str(sweep_dir)!r}: no such directory")
@@ -191,24 +369,31 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse")) -> dict:
         raise ValueError(f"sweep_dir={str(sweep_dir)!r} holds no complete {METRICS_FILE}; run the sweep first "
                          "(e.g. python -m amedlab -m experiments=table2_digits)")
     nfes, rows = build_rows(cells)
+    data, _ = load_cell_data(rows)
+    marks = {m: column_marks(rows, nfes, m, data, level, source) for m in CSV_METRICS}
     out = Path(out_dir) if out_dir else sweep_dir
     about = describe(cells)
     md_parts, tex_parts = [], []
     for m in metrics:
-        title = f"{METRICS[m]} ({about}); best per column in bold"
-        md_parts.append(f"**{title}**\n\n{markdown_table(rows, nfes, m)}")
-        tex_parts.append(latex_table(rows, nfes, m, title))
+        title = f"{METRICS[m]} ({about})"
+        note = legend(rows, nfes, m, marks[m], level, source, data)
+        md_parts.append(f"**{title}**\n\n{markdown_table(rows, nfes, m, marks[m], level)}\n\n{note}")
+        plain_note = note.replace("**", "").replace("*", "")  # a LaTeX comment: no markdown emphasis
+        tex_parts.append(latex_table(rows, nfes, m, f"{title}. {plain_note}", marks[m], level))
     markdown = "\n\n".join(md_parts) + "\n"
     paths = {
         "markdown": atomic_write_text(out / "table2.md", markdown),
         "latex": atomic_write_text(out / "table2.tex", "\n\n".join(tex_parts) + "\n"),
-        "csv": atomic_write_text(out / "table2.csv", csv_table(rows, nfes)),
+        "csv": atomic_write_text(out / "table2.csv", csv_table(rows, nfes, marks, level)),
     }
     for m in metrics:
         series = {label: {n: _value(c, m) for n, c in cells_.items()} for label, cells_ in rows.items()}
+        errors = {label: {n: h for n, c in cells_.items() if (h := half_width(c, m, level)) is not None}
+                  for label, cells_ in rows.items()}
         paths[f"{m}_plot"] = metric_vs_nfe_png(series, out / f"{m}_vs_nfe.png", METRICS[m],
-                                               title=f"{METRICS[m]} vs NFE ({sweep_dir.name})")
-    return {"markdown": markdown, "paths": paths, "rows": rows, "nfes": nfes, "cells": cells}
+                                               title=f"{METRICS[m]} vs NFE ({sweep_dir.name})", errors=errors,
+                                               error_label=f"{100 * level:g}% interval over seeds")
+    return {"markdown": markdown, "paths": paths, "rows": rows, "nfes": nfes, "cells": cells, "marks": marks}
 
 
 def run(cfg):
@@ -216,7 +401,8 @@ def run(cfg):
     if cfg.get("sweep_dir") in (None, ""):
         raise ValueError("stage=table needs sweep_dir=<a sweep directory> (e.g. sweep_dir=outputs/table2_digits)")
     tcfg = cfg.get("table") or {}
-    result = write_tables(cfg.sweep_dir, tcfg.get("out_dir"), list(tcfg.get("metrics") or ["fid", "rmse"]))
+    level, source = significance_settings(tcfg)
+    result = write_tables(cfg.sweep_dir, tcfg.get("out_dir"), list(tcfg.get("metrics") or ["fid", "rmse"]), level, source)
     rows, nfes = result["rows"], result["nfes"]
     main = list(tcfg.get("metrics") or ["fid"])[0]
     sweep_name = Path(str(cfg.sweep_dir)).resolve().name

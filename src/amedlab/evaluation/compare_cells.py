@@ -1,0 +1,120 @@
+"""``stage=compare_cells sweep_dir=... compare_cells.rows=[A,B]``: is row A better than row B, at each NFE?
+
+Two rows of a sweep's table (by label, e.g. ``"AMED-Plugin (on iPNDM)"``, or by solver name when it
+names one row, e.g. ``amed_plugin``) are compared cell by cell: the paired difference A - B of each
+metric at every NFE, with its interval (``table.significance``: level and source), from the
+per-sample data the cells stored (:mod:`.uncertainty`; same seeds, so the comparison is paired).
+Prints a table per metric and writes ``compare_<A>_vs_<B>.md`` and ``.json`` next to the table.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..io import atomic_write_json, atomic_write_text
+from . import uncertainty as U
+from .table import METRICS, _value, build_rows, collect, fmt, load_cell_data, significance_settings
+
+
+def pick_row(rows, name: str) -> str:
+    """The row label that ``name`` means: an exact label, else the only row of that solver."""
+    if name in rows:
+        return name
+    matches = [label for label, cells in rows.items() if any(c.get("solver") == name for c in cells.values())]
+    if len(matches) == 1:
+        return matches[0]
+    available = "; ".join(f"{label!r} ({', '.join(sorted({str(c.get('solver')) for c in cells.values()}))})"
+                          for label, cells in rows.items())
+    if not matches:
+        raise ValueError(f"compare_cells.rows: no row {name!r} in this sweep; rows (solver): {available}")
+    raise ValueError(f"compare_cells.rows: {name!r} names {len(matches)} rows ({'; '.join(matches)}); give the full label")
+
+
+def compare_rows(sweep_dir, row_a: str, row_b: str, metrics=("fid", "rmse"), level: float = 0.95,
+                 source: str = "samples") -> dict:
+    """{"a", "b", "nfes", "metrics": {metric: [{"nfe", "a", "b", "diff", "lo", "hi", "significant", "why"}]}}."""
+    cells = collect(sweep_dir)
+    if not cells:
+        raise ValueError(f"sweep_dir={str(sweep_dir)!r} holds no complete metrics.json")
+    nfes, rows = build_rows(cells)
+    a, b = pick_row(rows, str(row_a)), pick_row(rows, str(row_b))
+    if a == b:
+        raise ValueError(f"compare_cells.rows: both name the row {a!r}")
+    data, why_none = load_cell_data({a: rows[a], b: rows[b]})
+    out = {"a": a, "b": b, "level": level, "source": source, "sweep_dir": str(sweep_dir), "nfes": [], "metrics": {}}
+    common = [n for n in nfes if n in rows[a] and n in rows[b]]
+    out["nfes"] = common
+    for m in metrics:
+        lines = []
+        for n in common:
+            ca, cb = rows[a][n], rows[b][n]
+            line = {"nfe": n, "a": _value(ca, m), "b": _value(cb, m), "diff": None, "lo": None, "hi": None,
+                    "significant": None, "why": None}
+            da, db = data.get((a, n)), data.get((b, n))
+            if da is None or db is None:
+                line["why"] = why_none.get((a, n)) or why_none.get((b, n))
+            else:
+                d, reason = U.paired_diff(da, db, m, level, source)
+                if d is None:
+                    line["why"] = reason
+                else:
+                    line.update(diff=d["diff"], lo=d["lo"], hi=d["hi"], se=d["se"], significant=d["significant"],
+                                method=d["method"] + (f", {d['source']}" if "source" in d else ""))
+                    if m == "kid_mean":  # the replicates are of the full-sample KID: show the values they compare
+                        line.update(a=da.meta.get("kid_full"), b=db.meta.get("kid_full"))
+            lines.append(line)
+        out["metrics"][m] = lines
+    return out
+
+
+def to_markdown(result: dict) -> str:
+    a, b, pct = result["a"], result["b"], f"{100 * result['level']:g}%"
+    parts = []
+    for m, lines in result["metrics"].items():
+        paired = "the same seeds" + (" and resampled real set" if result["source"] == "total" and m != "rmse" else "")
+        title = f"**{METRICS[m]}: {a} minus {b}** (paired over {paired}; {pct} interval; negative: {a} is lower)"
+        rows = ["| NFE | " + a + " | " + b + f" | difference [{pct} interval] | |", "|---|---|---|---|---|"]
+        for ln in lines:
+            if ln["diff"] is None:
+                verdict, diff = f"not comparable: {ln['why']}", "n/a"
+            else:
+                diff = f"{ln['diff']:+.4g} [{ln['lo']:+.3g}, {ln['hi']:+.3g}]"
+                verdict = ((f"{a} lower" if ln["diff"] < 0 else f"{b} lower") if ln["significant"]
+                           else "not significant")
+            rows.append(f"| {ln['nfe']} | {fmt(ln['a'])} | {fmt(ln['b'])} | {diff} | {verdict} |")
+        note = ""
+        if m == "kid_mean":
+            note = ("\n\nKID: the values and the difference are of the full-sample unbiased MMD^2 (kid_full in "
+                    "metrics.json), not torch-fidelity's average over random subsets (kid_mean) that the table shows.")
+        parts.append(title + "\n\n" + "\n".join(rows) + note)
+    return "\n\n".join(parts) + "\n"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower() or "row"
+
+
+def run(cfg):
+    if cfg.get("sweep_dir") in (None, ""):
+        raise ValueError("stage=compare_cells needs sweep_dir=<a sweep directory> (e.g. sweep_dir=outputs/table2_digits)")
+    sweep = Path(str(cfg.sweep_dir))
+    if not sweep.is_dir():
+        raise FileNotFoundError(f"sweep_dir={str(sweep)!r}: no such directory")
+    ccfg = cfg.get("compare_cells") or {}
+    rows = list(ccfg.get("rows") or [])
+    if len(rows) != 2:
+        raise ValueError(f"compare_cells.rows={rows!r}; accepted: two rows, by label or solver name, "
+                         "e.g. compare_cells.rows=[ipndm,amed_plugin]")
+    metrics = [str(m) for m in (ccfg.get("metrics") or ["fid", "rmse"])]
+    for m in metrics:
+        if m not in METRICS:
+            raise ValueError(f"compare_cells.metrics contains {m!r}; accepted: {', '.join(METRICS)}")
+    level, source = significance_settings(cfg.get("table") or {})
+    result = compare_rows(sweep, rows[0], rows[1], metrics, level, source)
+    md = to_markdown(result)
+    out = Path(str(ccfg.get("out_dir") or sweep))
+    stem = f"compare_{_slug(result['a'])}_vs_{_slug(result['b'])}"
+    paths = [atomic_write_text(out / f"{stem}.md", md), atomic_write_json(out / f"{stem}.json", result)]
+    print(md)
+    print("written:\n" + "\n".join(f"  {p}" for p in paths))
+    return result

@@ -1,0 +1,418 @@
+"""Intervals for a cell's FID, KID and RMSE, and paired comparisons of two cells (same seeds).
+
+A cell's numbers come from a finite set of samples (``eval.seeds``) compared with a finite real set,
+so they carry sampling noise. Everything here reuses what the cell already computed (no model call):
+
+- **FID, KID** (Heusel et al. 2017; Binkowski et al. 2018): a bootstrap. Replicate ``b`` resamples
+  the *seed indices* ``0..n-1`` with replacement (counts ``w_b``) and, in a separate stream, the
+  real set's indices (counts ``v_b``). Three spreads are reported apart: ``samples`` (generated
+  resampled, real set fixed: another draw of seeds), ``real`` (real resampled, generated fixed:
+  another real set of the same size) and ``total`` (both at once). A per-cell interval is the normal
+  one, ``estimate +- z * se`` with ``se`` the replicates' standard deviation. KID's bootstrapped
+  statistic is the unbiased MMD^2 of the polynomial kernel over *all* samples (``kid_full``; the
+  reported ``kid_mean`` is torch-fidelity's average over random subsets of the same sets).
+- **RMSE** against the high-NFE solution: per-sample mean squared errors ``e_i`` (seed ``i``);
+  RMSE = sqrt(mean e_i), standard error by the delta method, ``std(e) / (2 RMSE sqrt(n))``.
+- **Paired differences**: every cell of a sweep uses the same seeds and the same real set, and the
+  replicates are drawn from ``(bootstrap seed, n, m)`` alone, so replicate ``b`` of two cells used the
+  same resampled indices: ``fid_A[b] - fid_B[b]`` is a paired bootstrap of the difference, with no
+  recomputation. Its interval is the percentile interval of those differences. RMSE: the paired
+  per-sample delta method, ``(RMSE_A - RMSE_B) +- z * std(e_A/(2 RMSE_A) - e_B/(2 RMSE_B)) / sqrt(n)``.
+
+Cost: one replicate is one weighted covariance of the generated features (n d^2) and of the real
+features (m d^2), three symmetric eigenproblems of size d, and three kernel-weighted sums (n^2 + nm
++ m^2) for KID. Digits features (d = 64, n = 2000, m = 1437): a few milliseconds per replicate.
+Inception features (d = 2048, n = 50000): about 4e11 flops per replicate on the covariances alone
+(a minute or two per replicate on one CPU core; on a GPU, ``device``, not measured), and KID's
+n x n kernel matrix is skipped above ``kid_max_samples``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import atomic_write_bytes
+
+FILE = "uncertainty.npz"
+FORMAT = 2  # part of a cell's key: a change here recomputes the cells
+#: the replicate streams: 0 = generated seed indices, 1 = real-set indices (never change: pairing)
+GEN_STREAM, REAL_STREAM = 0, 1
+DEFAULTS = {"enabled": True, "resamples": 500, "seed": 0, "level": 0.95, "real": True, "kid": True,
+            "kid_max_samples": 5000, "keep_features": "auto", "max_feature_mb": 64}
+#: settings that change the replicates (the others only change what is kept on disk)
+NUMERIC_KEYS = ("enabled", "resamples", "seed", "level", "real", "kid", "kid_max_samples")
+
+
+def settings(node: Mapping | None) -> dict:
+    """``eval.bootstrap`` with defaults filled in, checked (a bad value names the key)."""
+    out = dict(DEFAULTS)
+    unknown = set(node or {}) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"eval.bootstrap has unknown keys {sorted(unknown)}; accepted: {', '.join(DEFAULTS)}")
+    out.update({k: v for k, v in dict(node or {}).items()})
+    if not isinstance(out["resamples"], int) or isinstance(out["resamples"], bool) or out["resamples"] < 20:
+        raise ValueError(f"eval.bootstrap.resamples={out['resamples']!r}; accepted: an integer >= 20 (e.g. 500)")
+    if not isinstance(out["level"], (int, float)) or not 0.5 <= float(out["level"]) < 1:
+        raise ValueError(f"eval.bootstrap.level={out['level']!r}; accepted: a number in [0.5, 1), e.g. 0.95")
+    if not isinstance(out["seed"], int) or isinstance(out["seed"], bool) or out["seed"] < 0:
+        raise ValueError(f"eval.bootstrap.seed={out['seed']!r}; accepted: an integer >= 0")
+    if out["keep_features"] not in (True, False, "auto"):
+        raise ValueError(f"eval.bootstrap.keep_features={out['keep_features']!r}; accepted: true, false, auto")
+    for key in ("enabled", "real", "kid"):
+        if not isinstance(out[key], bool):
+            raise ValueError(f"eval.bootstrap.{key}={out[key]!r}; accepted: true, false")
+    out["level"] = float(out["level"])
+    return out
+
+
+def z_value(level: float) -> float:
+    """Two-sided normal quantile: 1.96 for level 0.95."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + level / 2))
+
+
+def _counts(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Bootstrap counts: n indices drawn with replacement from 0..n-1."""
+    return np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
+
+
+def _streams(seed: int, n: int, m: int | None):
+    """One generator per stream, determined by (seed, stream, set size) only: two cells with the same
+    seeds and real set draw the same indices in every replicate (what makes them paired)."""
+    gen = np.random.default_rng([int(seed), GEN_STREAM, int(n)])
+    real = np.random.default_rng([int(seed), REAL_STREAM, int(m)]) if m else None
+    return gen, real
+
+
+# ------------------------------------------------------------------------------------------------
+# FID from weighted statistics
+# ------------------------------------------------------------------------------------------------
+
+def _stats(f: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased covariance) of rows of ``f`` repeated ``w`` times (w None: once each); with
+    ``w`` of shape [B, n], a batch of B replicates ([B, d], [B, d, d]). ``f`` should be centred (by
+    its plain mean), which keeps the float64 sums accurate."""
+    if w is None:
+        n = f.shape[0]
+        mu = f.mean(0)
+        c = f - mu
+        return mu, (c.T @ c) / (n - 1)
+    n = w.sum(-1)
+    mu = (w @ f) / n[:, None]
+    rows = max(1, 2**24 // f.shape[1])  # rows per product: bounds the [d, rows] temporary (Inception: 50k x 2048)
+    # one product per replicate: faster on a CPU than one batched [B, d, n] product
+    s = torch.stack([sum((f[i:i + rows].T * wb[i:i + rows]) @ f[i:i + rows] for i in range(0, f.shape[0], rows))
+                     for wb in w])
+    s = s - n[:, None, None] * mu[:, :, None] * mu[:, None, :]
+    return mu, s / (n - 1)[:, None, None]
+
+
+def _psd_root(s: torch.Tensor) -> torch.Tensor:
+    e, v = torch.linalg.eigh(s)
+    return (v * e.clamp_min(0).sqrt()[..., None, :]) @ v.transpose(-1, -2)
+
+
+def _fid(mu1, s1, mu2, root2, tr2):
+    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr (S2^1/2 S1 S2^1/2)^1/2 (``fid.py``'s formula); any of
+    the arguments may carry a leading batch dimension."""
+    eig = torch.linalg.eigvalsh(root2 @ s1 @ root2)
+    d = mu1 - mu2
+    return (d * d).sum(-1) + torch.diagonal(s1, dim1=-2, dim2=-1).sum(-1) + tr2 - 2 * eig.clamp_min(0).sqrt().sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# KID (unbiased MMD^2, polynomial kernel (x.y/d + 1)^3 as torch-fidelity) with bootstrap weights
+# ------------------------------------------------------------------------------------------------
+
+def _kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def _kid_terms(gen: torch.Tensor, real: torch.Tensor):
+    kgg, krr, kgr = _kernel(gen, gen), _kernel(real, real), _kernel(gen, real)
+    return kgg, torch.diagonal(kgg).clone(), krr, torch.diagonal(krr).clone(), kgr
+
+
+def _kid_parts(terms, w: torch.Tensor | None, v: torch.Tensor | None):
+    """The three means of the unbiased MMD^2 (torch-fidelity's ``mmd2``, unequal set sizes) for bootstrap
+    count vectors ``w [B, n]`` / ``v [B, m]`` (None: every sample once)."""
+    kgg, dgg, krr, drr, kgr = terms
+    n, m = kgg.shape[0], krr.shape[0]
+    # pairs of copies of one sample are left out (k(x, x) is no distance): sums over pairs of distinct
+    # original indices, divided by their number, sum(w)^2 - sum(w^2); with w = 1 this is n (n - 1)
+    if w is None:
+        gg = ((kgg.sum() - dgg.sum()) / (n * (n - 1))).reshape(1)
+    else:
+        gg = (((w @ kgg) * w).sum(1) - (w * w) @ dgg) / (w.sum(1) ** 2 - (w * w).sum(1))
+    if v is None:
+        rr = ((krr.sum() - drr.sum()) / (m * (m - 1))).reshape(1)
+    else:
+        rr = (((v @ krr) * v).sum(1) - (v * v) @ drr) / (v.sum(1) ** 2 - (v * v).sum(1))
+    if w is None and v is None:
+        gr = kgr.sum().reshape(1)
+    elif v is None:
+        gr = w @ kgr.sum(1)
+    elif w is None:
+        gr = v @ kgr.sum(0)
+    else:
+        gr = ((w @ kgr) * v).sum(1)
+    return gg, rr, gr / (n * m)
+
+
+def _kid(terms, w: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+    """Unbiased MMD^2 (KID) for a batch of count vectors (None: the sets as they are)."""
+    gg, rr, gr = _kid_parts(terms, w, v)
+    return gg + rr - 2 * gr
+
+
+# ------------------------------------------------------------------------------------------------
+# One cell
+# ------------------------------------------------------------------------------------------------
+
+def per_sample_sq_errors(samples: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """Mean squared error of each sample over its pixels: RMSE = sqrt(mean of these) (metrics.rmse)."""
+    if samples.shape != reference.shape:
+        raise ValueError(f"shapes differ: {tuple(samples.shape)} vs reference {tuple(reference.shape)}")
+    return (samples.double() - reference.double()).pow(2).flatten(1).mean(1).numpy()
+
+
+def rmse_interval(sq_err: np.ndarray, level: float = 0.95) -> dict:
+    """RMSE and its delta-method standard error over samples."""
+    e = np.asarray(sq_err, np.float64)
+    n = len(e)
+    r = math.sqrt(e.mean())
+    se = float(e.std(ddof=1) / math.sqrt(n) / (2 * r)) if r > 0 and n > 1 else 0.0
+    z = z_value(level)
+    return {"estimate": r, "se": se, "ci": [r - z * se, r + z * se], "method": "delta method over per-sample MSE"}
+
+
+def _summary(estimate: float | None, reps: np.ndarray, z: float) -> dict | None:
+    if estimate is None or reps.size == 0:
+        return None
+    se = float(reps.std(ddof=1))
+    return {"se": se, "ci": [estimate - z * se, estimate + z * se], "replicate_mean": float(reps.mean())}
+
+
+def real_digest(real_features: torch.Tensor | None, real_mu=None, real_sigma=None) -> str:
+    """A short hash of the real set (its features, else its statistics): cells pair only on equal ones."""
+    h = hashlib.sha256()
+    if real_features is not None:
+        h.update(np.ascontiguousarray(real_features.detach().cpu().float().numpy()).tobytes())
+    else:
+        h.update(np.ascontiguousarray(np.asarray(real_mu, np.float32)).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(real_sigma, np.float32)).tobytes())
+    return h.hexdigest()[:24]
+
+
+def cell_bootstrap(gen_features: torch.Tensor, real_mu, real_sigma, real_features: torch.Tensor | None,
+                   cfg: Mapping | None = None, device: str = "cpu") -> tuple[dict, dict]:
+    """Bootstrap replicates of FID and KID for one cell.
+
+    Returns (summary, arrays): summary has the point estimates, ``se`` and normal interval of each
+    spread (``samples``, ``real``, ``total``); arrays has the replicates (``fid_samples``, ...) that
+    a later paired comparison subtracts. ``real_features`` None (statistics only): FID over samples.
+    """
+    cfg = settings(cfg)
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    gen = gen_features.detach().to(dev, torch.float64)
+    n = gen.shape[0]
+    real = None if real_features is None else real_features.detach().to(dev, torch.float64)
+    m = None if real is None else real.shape[0]
+    B, z = int(cfg["resamples"]), z_value(cfg["level"])
+    use_real = bool(cfg["real"]) and real is not None
+    # centre both sets by one common shift (FID is translation invariant): accurate float64 sums
+    shift = gen.mean(0)
+    gen = gen - shift
+    if real is not None:
+        real = real - shift
+        mu_r, s_r = _stats(real, None)  # the real statistics from the same features (equal to the cached ones)
+    else:
+        mu_r = torch.as_tensor(np.asarray(real_mu), dtype=torch.float64, device=dev) - shift
+        s_r = torch.as_tensor(np.asarray(real_sigma), dtype=torch.float64, device=dev)
+    root_r, tr_r = _psd_root(s_r), torch.trace(s_r)
+    mu_g, s_g = _stats(gen, None)
+    root_g, tr_g = _psd_root(s_g), torch.trace(s_g)
+    fid_hat = float(_fid(mu_g, s_g, mu_r, root_r, tr_r))
+    do_kid = bool(cfg["kid"]) and real is not None and n <= int(cfg["kid_max_samples"]) and m <= int(cfg["kid_max_samples"])
+    terms = _kid_terms(gen + shift, real + shift) if do_kid else None  # the kernel is not translation invariant
+    kid_hat = float(_kid(terms)[0]) if do_kid else None
+
+    rng_g, rng_r = _streams(cfg["seed"], n, m)
+    W = np.stack([_counts(rng_g, n) for _ in range(B)])          # replicate b: the same draws in every cell
+    V = np.stack([_counts(rng_r, m) for _ in range(B)]) if use_real else None
+    fid_s, fid_r, fid_t = np.empty(B), np.empty(B if use_real else 0), np.empty(B if use_real else 0)
+    d = gen.shape[1]
+    chunk = max(1, min(B, 2**22 // (d * d)))  # replicates per batch: bounds the [chunk, d, d] covariances
+    for b0 in range(0, B, chunk):
+        sl = slice(b0, min(B, b0 + chunk))
+        mu_gb, s_gb = _stats(gen, torch.as_tensor(W[sl], device=dev))
+        fid_s[sl] = _fid(mu_gb, s_gb, mu_r, root_r, tr_r).cpu().numpy()
+        if use_real:
+            mu_rb, s_rb = _stats(real, torch.as_tensor(V[sl], device=dev))
+            fid_r[sl] = _fid(mu_rb, s_rb, mu_g, root_g, tr_g).cpu().numpy()  # generated fixed, real resampled
+            tr_rb = torch.diagonal(s_rb, dim1=-2, dim2=-1).sum(-1)
+            fid_t[sl] = _fid(mu_gb, s_gb, mu_rb, _psd_root(s_rb), tr_rb).cpu().numpy()
+    arrays = {"fid_samples": fid_s, "fid_real": fid_r, "fid_total": fid_t,
+              "kid_samples": np.empty(0), "kid_real": np.empty(0), "kid_total": np.empty(0)}
+    if do_kid:  # each big product once: the samples / real / total replicates share them
+        Wt = torch.as_tensor(W, device=dev)
+        gg_w, rr_1, gr_w1 = _kid_parts(terms, Wt, None)
+        arrays["kid_samples"] = (gg_w + rr_1 - 2 * gr_w1).cpu().numpy()
+        if use_real:
+            Vt = torch.as_tensor(V, device=dev)
+            gg_1, rr_v, gr_1v = _kid_parts(terms, None, Vt)
+            gr_wv = ((Wt @ terms[4]) * Vt).sum(1) / (n * m)
+            arrays["kid_real"] = (gg_1 + rr_v - 2 * gr_1v).cpu().numpy()
+            arrays["kid_total"] = (gg_w + rr_v - 2 * gr_wv).cpu().numpy()
+    summary = {
+        "fid_estimate": fid_hat, "kid_full": kid_hat,
+        "fid": {k: _summary(fid_hat, arrays[f"fid_{k}"], z) for k in ("samples", "real", "total")},
+        "kid": {k: _summary(kid_hat, arrays[f"kid_{k}"], z) for k in ("samples", "real", "total")},
+        "num_samples": n, "num_real": m, "seconds": time.perf_counter() - t0,
+    }
+    if do_kid is False and bool(cfg["kid"]):
+        summary["kid_note"] = ("no real features (statistics only)" if real is None else
+                               f"sets larger than eval.bootstrap.kid_max_samples={cfg['kid_max_samples']}")
+    return summary, arrays
+
+
+def pairing_key(seeds_spec: str, n: int, real_id: str, m: int | None, cfg: Mapping) -> str:
+    """Cells with equal keys drew the same indices in every replicate: their replicates pair."""
+    cfg = settings(cfg)
+    blob = {"format": FORMAT, "seeds": seeds_spec, "n": n, "real": real_id, "m": m,
+            **{k: cfg[k] for k in NUMERIC_KEYS}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def evaluate_cell(out_dir, seeds, seeds_spec: str, gen_features, real: Mapping, samples, reference,
+                  cfg: Mapping | None, device: str = "cpu") -> dict | None:
+    """What ``stage=evaluate`` stores: the bootstrap, the RMSE interval, and ``uncertainty.npz`` (per-sample
+    squared errors and the replicates by seed, the features when small). Returns the ``uncertainty``
+    entry of ``metrics.json`` (None when ``eval.bootstrap.enabled`` is false)."""
+    cfg = settings(cfg)
+    if not cfg["enabled"]:
+        return None
+    t0 = time.perf_counter()
+    sq_err = per_sample_sq_errors(samples, reference)
+    summary, arrays = cell_bootstrap(gen_features, real["mu"], real["sigma"], real.get("features"), cfg, device)
+    rm = rmse_interval(sq_err, cfg["level"])
+    real_id = real_digest(real.get("features"), real["mu"], real["sigma"])
+    feats = gen_features.detach().cpu().float().numpy()
+    size_mb = feats.nbytes / 2**20
+    keep = cfg["keep_features"] is True or (cfg["keep_features"] == "auto" and size_mb <= float(cfg["max_feature_mb"]))
+    key = pairing_key(seeds_spec, len(sq_err), real_id, summary["num_real"], cfg)
+    meta = {"format": FORMAT, "pairing_key": key, "seeds": seeds_spec, "settings": {k: cfg[k] for k in NUMERIC_KEYS},
+            "fid_estimate": summary["fid_estimate"], "kid_full": summary["kid_full"], "rmse": rm["estimate"]}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, seeds=np.asarray(list(seeds), np.int64), sq_err=sq_err,
+                        features=feats if keep else np.empty((0, feats.shape[1]), np.float32),
+                        meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                        **{k: np.asarray(v, np.float64) for k, v in arrays.items()})
+    data = buf.getvalue()
+    atomic_write_bytes(Path(out_dir) / FILE, data)
+    return {
+        "method": ("bootstrap: seed indices (samples) and real-set indices (real) resampled with replacement, "
+                   "separately and together (total); interval = estimate +- z * se (se = std of the replicates); "
+                   "RMSE: delta method over per-sample MSE; KID: unbiased MMD^2 over all samples (kid_full)"),
+        "level": cfg["level"], "z": z_value(cfg["level"]), "resamples": int(cfg["resamples"]), "seed": int(cfg["seed"]),
+        "pairing_key": key, "real_digest": real_id,
+        "fid": summary["fid"], "fid_estimate": summary["fid_estimate"],
+        "kid": summary["kid"], "kid_full": summary["kid_full"], **({"kid_note": summary["kid_note"]} if "kid_note" in summary else {}),
+        "rmse": rm, "num_samples": summary["num_samples"], "num_real": summary["num_real"],
+        "file": FILE, "sha256": hashlib.sha256(data).hexdigest(), "file_bytes": len(data),
+        "features_kept": bool(keep), "features_mb": round(size_mb, 2),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a cell back, and paired differences
+# ------------------------------------------------------------------------------------------------
+
+class CellData:
+    """A finished cell's per-sample data (``uncertainty.npz``), checked against ``metrics.json``."""
+
+    def __init__(self, metrics: Mapping, arrays: Mapping, meta: Mapping):
+        self.metrics, self.arrays, self.meta = metrics, arrays, meta
+        self.pairing_key = meta["pairing_key"]
+
+    def reps(self, metric: str, source: str) -> np.ndarray:
+        name = {"fid": "fid", "kid_mean": "kid", "kid": "kid"}[metric]
+        return self.arrays[f"{name}_{source}"]
+
+
+def load_cell(metrics: Mapping, cell_dir) -> tuple[CellData | None, str | None]:
+    """(data, None) or (None, why not): no uncertainty recorded (an older cell), file missing, or corrupt."""
+    info = metrics.get("uncertainty")
+    if not info:
+        return None, "no per-sample data (evaluated without intervals)"
+    path = Path(cell_dir) / info.get("file", FILE)
+    if not path.is_file():
+        return None, f"{path} is missing"
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != info.get("sha256"):
+        return None, f"{path} does not match the digest in metrics.json (changed or truncated)"
+    with np.load(io.BytesIO(data)) as z:
+        arrays = {k: z[k] for k in z.files if k != "meta"}
+        meta = json.loads(bytes(z["meta"]).decode())
+    return CellData(metrics, arrays, meta), None
+
+
+def diff_from_replicates(est_a: float, est_b: float, reps_a: np.ndarray, reps_b: np.ndarray, level: float = 0.95) -> dict:
+    """A - B with the percentile interval of the paired replicate differences."""
+    d = np.asarray(reps_a, np.float64) - np.asarray(reps_b, np.float64)
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(est_a - est_b), "lo": float(lo), "hi": float(hi), "se": float(d.std(ddof=1)),
+            "significant": bool(lo > 0 or hi < 0), "method": "paired bootstrap, percentile interval"}
+
+
+def rmse_diff(sq_a: np.ndarray, sq_b: np.ndarray, level: float = 0.95) -> dict:
+    """RMSE_A - RMSE_B from per-sample squared errors of the same seeds (paired delta method)."""
+    a, b = np.asarray(sq_a, np.float64), np.asarray(sq_b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"per-sample errors of different lengths: {a.shape} vs {b.shape}")
+    ra, rb = math.sqrt(a.mean()), math.sqrt(b.mean())
+    u = (a / (2 * ra) if ra > 0 else 0 * a) - (b / (2 * rb) if rb > 0 else 0 * b)
+    se = float(u.std(ddof=1) / math.sqrt(len(u))) if len(u) > 1 else 0.0
+    z = z_value(level)
+    d = ra - rb
+    return {"diff": d, "lo": d - z * se, "hi": d + z * se, "se": se, "significant": bool(d - z * se > 0 or d + z * se < 0),
+            "method": "paired per-sample delta method"}
+
+
+def paired_diff(a: CellData, b: CellData, metric: str, level: float = 0.95, source: str = "total") -> tuple[dict | None, str | None]:
+    """(difference of ``metric`` between two cells, None) or (None, why it cannot be paired).
+
+    ``source``: ``total`` (seeds and real set resampled together; falls back to ``samples`` when the
+    cells kept no real-set replicates) or ``samples`` (real set held fixed)."""
+    if not np.array_equal(a.arrays["seeds"], b.arrays["seeds"]):
+        return None, "different seeds"
+    if metric == "rmse":
+        return rmse_diff(a.arrays["sq_err"], b.arrays["sq_err"], level), None
+    if a.pairing_key != b.pairing_key:
+        return None, "replicates not paired (different real data or eval.bootstrap settings)"
+    src = source
+    if src == "total" and (a.reps(metric, "total").size == 0 or b.reps(metric, "total").size == 0):
+        src = "samples"
+    ra, rb = a.reps(metric, src), b.reps(metric, src)
+    if ra.size == 0 or rb.size == 0:
+        return None, f"no {metric} replicates"
+    if metric == "fid":
+        va, vb = a.metrics.get("fid"), b.metrics.get("fid")
+    else:  # the replicates are of the full-sample MMD^2, so is the difference (not of kid_mean's subsets)
+        va, vb = a.meta.get("kid_full"), b.meta.get("kid_full")
+    if not isinstance(va, (int, float)) or not isinstance(vb, (int, float)):
+        return None, f"no {metric} value"
+    out = diff_from_replicates(va, vb, ra, rb, level)
+    out["source"] = src
+    return out, None
