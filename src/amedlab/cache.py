@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -67,11 +68,11 @@ def read_tensors(path: str | os.PathLike):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line
-                       or "WeightsUnpickler error" in line), "")
-        detail = detail.split("Check the documentation")[0].strip().rstrip(".")
-        raise ValueError("the file holds Python objects, not only tensors and plain values; it is refused "
-                         f"and nothing in it was run{f' ({detail})' if detail else ''}") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise ValueError(f"the file refers to Python code ({found.group(1)}), not only tensors and plain values; "
+                             "it is refused and nothing in it was run") from None
+        raise ValueError("not a torch file of tensors (unreadable pickle data); nothing in it was run") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"not a readable torch file ({reason})") from None

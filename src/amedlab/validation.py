@@ -444,10 +444,6 @@ def check_evaluate(cfg) -> SimpleNamespace:
     check_schedule({**ref_sched, "sigma_min": schedule["sigma_min"], "sigma_max": schedule["sigma_max"]},
                    "eval.ode_reference.schedule")
 
-    # where results and caches go
-    out_dir = check_writable("hydra.run.dir", _run_dir())
-    cache_dir = check_writable("eval.cache_dir", _get(cfg, "eval.cache_dir"))
-
     # the model and, for AMED, the predictor
     model = build_checked_model(cfg)
     shape = tuple(getattr(model, "sample_shape", ()))
@@ -465,6 +461,9 @@ def check_evaluate(cfg) -> SimpleNamespace:
         else:
             check_distill_settings(cfg, model)
             check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
+    # where results and caches go (last: a bad value above leaves no directory behind)
+    out_dir = check_writable("hydra.run.dir", _run_dir())
+    cache_dir = check_writable("eval.cache_dir", _get(cfg, "eval.cache_dir"))
     return SimpleNamespace(model=model, solver_node=solver_node, nfe=nfe, schedule=schedule, num_points=num_points,
                            seeds=seeds, batch_size=batch_size, dtype={"float32": torch.float32, "float64": torch.float64}[dtype_name],
                            precision=precision, extractor=extractor, weights=weights, device=device, kid=kid_on,

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -143,6 +144,18 @@ def real_source_from_path(path) -> tuple[str, dict]:
         return "folder", {"files": files}
     if not p.is_file():
         raise FileNotFoundError(f"eval.real.path={str(path)!r}: no such file or folder")
+    try:
+        return _read_array_source(p, path)
+    except ValueError as err:
+        if "pickled" in str(err):  # numpy's message suggests allow_pickle; we never unpickle a data file
+            raise ValueError(f"eval.real.path={str(path)!r}: the file holds pickled Python objects; it is refused and "
+                             "nothing in it was run (accepted: uint8 image arrays, or mu and sigma)") from None
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"eval.real.path={str(path)!r}: not a readable {p.suffix} file ({err})") from None
+
+
+def _read_array_source(p: Path, path) -> tuple[str, dict]:
     if p.suffix == ".npz":
         with np.load(p) as data:
             if "mu" in data and "sigma" in data:
