@@ -219,6 +219,7 @@ CASES = [
     ("train_features", ["train.features.batch_size=-1"], "train.features.batch_size"),
     ("analyze_trajectories", ["analysis.num_samples=0"], "analysis.num_samples"),
     ("analyze_trajectories", ["analysis.dtype=half"], "analysis.dtype"),
+    ("analyze_trajectories", ["+analysis.amed.predictors.5='{evil_pt}'"], "analysis.amed.predictors.5"),
     ("evaluate", ["stage=sample"], "stage"),
 ]
 
@@ -415,12 +416,25 @@ def test_every_cache_with_flipped_bytes_is_detected_rebuilt_and_gives_identical_
             assert again["predictor"]["source"] == "distilled"
 
 
-def test_no_complete_metrics_file_holds_nan_or_inf(tmp_path):
-    with pytest.raises(ResultError, match="non-finite"):
-        evaluate_stage.check_finite({"fid": float("nan"), "rmse": 0.1}, ("fid", "rmse"), "cell")
-    with pytest.raises(ResultError, match="non-finite"):
-        evaluate_stage.check_finite({"fid": 1.0, "kid_mean": float("inf")}, ("fid", "kid_mean"), "cell")
-    evaluate_stage.check_finite({"fid": 1.0, "kid_mean": None, "rmse": 0.2}, ("fid", "kid_mean", "rmse"), "cell")
+def test_no_complete_metrics_file_holds_nan_or_inf():
+    with pytest.raises(ResultError, match="fid"):
+        evaluate_stage.check_finite({"fid": float("nan"), "rmse": 0.1}, "cell")
+    with pytest.raises(ResultError, match=r"timing.total_s"):
+        evaluate_stage.check_finite({"fid": 1.0, "timing": {"total_s": float("inf")}}, "cell")
+    evaluate_stage.check_finite({"fid": 1.0, "kid_mean": None, "rmse": 0.2, "sigmas": [80.0, 0.002]}, "cell")
+
+
+def test_a_nan_sample_writes_no_metrics(tmp_path, monkeypatch, capsys):
+    """A model that returns NaN: the cell fails with one message and leaves no metrics.json."""
+    monkeypatch.chdir(tmp_path)
+    model_path = save_denoiser(_tiny(0), tmp_path / "model.safetensors")
+    cfg = _compose([o.format(run=tmp_path, tiny=model_path) for o in BASE["evaluate"]] + ["nfe=3"])
+    forward = Denoiser.forward
+    monkeypatch.setattr(Denoiser, "forward", lambda self, x, s: forward(self, x, s) * float("nan"))
+    with pytest.raises(SystemExit):
+        cli.hydra_main(cfg)
+    assert "non-finite" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -151,15 +151,13 @@ def _known_config(cfg) -> DictConfig:
     ref = OmegaConf.load(CONF_DIR / "config.yaml")
     ref = OmegaConf.create({k: v for k, v in OmegaConf.to_container(ref, resolve=False).items() if k not in ("defaults", "hydra")})
     for group, field in GROUPS.items():
-        files = sorted((CONF_DIR / group).glob("*.yaml"))
-        chosen = None
-        if field is not None:
-            name = _get(cfg, f"{group}.{field}")
-            chosen = next((f for f in files if f.stem == name), None)
-        if field is None and group != "logger" and (CONF_DIR / group / "default.yaml").is_file():
-            chosen = CONF_DIR / group / "default.yaml"
-        nodes = [OmegaConf.load(chosen)] if chosen else [OmegaConf.load(f) for f in files]
-        ref[group] = OmegaConf.merge(*nodes) if nodes else {}
+        options = [OmegaConf.load(f) for f in sorted((CONF_DIR / group).glob("*.yaml"))]
+        if field is not None:  # the options that configure the same thing (e.g. every solver file with name: amed)
+            same = [o for o in options if o.get(field) == _get(cfg, f"{group}.{field}")]
+            options = same or options
+        elif group != "logger" and (CONF_DIR / group / "default.yaml").is_file():
+            options = [OmegaConf.load(CONF_DIR / group / "default.yaml")]
+        ref[group] = OmegaConf.merge(*options) if options else {}
     return ref
 
 
@@ -568,6 +566,14 @@ def check_analyze(cfg) -> None:
             raise fail("analysis.nfes", _get(cfg, "analysis.nfes"), "a list of odd integers >= 3 (NFE of a 2-NFE-per-step solver with AFS)")
     int_at(cfg, "analysis.fine.steps", 1)
     int_at(cfg, "analysis.num_threads", 1, null=True)
+    predictors = _get(cfg, "analysis.amed.predictors") or {}
+    if not isinstance(predictors, (dict, DictConfig)):
+        raise fail("analysis.amed.predictors", predictors, "a mapping {nfe: predictor file}")
+    for nfe, path in predictors.items():
+        from .amed.predictor import AMEDPredictor
+
+        with user_errors(f"analysis.amed.predictors.{nfe}"):
+            AMEDPredictor.load(str(path))  # tensors only; a missing or bad file fails here
     check_writable("hydra.run.dir", _run_dir())
     build_checked_model(cfg)
 

@@ -121,13 +121,26 @@ def cell_spec(cfg, solver_node: Mapping, schedule: Mapping, seeds, extractor: st
     return spec
 
 
-def check_finite(metrics: Mapping, keys, what: str) -> None:
-    """A complete metrics.json never holds NaN or inf: such a result is an error, and nothing is written."""
+def check_finite(metrics: Mapping, what: str) -> None:
+    """A complete metrics.json never holds NaN or inf (anywhere in it): such a result is an error,
+    and nothing is written."""
     from ..validation import ResultError
 
-    bad = {k: metrics.get(k) for k in keys if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])}
+    bad = {}
+
+    def walk(node, path):
+        if isinstance(node, float) and not math.isfinite(node):
+            bad[path] = node
+        elif isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(metrics, "")
     if bad:
-        raise ResultError(f"{what}: non-finite metrics {bad}; metrics.json is not written (the samples or the real "
+        raise ResultError(f"{what}: non-finite values {bad}; metrics.json is not written (the samples or the real "
                           "statistics hold NaN/inf: check the model, eval.dtype and eval.precision)")
 
 
@@ -309,7 +322,7 @@ def run(cfg):
             "device": device, "torch_threads": torch.get_num_threads(), "batch_size": int(e.batch_size),
             "precision": precision, "world_size": world()[1],
         }
-        check_finite(metrics, ("fid", "kid_mean", "kid_std", "rmse"), f"{label} NFE {nfe}")
+        check_finite(metrics, f"{label} NFE {nfe}")
         path = atomic_write_json(out_dir / METRICS_FILE, metrics)
         logger.log_metrics({"fid": fid, "kid_mean": kid_out["kid_mean"], "rmse": traj_rmse, "nfe": nfe,
                             "timing": metrics["timing"]}, summary=True)

@@ -100,7 +100,8 @@ class EDMPrecond(Denoiser):
             self._hook.clear()
         # the network runs in its own precision (float32 weights); sampling may be float64:
         # the preconditioning and the solver stay in x's dtype
-        net_dtype = next(self.net.parameters()).dtype
+        weight = next(self.net.parameters(), None)
+        net_dtype = x.dtype if weight is None or not weight.is_floating_point() else weight.dtype
         f_x = self.net((c_in * x).to(net_dtype), c_noise.flatten().to(net_dtype))
         if self._hook is not None:
             self.last_features = self._hook.pop().to(x.dtype)
