@@ -30,7 +30,7 @@ from amedlab.evaluation import evaluate as evaluate_stage
 from amedlab.models.base import Denoiser
 from amedlab.models.digits import SHIPPED_TEACHER, load_denoiser, make_digits_denoiser, save_denoiser
 from amedlab.schedules import make_sigmas
-from amedlab.validation import ConfigError, ResultError, check_stage
+from amedlab.validation import ResultError, UserError, check_stage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_NET = dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
@@ -322,7 +322,7 @@ def test_a_malicious_pickle_given_to_every_path_option_runs_nothing(files, tmp_p
         "eval.real.path (.npz)": ["eval.real.source=path", "eval.real.path={evil_npz}"],
     }
     for name, extra in options.items():
-        with pytest.raises(ConfigError):
+        with pytest.raises(UserError):
             check_stage(_compose(_overrides("evaluate", extra, files, tmp_path)), "evaluate")
         assert not sentinel.exists(), name
     # the library calls themselves: tensors only

@@ -60,11 +60,11 @@ def _multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig):
-    from .validation import ConfigError, ResultError
+    from .validation import UserError
 
     try:
         return resolve_stage(cfg.stage)(cfg)
-    except (ConfigError, ResultError) as err:
+    except UserError as err:
         if _user_full_error or _multirun():  # a sweep reports which cell failed (see main)
             raise
         print(f"error: {err}", file=sys.stderr)
@@ -73,9 +73,9 @@ def hydra_main(cfg: DictConfig):
 
 def user_error_message(err: BaseException) -> str | None:
     """The message to print for a user error, or None for anything else (a bug: keep its traceback)."""
-    from .validation import ConfigError, ResultError
+    from .validation import UserError
 
-    if isinstance(err, (ConfigError, ResultError)):
+    if isinstance(err, UserError):
         return f"error: {err}"
     if isinstance(err, (HydraException, OmegaConfBaseException)):  # override syntax, unknown group option, ...
         cause = err.__cause__

@@ -28,17 +28,25 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .configs import CONF_DIR, load_group
 
 
-class ResultError(RuntimeError, CompactHydraException):
-    """A result that must not be recorded (a NaN or infinite metric); nothing is written."""
-
-
-class ConfigError(ValueError, CompactHydraException):
-    """A user error, raised before any compute; its message names the key, the value and what is
-    accepted. Hydra prints such errors as their message alone (no traceback)."""
+class UserError(CompactHydraException):
+    """Base of the errors the command line prints as their message alone (no traceback)."""
 
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(" ".join(str(message).split()))  # one line
         self.key = key
+
+
+class ConfigError(UserError, ValueError):
+    """A user error, raised before any compute; its message names the key, the value and what is
+    accepted."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A ConfigError's twin for a path that does not exist (a FileNotFoundError to callers)."""
+
+
+class ResultError(UserError, RuntimeError):
+    """A result that must not be recorded (a NaN or infinite metric); nothing is written."""
 
 
 def _fmt(value) -> str:
@@ -47,13 +55,13 @@ def _fmt(value) -> str:
     return repr(value)
 
 
-def fail(key: str, value, accepted: str | None = None, why: str | None = None) -> ConfigError:
+def fail(key: str, value, accepted: str | None = None, why: str | None = None, missing: bool = False) -> UserError:
     msg = f"{key}={_fmt(value)}"
     if why:
         msg += f": {why}"
     if accepted:
         msg += f"; accepted: {accepted}"
-    return ConfigError(msg, key)
+    return (MissingFileError if missing else ConfigError)(msg, key)
 
 
 @contextlib.contextmanager
@@ -61,7 +69,7 @@ def user_errors(key: str):
     """Turn a library's error about a user's value into a ConfigError naming ``key``."""
     try:
         yield
-    except ConfigError:
+    except UserError:
         raise
     except (ValueError, TypeError, KeyError, OSError, ModuleNotFoundError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -69,7 +77,7 @@ def user_errors(key: str):
             msg = f"missing entry {msg}"
         if key not in msg:
             msg = f"{key}: {msg}"
-        raise ConfigError(msg, key) from err
+        raise (MissingFileError if isinstance(err, FileNotFoundError) else ConfigError)(msg, key) from err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,6 +283,7 @@ def check_solver_node(node, key: str = "solver", nfe: int | None = None, predict
 
 
 AMED_SOLVERS = ("amed", "amed_plugin")
+DIGITS_NAME = "amedlab-digits"  # the digits extractor (amedlab.evaluation.extractors.DIGITS)
 
 
 def build_checked_model(cfg):
@@ -288,7 +297,7 @@ def build_checked_model(cfg):
 
 def check_distill_settings(cfg, model=None) -> None:
     """distill.*, solver.distill.*, predictor.* (what stage=distill and an AMED cell without a
-    predictor file read), and that the model exposes AMED's features."""
+    predictor file read), and, given the model, that it exposes AMED's features."""
     num = int_at(cfg, "distill.num_trajectories", 1)
     batch = int_at(cfg, "distill.batch_size", 1)
     if num < batch:
@@ -318,7 +327,12 @@ def check_distill_settings(cfg, model=None) -> None:
             int_at(cfg, f"predictor.{name}", 2 if name == "time_dim" else 1)
     if _get(cfg, "predictor.time_dim") is not None and int(_get(cfg, "predictor.time_dim")) % 2:
         raise fail("predictor.time_dim", _get(cfg, "predictor.time_dim"), "an even integer >= 2")
-    if model is not None and int(getattr(model, "feature_dim", 0) or 0) < 1:
+    if model is not None:
+        check_features(cfg, model)
+
+
+def check_features(cfg, model) -> None:
+    if int(getattr(model, "feature_dim", 0) or 0) < 1:
         raise fail("model", _get(cfg, "model.name"), "a model with per-sample features (digits_unet, gaussian_mixture, "
                    "diffusers, edm_pkl)", "AMED's predictor reads the model's features; this model exposes none")
 
@@ -330,7 +344,8 @@ def check_predictor_file(path_value, solver_node: Mapping, nfe: int, sigmas: tor
 
     path = Path(str(path_value)).expanduser()
     if not path.is_file():
-        raise fail(key, str(path_value), "a predictor.pt written by stage=distill, or null (distill one)", "no such file")
+        raise fail(key, str(path_value), "a predictor.pt written by stage=distill, or null (distill one)", "no such file",
+                   missing=True)
     with user_errors(key):
         predictor = AMEDPredictor.load(path)
     meta = predictor.meta or {}
@@ -468,8 +483,6 @@ def check_evaluate(cfg) -> SimpleNamespace:
                            out_dir=out_dir, cache_dir=cache_dir, predictor=predictor)
 
 
-DIGITS_NAME = "amedlab-digits"
-
 
 def check_distill(cfg) -> SimpleNamespace:
     check_common(cfg, "distill")
@@ -484,7 +497,7 @@ def check_distill(cfg) -> SimpleNamespace:
     check_writable("hydra.run.dir", _run_dir())
     check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
     model = build_checked_model(cfg)
-    check_distill_settings(cfg, model)
+    check_features(cfg, model)
     return SimpleNamespace(model=model, nfe=nfe, num_points=num_points)
 
 
@@ -519,7 +532,7 @@ def check_table(cfg) -> None:
     if sweep in (None, ""):
         raise fail("sweep_dir", sweep, "a sweep directory (e.g. sweep_dir=outputs/table2_digits)")
     if not Path(str(sweep)).expanduser().is_dir():
-        raise fail("sweep_dir", str(sweep), "an existing sweep directory", "no such directory")
+        raise fail("sweep_dir", str(sweep), "an existing sweep directory", "no such directory", missing=True)
     metrics = list_at(cfg, "table.metrics")
     for m in metrics:
         if m not in METRICS:
