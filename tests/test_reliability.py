@@ -290,11 +290,14 @@ def test_the_table_holds_at_least_40_bad_inputs_across_stages():
     (["stage=evaluate", "model=gaussian_mixture"], "model"),
     (["stage=evaluate", "solver=rk4"], "solver"),
     (["-m", "stage=evaluate", "model=digits_unet", "eval.kid_subsets=0", "nfe=3,5"], "eval.kid_subsets"),
+    (["stage=compare", "hydra.run.dir={a_file}/run"], "hydra.run.dir"),      # an output directory that cannot be made
 ])
 def test_the_command_line_prints_one_message_and_no_traceback(args, key, files, tmp_path):
     env = {**os.environ, "AMEDLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     env.pop("HYDRA_FULL_ERROR", None)
-    args = [a.format(**files) for a in args] + [f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"]
+    args = [a.format(**files) for a in args]
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args += [f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.run([sys.executable, "-m", "amedlab", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0
