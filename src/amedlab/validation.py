@@ -405,6 +405,15 @@ def check_evaluate(cfg) -> SimpleNamespace:
     per_solver = _get(cfg, "eval.schedule_per_solver") or {}
     if not isinstance(per_solver, (dict, DictConfig)):
         raise fail("eval.schedule_per_solver", per_solver, "a mapping {solver name: {kind, rho, sigma_min, sigma_max}}")
+    from .solvers import available_solvers
+
+    for name in per_solver:  # every entry, not only this cell's: a typo must not pass silently
+        if name not in available_solvers():
+            near = difflib.get_close_matches(str(name), available_solvers(), n=1)
+            raise fail(f"eval.schedule_per_solver.{name}", per_solver[name], ", ".join(available_solvers()),
+                       "not a solver name" + (f" (did you mean {near[0]}?)" if near else ""))
+        with user_errors(f"eval.schedule_per_solver.{name}"):
+            cell_schedule(cfg.schedule, name, per_solver)
     with user_errors(f"eval.schedule_per_solver.{solver_node.get('name')}"):
         schedule = cell_schedule(cfg.schedule, solver_node.get("name"), per_solver)
     _, num_points = check_solver_node(cfg.solver, "solver", nfe)
