@@ -10,9 +10,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .configs import check_schedule_cfg, grid_for, load_group, solver_from_cfg
+from .configs import grid_for, solver_from_cfg
 from .io import atomic_write_json, run_dir
-from .models import build_model, counting
+from .models import counting
 from .solvers import Solver
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,11 @@ def format_table(results: dict, nfes) -> str:
 
 
 def run(cfg):
-    check_schedule_cfg(cfg.schedule)
-    solver_cfgs = {name: load_group("solver", name) for name in cfg.compare.solvers}
-    for node in solver_cfgs.values():
-        solver_from_cfg(node)  # validates names and options before any compute
+    from .validation import check_stage
+
+    plan = check_stage(cfg, "compare")  # every check before any compute
+    solver_cfgs, model = plan.solvers, plan.model
     dtype = getattr(torch, str(cfg.compare.dtype))
-    model = build_model(cfg.model)
     nfes = [int(n) for n in cfg.compare.nfes]
     results = compare(model, solver_cfgs, nfes, cfg.schedule, int(cfg.compare.num_samples), int(cfg.seed), dtype)
     table = format_table(results, nfes)

@@ -231,12 +231,9 @@ def _plain(node) -> dict:
 def run(cfg):
     """``stage=distill``: distill for ``solver`` (amed or amed_plugin) at ``nfe`` on ``model``."""
     from ..io import atomic_write_json, run_dir
-    from ..models import build_model
+    from ..validation import check_stage
 
-    if cfg.solver.name not in AMED_SOLVERS:
-        raise ValueError(f"stage=distill needs solver=amed or solver=amed_plugin, got solver={cfg.solver.name!r}")
-    check_schedule_cfg(cfg.schedule)
-    model = build_model(cfg.model)
+    model = check_stage(cfg, "distill").model  # every check and the model file, before any compute
     dcfg, sdist = cfg.distill, cfg.solver.get("distill", {})
     predictor = distill(
         model, solver=cfg.solver.name, nfe=int(cfg.nfe), schedule=dict(cfg.schedule), afs=cfg.solver.afs,

@@ -11,14 +11,13 @@ grid, schedule or AFS setting is an error, not a silent mismatch.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..io import atomic_write_bytes
+from ..cache import read_tensors, save_verified, verified
 
 FORMAT_VERSION = 1
 
@@ -82,21 +81,31 @@ class AMEDPredictor(nn.Module):
 
     # -- persistence: plain tensors and builtins only, so loading works with weights_only=True --
     def save(self, path: str | Path) -> Path:
-        buf = io.BytesIO()
-        torch.save({"format": FORMAT_VERSION, "hparams": self.hparams, "meta": self.meta,
-                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}, buf)
-        return atomic_write_bytes(path, buf.getvalue())
+        """Written atomically with a digest of its content (:func:`amedlab.cache.save_verified`)."""
+        return save_verified(path, {"format": FORMAT_VERSION, "hparams": self.hparams, "meta": self.meta,
+                                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}})
 
     @classmethod
     def load(cls, path: str | Path) -> "AMEDPredictor":
+        """Tensors only (``weights_only=True``); a file carrying a digest must match it."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"solver.predictor={str(path)!r}: no such predictor file")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: predictor format {blob.get('format')!r}, expected {FORMAT_VERSION}")
-        model = cls(**blob["hparams"], meta=blob["meta"])
-        model.load_state_dict(blob["state_dict"])
+        try:
+            blob = read_tensors(path)
+        except ValueError as err:
+            raise ValueError(f"{str(path)!r} is not a predictor file: {err}") from None
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
+            found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+            raise ValueError(f"{str(path)!r}: predictor format {found!r}, expected {FORMAT_VERSION} "
+                             "(a predictor.pt written by stage=distill)")
+        if "digest" in blob and not verified(blob):
+            raise ValueError(f"{str(path)!r}: the predictor's content does not match its digest (the file is corrupted)")
+        try:
+            model = cls(**blob["hparams"], meta=blob["meta"])
+            model.load_state_dict(blob["state_dict"])
+        except (KeyError, TypeError, RuntimeError) as err:
+            raise ValueError(f"{str(path)!r}: not a valid predictor ({str(err).splitlines()[0]})") from None
         return model
 
     def check_compatible(self, model_identity: str | None, sigmas: torch.Tensor, afs) -> None:

@@ -382,11 +382,15 @@ def run(cfg):
 
     from .plots import plot_oracle, plot_pca
 
+    from amedlab.validation import check_stage, user_errors
+
+    check_stage(cfg, "analyze_trajectories")
     acfg = analysis_config(cfg)
-    check_schedule_cfg(cfg.schedule)
-    coarse_num_points(acfg["nfes"])  # unreachable NFEs fail here, before any compute
+    with user_errors("analysis.nfes"):
+        coarse_num_points(acfg["nfes"])  # unreachable NFEs fail here, before any compute
     for name in acfg.get("solvers") or []:
-        solver_from_cfg(load_group("solver", name))
+        with user_errors("analysis.solvers"):
+            solver_from_cfg(load_group("solver", name))
     threads = acfg.get("num_threads")
     if threads is not None:
         if int(threads) < 1:

@@ -8,7 +8,6 @@ states at the student's grid points. The cache key hashes everything that determ
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections.abc import Mapping
@@ -18,8 +17,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from ..cache import load_verified, save_verified
 from ..configs import check_schedule_cfg, solver_from_cfg
-from ..io import atomic_write_bytes
 from ..models.base import device_of
 from ..sampling import seeded_noise
 from ..schedules import make_sigmas
@@ -37,13 +36,6 @@ def teacher_grid(schedule: Mapping, num_points: int, M: int) -> torch.Tensor:
     if int(M) < 0:
         raise ValueError(f"distill.M={M!r} must be >= 0")
     return student_grid(schedule, (M + 1) * (num_points - 1) + 1)
-
-
-def _tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def trajectory_key(spec: dict) -> str:
@@ -97,7 +89,8 @@ def generate_trajectories(denoiser, teacher: Mapping, schedule: Mapping, num_poi
 
 
 class TrajectoryCache:
-    """Files ``<root>/<key>.pt`` holding the spec, the tensors and their digest."""
+    """Files ``<root>/<key>.pt`` holding the spec, the tensors and their digest
+    (:func:`amedlab.cache.save_verified`; the same verification as every other cache)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -107,26 +100,11 @@ class TrajectoryCache:
 
     def load(self, spec: dict) -> dict | None:
         """The cached trajectories for ``spec``, or None if absent; a corrupt file is removed."""
-        path = self.path(trajectory_key(spec))
-        if not path.is_file():
-            return None
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            ok = blob["spec"] == json.loads(json.dumps(spec, default=str)) and blob["digest"] == _tensor_digest(blob["noise"], blob["states"])
-        except Exception as err:  # truncated or garbled file: torch.load's error types vary
-            log.warning("trajectory cache %s is unreadable (%s); regenerating", path, err)
-            ok = False
-        if not ok:
-            log.warning("trajectory cache %s failed verification; regenerating", path)
-            path.unlink(missing_ok=True)
-            return None
-        return {"noise": blob["noise"], "states": blob["states"]}
+        blob = load_verified(self.path(trajectory_key(spec)), spec, what="trajectory cache")
+        return None if blob is None else {"noise": blob["noise"], "states": blob["states"]}
 
     def save(self, spec: dict, data: dict) -> Path:
-        buf = io.BytesIO()
-        torch.save({"spec": spec, "noise": data["noise"], "states": data["states"],
-                    "digest": _tensor_digest(data["noise"], data["states"])}, buf)
-        return atomic_write_bytes(self.path(trajectory_key(spec)), buf.getvalue())
+        return save_verified(self.path(trajectory_key(spec)), {"spec": spec, "noise": data["noise"], "states": data["states"]})
 
 
 def cached_trajectories(denoiser, teacher: Mapping, schedule: Mapping, num_points: int, M: int, seeds,

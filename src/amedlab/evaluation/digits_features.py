@@ -54,10 +54,14 @@ def save_classifier(model: DigitsClassifier, path: str | os.PathLike, metadata=N
 
 def load_digits_classifier(path: str | os.PathLike | None = None) -> DigitsClassifier:
     """The shipped classifier (``path=None``) or one written by ``stage=train_features``; eval mode, frozen."""
-    path = resolve_checkpoint_path(path, "classifier path", SHIPPED_CLASSIFIER)
+    path = resolve_checkpoint_path(path, "eval.digits_classifier", SHIPPED_CLASSIFIER)
     state_dict, config, _ = load_checkpoint(path, CLASSIFIER_KIND)
-    model = DigitsClassifier(**config)
-    model.load_state_dict(state_dict)
+    try:
+        model = DigitsClassifier(**config)
+        model.load_state_dict(state_dict)
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(f"{str(path)!r}: its weights do not fit the classifier its config describes "
+                         f"({str(err).splitlines()[0]})") from None
     return model.eval().requires_grad_(False)
 
 

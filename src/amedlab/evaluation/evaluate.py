@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,24 +24,22 @@ from pathlib import Path
 import torch
 
 from ..configs import check_schedule_cfg, solver_from_cfg
-from ..io import atomic_write_json, run_dir
-from ..models.base import PRECISIONS, with_precision
-from ..sampling import parse_seeds
+from ..io import atomic_write_json
+from ..models.base import with_precision
 from ..schedules import make_sigmas
-from .extractors import check_extractor_weights, create_extractor, extract_features, resolve_extractor_name
+from .extractors import create_extractor, extract_features
 from .distributed import generate_sharded, world
 from .metrics import feature_statistics, fid_from_statistics, kid, quantize, rmse
 from .plots import sample_grid_png
 from .reference import digest, locked, ode_reference, plain, real_reference, seeds_spec
-from .wandb_logger import check_logger_cfg, make_logger
 from . import uncertainty
+from .wandb_logger import make_logger
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 METRICS_FORMAT = 1
 AMED_SOLVERS = ("amed", "amed_plugin")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,26 +78,6 @@ def solver_label(node: Mapping) -> str:
     return label
 
 
-def _validate_solver(node: Mapping, nfe: int):
-    """Build the solver once (with a stand-in predictor for AMED) to check its name, options and NFE."""
-    extra = {}
-    if node["name"] in AMED_SOLVERS:
-        from ..amed.predictor import AMEDPredictor
-
-        extra["predictor"] = AMEDPredictor(feature_dim=1)
-    solver = solver_from_cfg(node, **extra)
-    return solver.num_points(int(nfe))
-
-
-def _checked_predictor_path(path) -> str | None:
-    if path in (None, ""):
-        return None
-    p = Path(str(path)).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"solver.predictor={str(path)!r}: no such predictor file (null: distill one)")
-    return str(p.resolve())
-
-
 def distill_settings(cfg, solver_node: Mapping, schedule: Mapping) -> dict:
     """The arguments of :func:`amedlab.amed.distill` for this cell (also the predictor's cache key)."""
     sdist = plain(dict(cfg.solver.get("distill") or {}))
@@ -112,10 +91,26 @@ def distill_settings(cfg, solver_node: Mapping, schedule: Mapping) -> dict:
     }
 
 
-def cell_spec(cfg, solver_node: Mapping, schedule: Mapping, seeds, extractor: str, weights: str | None) -> dict:
-    """Everything that determines a cell's numbers (not the batch size, threads or logger)."""
+def input_files(cfg, solver_node: Mapping, weights: str | None, memo_dir=None) -> dict:
+    """Content digests of the files a cell reads (model, predictor, extractor weights, real data):
+    replacing a file at the same path makes another cell, never a skipped one."""
+    from ..cache import file_digest
+    from ..models.digits import SHIPPED_TEACHER
+
+    model_path = cfg.model.get("path")
+    if model_path in (None, "") and cfg.model.get("name") == "digits_unet":
+        model_path = SHIPPED_TEACHER
+    real_path = cfg.eval.real.get("path") if cfg.eval.real.get("source") == "path" else None
+    return {"model": file_digest(model_path, memo_dir), "predictor": file_digest(solver_node.get("predictor"), memo_dir),
+            "extractor_weights": file_digest(weights, memo_dir), "real": file_digest(real_path, memo_dir)}
+
+
+def cell_spec(cfg, solver_node: Mapping, schedule: Mapping, seeds, extractor: str, weights: str | None,
+              files: dict | None = None) -> dict:
+    """Everything that determines a cell's numbers (not the batch size, threads or logger), files by content."""
     e = cfg.eval
     spec = {
+        "files": files if files is not None else input_files(cfg, solver_node, weights),
         "format": METRICS_FORMAT, "model": plain(cfg.model), "solver": solver_node, "nfe": int(cfg.nfe),
         "schedule": schedule, "seeds": seeds_spec(seeds), "dtype": str(e.dtype), "precision": str(e.get("precision", "fp32")),
         "extractor": extractor, "extractor_weights": weights, "real": plain(e.real),
@@ -127,6 +122,29 @@ def cell_spec(cfg, solver_node: Mapping, schedule: Mapping, seeds, extractor: st
     if solver_node["name"] in AMED_SOLVERS and not solver_node.get("predictor"):
         spec["distill"] = distill_settings(cfg, solver_node, schedule)
     return spec
+
+
+def check_finite(metrics: Mapping, what: str) -> None:
+    """A complete metrics.json never holds NaN or inf (anywhere in it): such a result is an error,
+    and nothing is written."""
+    from ..validation import ResultError
+
+    bad = {}
+
+    def walk(node, path):
+        if isinstance(node, float) and not math.isfinite(node):
+            bad[path] = node
+        elif isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(metrics, "")
+    if bad:
+        raise ResultError(f"{what}: non-finite values {bad}; metrics.json is not written (the samples or the real "
+                          "statistics hold NaN/inf: check the model, eval.dtype and eval.precision)")
 
 
 def finished_metrics(out_dir: Path, key: str) -> dict | None:
@@ -156,13 +174,16 @@ def cell_predictor(model, cfg, solver_node: Mapping, schedule: Mapping, cache_di
     if given:
         predictor = AMEDPredictor.load(given)
         return predictor, {"source": "file", "path": str(given), "records": []}
+    from ..cache import load_verified
+
     settings = distill_settings(cfg, solver_node, schedule)
     identity = model.identity()
     key = digest({"model_identity": identity, **settings})
     path = cache_dir / "predictors" / f"{solver_node['name']}-nfe{int(cfg.nfe)}-{key}.pt"
     records_path = path.with_suffix(".json")
     with locked(path):
-        if use_cache and path.is_file():
+        # a cached predictor is used only if its digest matches (a corrupt one is logged, removed, re-distilled)
+        if use_cache and load_verified(path, what="cached predictor") is not None:
             predictor = AMEDPredictor.load(path)
             records = json.loads(records_path.read_text()).get("records", []) if records_path.is_file() else []
             return predictor, {"source": "cache", "path": str(path), "records": records, "distill_seconds": 0.0}
@@ -204,27 +225,14 @@ def _hydra_context() -> tuple[list[str], str | None, str]:
 
 
 def run(cfg):
-    e = cfg.eval
-    # -- every check before any compute --
-    check_logger_cfg(cfg.get("logger") or {})
-    solver_node = plain(cfg.solver)
-    solver_node["predictor"] = _checked_predictor_path(solver_node.get("predictor"))
-    nfe = int(cfg.nfe)
-    schedule = cell_schedule(cfg.schedule, solver_node["name"], e.get("schedule_per_solver"))
-    num_points = _validate_solver(solver_node, nfe)
-    seeds = parse_seeds(e.seeds)
-    boot = uncertainty.settings(e.get("bootstrap"))
-    if str(e.dtype) not in DTYPES:
-        raise ValueError(f"eval.dtype={e.dtype!r}; accepted: {', '.join(DTYPES)}")
-    dtype = DTYPES[str(e.dtype)]
-    extractor = resolve_extractor_name(str(e.feature_extractor), str(e.real.source), cfg.dataset.get("name"))
-    weights = check_extractor_weights(extractor, e.get("inception_weights"), e.get("digits_classifier"))
-    if e.real.source == "path":
-        from .reference import real_source_from_path
+    from ..validation import check_stage
 
-        real_source_from_path(e.real.path)  # a missing or unreadable path fails here, not after sampling
-    out_dir = run_dir()
-    spec = cell_spec(cfg, solver_node, schedule, seeds, extractor, weights)
+    plan = check_stage(cfg, "evaluate")  # every check and every file opened, before any compute
+    e = cfg.eval
+    solver_node, nfe, schedule, num_points, seeds = plan.solver_node, plan.nfe, plan.schedule, plan.num_points, plan.seeds
+    dtype, extractor, weights, out_dir, boot = plan.dtype, plan.extractor, plan.weights, plan.out_dir, plan.bootstrap
+    files = input_files(cfg, solver_node, weights, memo_dir=plan.cache_dir / "file_digests")
+    spec = cell_spec(cfg, solver_node, schedule, seeds, extractor, weights, files)
     key = digest(spec)
     if bool(e.skip_finished):
         done = finished_metrics(out_dir, key)
@@ -237,22 +245,19 @@ def run(cfg):
     t_start = time.perf_counter()
     if e.get("num_threads"):
         torch.set_num_threads(int(e.num_threads))
-    device = str(cfg.get("device", "cpu"))
-    precision = str(e.get("precision", "fp32"))
-    if precision not in PRECISIONS:
-        raise ValueError(f"eval.precision={precision!r}; accepted: {', '.join(PRECISIONS)}")
-    cache_dir = Path(str(e.cache_dir))
+    device, precision, cache_dir = plan.device, plan.precision, plan.cache_dir
     label = solver_label(solver_node)
-
-    from ..models import build_model
-
-    model = build_model(cfg.model).to(device).eval()
+    model = plan.model.to(device).eval()
     with make_logger(cfg.get("logger"), run_name, group, "evaluate", out_dir) as logger:
         logger.log_config(cfg)
         predictor_info = None
         extra = {}
         if solver_node["name"] in AMED_SOLVERS:
-            predictor, predictor_info = cell_predictor(model, cfg, solver_node, schedule, cache_dir, bool(e.predictor_cache))
+            if plan.predictor is not None:  # solver.predictor, opened and checked by the validation
+                predictor, predictor_info = plan.predictor, {"source": "file", "path": solver_node["predictor"],
+                                                             "sha256": files["predictor"], "records": []}
+            else:
+                predictor, predictor_info = cell_predictor(model, cfg, solver_node, schedule, cache_dir, bool(e.predictor_cache))
             extra["predictor"] = predictor.to(device)
             logger.log_distillation(predictor_info.pop("records"))
         node = {k: v for k, v in solver_node.items() if k in ("name", "afs", "final_step", "options")}
@@ -323,6 +328,7 @@ def run(cfg):
             "device": device, "torch_threads": torch.get_num_threads(), "batch_size": int(e.batch_size),
             "precision": precision, "world_size": world()[1],
         }
+        check_finite(metrics, f"{label} NFE {nfe}")
         path = atomic_write_json(out_dir / METRICS_FILE, metrics)
         logger.log_metrics({"fid": fid, "kid_mean": kid_out["kid_mean"], "rmse": traj_rmse, "nfe": nfe,
                             "timing": metrics["timing"]}, summary=True)

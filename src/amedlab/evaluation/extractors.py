@@ -13,6 +13,7 @@ Both take uint8 images ``[B, C, H, W]`` (C = 1 or 3), as quantised by
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 
 import torch
@@ -130,9 +131,17 @@ def create_extractor(name: str, weights_path: str | None, device: str = "cpu") -
     if name == INCEPTION and weights_path is None:
         raise ValueError("eval.inception_weights is required for inception-v3-compat (nothing is downloaded)")
     cuda = str(device).startswith("cuda")
+    weights = weights_path
+    if name == INCEPTION:
+        # torch-fidelity unpickles this file with weights_only=False (a crafted file would run code):
+        # it gets our own re-serialisation of a tensors-only state dict instead of the user's file
+        buf = io.BytesIO()
+        torch.save(load_state_dict_file(weights_path, "eval.inception_weights"), buf)
+        buf.seek(0)
+        weights = buf
     with _current_cuda(device):
         extractor = create_feature_extractor(
-            name, [FEATURE_LAYER[name]], cuda=cuda, verbose=False, feature_extractor_weights_path=weights_path,
+            name, [FEATURE_LAYER[name]], cuda=cuda, verbose=False, feature_extractor_weights_path=weights,
             feature_extractor_compile=False)
     return extractor
 
@@ -144,6 +153,27 @@ def _current_cuda(device):
     if device.type == "cuda" and device.index is not None:
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def load_state_dict_file(path, key: str) -> dict[str, torch.Tensor]:
+    """A plain state dict (names -> tensors) from a ``.safetensors`` or torch file, loaded tensors-only;
+    anything else is a ValueError naming ``key``."""
+    path = str(path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            from ..cache import read_tensors
+
+            state = read_tensors(path)
+    except Exception as err:  # safetensors and torch raise various types; read_tensors explains pickles
+        raise ValueError(f"{key}={path!r}: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{key}={path!r}: not a plain state dict (a dict of parameter names to tensors); "
+                         f"got {type(state).__name__}")
+    return state
 
 
 def channels_for(name: str) -> int | None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from ..cache import load_verified, save_verified
 from ..configs import solver_from_cfg
-from ..io import atomic_write_bytes
 from ..schedules import make_sigmas
 from .extractors import DIGITS, create_extractor, extract_features
 from .generate import generate
@@ -92,25 +92,14 @@ def locked(path: Path, wait: bool = True):
 
 
 def save_blob(path: Path, blob: dict) -> Path:
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    """Written atomically with a digest of its content (:func:`amedlab.cache.save_verified`)."""
+    return save_verified(path, blob)
 
 
 def load_blob(path: Path, spec: dict) -> dict | None:
-    """The cached blob if present, readable and made for ``spec``; else None (a bad file is removed)."""
-    if not path.is_file():
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        ok = blob.get("spec") == plain(spec)
-    except Exception as err:  # truncated or garbled: torch.load's error types vary
-        log.warning("cache file %s is unreadable (%s); recomputing", path, err)
-        ok = False
-    if not ok:
-        path.unlink(missing_ok=True)
-        return None
-    return blob
+    """The cached blob if present, intact (digest) and made for ``spec``; else None (a bad file is
+    removed and the warning logged: the caller recomputes it)."""
+    return load_verified(path, plain(spec), what="cache file")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,6 +144,18 @@ def real_source_from_path(path) -> tuple[str, dict]:
         return "folder", {"files": files}
     if not p.is_file():
         raise FileNotFoundError(f"eval.real.path={str(path)!r}: no such file or folder")
+    try:
+        return _read_array_source(p, path)
+    except ValueError as err:
+        if "pickled" in str(err):  # numpy's message suggests allow_pickle; we never unpickle a data file
+            raise ValueError(f"eval.real.path={str(path)!r}: the file holds pickled Python objects; it is refused and "
+                             "nothing in it was run (accepted: uint8 image arrays, or mu and sigma)") from None
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"eval.real.path={str(path)!r}: not a readable {p.suffix} file ({err})") from None
+
+
+def _read_array_source(p: Path, path) -> tuple[str, dict]:
     if p.suffix == ".npz":
         with np.load(p) as data:
             if "mu" in data and "sigma" in data:

@@ -27,7 +27,7 @@ from ..io import atomic_write_text
 from . import uncertainty as U
 from .evaluate import METRICS_FILE
 from .plots import metric_vs_nfe_png
-from .wandb_logger import check_logger_cfg, make_logger
+from .wandb_logger import make_logger
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,9 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
 
 
 def run(cfg):
-    check_logger_cfg(cfg.get("logger") or {})
+    from ..validation import check_stage
+
+    check_stage(cfg, "table")
     if cfg.get("sweep_dir") in (None, ""):
         raise ValueError("stage=table needs sweep_dir=<a sweep directory> (e.g. sweep_dir=outputs/table2_digits)")
     tcfg = cfg.get("table") or {}

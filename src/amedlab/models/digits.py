@@ -46,19 +46,30 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tens
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str) -> tuple[dict, dict, dict]:
-    """Return ``(state_dict, config, metadata)``; checks that the file holds a ``kind`` checkpoint."""
+    """Return ``(state_dict, config, metadata)``; checks that the file holds a ``kind`` checkpoint.
+    Unreadable files raise a ValueError saying what the file is not (nothing in it is ever run)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        state_dict = load_file(str(path))
-        config = json.loads(meta.pop("config", "null"))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            state_dict = load_file(str(path))
+            config = json.loads(meta.pop("config", "null"))
+        except Exception as err:  # safetensors raises its own error types for a bad header
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
         found = meta.pop("kind", None)
     else:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        from ..cache import read_tensors
+
+        try:
+            blob = read_tensors(path)
+        except ValueError as err:
+            raise ValueError(f"{str(path)!r}: {err}") from None
+        if not isinstance(blob, dict):
+            raise ValueError(f"{str(path)!r} is not a {kind} checkpoint (it holds a {type(blob).__name__})")
         state_dict, config, found = blob.get("state_dict"), blob.get("config"), blob.get("kind")
         meta = dict(blob.get("metadata") or {})
     if found != kind or config is None:
@@ -81,8 +92,12 @@ def save_denoiser(denoiser: EDMPrecond, path: str | os.PathLike, metadata: Mappi
 def load_denoiser(path: str | os.PathLike) -> EDMPrecond:
     """Rebuild a digits denoiser from a checkpoint written by :func:`save_denoiser`; eval mode, frozen."""
     state_dict, config, _ = load_checkpoint(path, TEACHER_KIND)
-    denoiser = make_digits_denoiser(config["net"], sigma_data=config["sigma_data"])
-    denoiser.load_state_dict(state_dict)
+    try:
+        denoiser = make_digits_denoiser(config["net"], sigma_data=config["sigma_data"])
+        denoiser.load_state_dict(state_dict)
+    except (KeyError, TypeError, RuntimeError) as err:  # a config or tensor shape that does not fit
+        raise ValueError(f"{str(path)!r}: its weights do not fit the network its config describes "
+                         f"({str(err).splitlines()[0]})") from None
     return denoiser.eval().requires_grad_(False)
 
 

@@ -98,9 +98,13 @@ class EDMPrecond(Denoiser):
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         if self._hook is not None:
             self._hook.clear()
-        f_x = self.net(c_in * x, c_noise.flatten())
+        # the network runs in its own precision (float32 weights); sampling may be float64:
+        # the preconditioning and the solver stay in x's dtype
+        weight = next(self.net.parameters(), None)
+        net_dtype = x.dtype if weight is None or not weight.is_floating_point() else weight.dtype
+        f_x = self.net((c_in * x).to(net_dtype), c_noise.flatten().to(net_dtype))
         if self._hook is not None:
-            self.last_features = self._hook.pop()
+            self.last_features = self._hook.pop().to(x.dtype)
         return c_skip * x + c_out * f_x.to(x.dtype)
 
 

@@ -80,6 +80,9 @@ def accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor
 
 def run(cfg) -> float:
     """Train the classifier; returns its held-out accuracy."""
+    from amedlab.validation import check_stage
+
+    check_stage(cfg, "train_features")
     check_dataset_is_digits(cfg, "train_features")
     fcfg = cfg.train.features
     for key in ("steps", "batch_size", "lr", "channels", "feature_dim", "val_every_steps"):

@@ -189,7 +189,11 @@ def check_teacher_config(cfg) -> None:
 
 def run(cfg) -> float:
     """Train the teacher; returns the final held-out EDM loss of the EMA weights."""
-    check_teacher_config(cfg)
+    from amedlab.validation import check_stage, user_errors
+
+    check_stage(cfg, "train_teacher")
+    with user_errors("train.teacher.net"):
+        check_teacher_config(cfg)
     tcfg = cfg.train.teacher
     out = output_dir()
     set_threads(tcfg)

@@ -1,0 +1,159 @@
+"""Cache files that verify their content, and content digests of users' files.
+
+Every cache blob (teacher trajectories, real-data statistics, high-NFE references, AMED predictors)
+is a ``torch.save`` dict written atomically with a ``digest``: sha256 over every other entry
+(tensors by dtype, shape and bytes; everything else as canonical JSON). Loading recomputes it, so
+flipped bytes anywhere in the payload are detected; the caller logs it, removes the file and
+rebuilds the entry. Files are read with ``weights_only=True``: a cache never runs code.
+
+``file_digest`` hashes a user's file (or a folder, file by file) by content; the hash is memoised
+by (path, size, mtime) so a large checkpoint is read once, not once per cell.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from .io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _update(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor:{t.dtype}:{tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=str):
+            h.update(json.dumps(str(k)).encode() + b":")
+            _update(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _update(h, v)
+            h.update(b",")
+        h.update(b"]")
+    else:
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def payload_digest(blob: dict) -> str:
+    """sha256 of every entry of ``blob`` but ``digest`` itself."""
+    h = hashlib.sha256()
+    _update(h, {k: v for k, v in blob.items() if k != "digest"})
+    return h.hexdigest()
+
+
+def save_verified(path: str | os.PathLike, blob: dict) -> Path:
+    """``torch.save(blob + {"digest"})``, written atomically."""
+    buf = io.BytesIO()
+    torch.save({**blob, "digest": payload_digest(blob)}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_tensors(path: str | os.PathLike):
+    """``torch.load(path, weights_only=True)`` on CPU. A file that needs more than tensors and plain
+    values is refused with a ValueError that says so (never with advice to unpickle it anyway)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise ValueError(f"the file refers to Python code ({found.group(1)}), not only tensors and plain values; "
+                             "it is refused and nothing in it was run") from None
+        raise ValueError("not a torch file of tensors (unreadable pickle data); nothing in it was run") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"not a readable torch file ({reason})") from None
+
+
+def verified(blob) -> bool:
+    return isinstance(blob, dict) and blob.get("digest") == payload_digest(blob)
+
+
+def load_verified(path: str | os.PathLike, spec=None, what: str = "cache file") -> dict | None:
+    """The blob at ``path`` if it is readable, its digest matches and (if given) it was made for
+    ``spec``; otherwise None, with the reason logged and the bad file removed (the caller rebuilds)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    reason = None
+    try:
+        blob = read_tensors(path)
+        if not verified(blob):
+            reason = "its content does not match its digest (corrupted or from an older version)"
+        elif spec is not None and blob.get("spec") != json.loads(json.dumps(spec, default=str)):
+            reason = "it was made for other settings"
+    except ValueError as err:
+        reason = str(err)
+    if reason is None:
+        return blob
+    log.warning("%s %s failed verification: %s; removed, regenerating it", what, path, reason)
+    path.unlink(missing_ok=True)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# content digests of users' files
+# ------------------------------------------------------------------------------------------------
+
+_MEMO: dict[tuple, str] = {}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_digest(path: Path, memo_dir: Path | None) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _MEMO:
+        return _MEMO[key]
+    memo = None if memo_dir is None else Path(memo_dir) / (hashlib.sha256(key[0].encode()).hexdigest()[:24] + ".json")
+    try:
+        saved = json.loads(memo.read_text()) if memo is not None else {}
+        if [saved["path"], saved["size"], saved["mtime_ns"]] == list(key):
+            _MEMO[key] = saved["sha256"]
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = _sha256_file(path)
+    _MEMO[key] = value
+    if memo is None:
+        return value
+    try:
+        from .io import atomic_write_json
+
+        atomic_write_json(memo, {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": value})
+    except OSError:  # a read-only cache only costs the re-hash
+        pass
+    return value
+
+
+def file_digest(path: str | os.PathLike | None, memo_dir: str | os.PathLike | None = None) -> str | None:
+    """sha256 of a file's content, or of a folder's files (relative names and contents); None for None.
+    ``memo_dir``: where the (path, size, mtime) -> hash memo is kept across processes."""
+    if path in (None, ""):
+        return None
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(f"{f.relative_to(p)}:{_file_digest(f, memo_dir)};".encode())
+        return h.hexdigest()[:24]
+    return _file_digest(p, memo_dir)[:24]

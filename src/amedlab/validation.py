@@ -1,0 +1,619 @@
+"""Every user input checked before any compute, one function per stage.
+
+``check_stage(cfg, stage)`` is the first call of every stage's ``run(cfg)``. It checks each key the
+stage reads (type, range, accepted values), keys nothing reads (``+eval.sedes=0-9``), the device, the
+writability of the run and cache directories, and it opens and validates every file input (format,
+kind, shape, what a predictor was trained for). Library errors raised while doing so are turned into
+a :class:`ConfigError` that names the key, the value and what is accepted; the command line prints
+that one message and exits non-zero (no traceback unless ``HYDRA_FULL_ERROR=1``).
+
+The evaluate and distill checks return what they built (model, predictor, seeds, grid, ...), so
+the stage does not open a file twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .configs import CONF_DIR, load_group
+
+
+class UserError(CompactHydraException):
+    """Base of the errors the command line prints as their message alone (no traceback)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(" ".join(str(message).split()))  # one line
+        self.key = key
+
+
+class ConfigError(UserError, ValueError):
+    """A user error, raised before any compute; its message names the key, the value and what is
+    accepted."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A ConfigError's twin for a path that does not exist (a FileNotFoundError to callers)."""
+
+
+class ResultError(UserError, RuntimeError):
+    """A result that must not be recorded (a NaN or infinite metric); nothing is written."""
+
+
+def _fmt(value) -> str:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=False)
+    return repr(value)
+
+
+def fail(key: str, value, accepted: str | None = None, why: str | None = None, missing: bool = False) -> UserError:
+    msg = f"{key}={_fmt(value)}"
+    if why:
+        msg += f": {why}"
+    if accepted:
+        msg += f"; accepted: {accepted}"
+    return (MissingFileError if missing else ConfigError)(msg, key)
+
+
+@contextlib.contextmanager
+def user_errors(key: str):
+    """Turn a library's error about a user's value into a ConfigError naming ``key``."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, TypeError, KeyError, OSError, ModuleNotFoundError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, KeyError):
+            msg = f"missing entry {msg}"
+        if key not in msg:
+            msg = f"{key}: {msg}"
+        raise (MissingFileError if isinstance(err, FileNotFoundError) else ConfigError)(msg, key) from err
+
+
+# ------------------------------------------------------------------------------------------------
+# typed values
+# ------------------------------------------------------------------------------------------------
+
+def _get(cfg, key: str):
+    return OmegaConf.select(cfg, key, default=None, throw_on_missing=False) if OmegaConf.is_config(cfg) else cfg.get(key)
+
+
+def int_at(cfg, key: str, lo: int | None = None, hi: int | None = None, null: bool = False):
+    value = _get(cfg, key)
+    if value is None and null:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok and isinstance(value, float) and value.is_integer():
+        value, ok = int(value), True
+    if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise fail(key, value, rng + (" or null" if null else ""))
+    return int(value)
+
+
+def float_at(cfg, key: str, lo: float | None = None, lo_open: bool = False, hi: float | None = None,
+             hi_open: bool = False, null: bool = False):
+    value = _get(cfg, key)
+    if value is None and null:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        parts = []
+        if lo is not None:
+            parts.append(f"{'>' if lo_open else '>='} {lo}")
+        if hi is not None:
+            parts.append(f"{'<' if hi_open else '<='} {hi}")
+        raise fail(key, value, "a finite number" + (f" {' and '.join(parts)}" if parts else "") + (" or null" if null else ""))
+    return float(value)
+
+
+def bool_at(cfg, key: str) -> bool:
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise fail(key, value, "true, false")
+    return value
+
+
+def choice_at(cfg, key: str, choices) -> str:
+    value = _get(cfg, key)
+    if not isinstance(value, str) or value not in choices:
+        raise fail(key, value, ", ".join(map(str, choices)))
+    return value
+
+
+def list_at(cfg, key: str, nonempty: bool = True) -> list:
+    value = _get(cfg, key)
+    if not isinstance(value, (list, tuple, ListConfig)) or (nonempty and len(value) == 0):
+        raise fail(key, value, "a non-empty list" if nonempty else "a list")
+    return list(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# keys nothing reads
+# ------------------------------------------------------------------------------------------------
+
+#: config nodes whose keys are free (a mapping the code iterates over, or options a builder checks)
+OPEN_NODES = ("hydra", "eval.schedule_per_solver", "solver.options", "solver.distill.teacher.options",
+              "eval.ode_reference.solver.options", "analysis.amed.predictors", "analysis.amed.distill")
+#: group -> the field naming the option file that was chosen (None: one file, default.yaml)
+GROUPS = {"model": "name", "schedule": "kind", "solver": "name", "dataset": "name", "logger": None, "train": None,
+          "distill": None, "predictor": None, "eval": None, "analysis": None}
+
+
+def _known_config(cfg) -> DictConfig:
+    """conf/config.yaml with each group's chosen option (or the union of its options)."""
+    ref = OmegaConf.load(CONF_DIR / "config.yaml")
+    ref = OmegaConf.create({k: v for k, v in OmegaConf.to_container(ref, resolve=False).items() if k not in ("defaults", "hydra")})
+    for group, field in GROUPS.items():
+        options = [OmegaConf.load(f) for f in sorted((CONF_DIR / group).glob("*.yaml"))]
+        if field is not None:  # the options that configure the same thing (e.g. every solver file with name: amed)
+            same = [o for o in options if o.get(field) == _get(cfg, f"{group}.{field}")]
+            options = same or options
+        elif group != "logger" and (CONF_DIR / group / "default.yaml").is_file():
+            options = [OmegaConf.load(CONF_DIR / group / "default.yaml")]
+        ref[group] = OmegaConf.merge(*options) if options else {}
+    return ref
+
+
+def _paths(node, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in node.items():
+        path = f"{prefix}{k}"
+        out.append(path)
+        if isinstance(v, (dict, DictConfig)):
+            out.extend(_paths(v, path + "."))
+    return out
+
+
+def check_known_keys(cfg) -> None:
+    """A key nothing reads (typically added with ``+``) is an error naming the nearest known key."""
+    known = set(_paths(OmegaConf.to_container(_known_config(cfg), resolve=False)))
+    given = _paths(OmegaConf.to_container(cfg, resolve=False))
+    for path in given:
+        if path in known or any(path == o or path.startswith(o + ".") for o in OPEN_NODES):
+            continue
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        if parent and parent not in known:
+            continue  # below a node already reported, or a value that is not a mapping in the reference
+        near = difflib.get_close_matches(path, sorted(known), n=1, cutoff=0.6)
+        siblings = sorted(k.rsplit(".", 1)[-1] for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"{path} is not a known key: nothing reads it{hint}; accepted under "
+                          f"{parent or 'the top level'}: {', '.join(siblings)}", path)
+
+
+# ------------------------------------------------------------------------------------------------
+# environment: device, writable directories
+# ------------------------------------------------------------------------------------------------
+
+def check_device(cfg) -> str:
+    device = _get(cfg, "device")
+    if not isinstance(device, str) or not (device in ("cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise fail("device", device, "cpu, cuda, cuda:<index>")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise fail("device", device, "cpu", "CUDA is not available on this machine")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise fail("device", device, f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}", "no such GPU")
+    return device
+
+
+def check_writable(key: str, directory) -> Path:
+    """``directory`` can be created and written (a probe file is created and removed at once)."""
+    path = Path(str(directory)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise fail(key, str(directory), "a directory this process can create and write",
+                   f"cannot write there ({err.strerror or err})") from None
+    return path
+
+
+def _run_dir() -> Path:
+    from .io import run_dir
+
+    return run_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces shared by the stages
+# ------------------------------------------------------------------------------------------------
+
+def check_schedule(node, key: str = "schedule") -> dict:
+    from .schedules import SCHEDULES, check_schedule_args
+
+    kind = _get(node, "kind")
+    if kind not in SCHEDULES:
+        raise fail(f"{key}.kind", kind, ", ".join(SCHEDULES))
+    out = {"kind": kind}
+    for name in ("sigma_min", "sigma_max", "rho"):
+        value = _get(node, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not value > 0:
+            raise fail(f"{key}.{name}", value, "a finite number > 0")
+        out[name] = float(value)
+    with user_errors(key):
+        check_schedule_args(kind, 2, out["sigma_min"], out["sigma_max"], out["rho"])
+    return out
+
+
+def check_solver_node(node, key: str = "solver", nfe: int | None = None, predictor=None):
+    """Build the solver (a stand-in predictor for AMED) to check name, afs, final_step and options;
+    with ``nfe``, also that the NFE is reachable. Returns (solver, num_points or None)."""
+    from .configs import solver_from_cfg
+    from .solvers.base import check_afs
+
+    if not isinstance(_get(node, "name"), str):
+        raise fail(f"{key}.name", _get(node, "name"), "a solver name (conf/solver/*.yaml)")
+    with user_errors(f"{key}.afs"):
+        check_afs(_get(node, "afs") if _get(node, "afs") is not None else False)
+    options = _get(node, "options")
+    if options is not None and not isinstance(options, (dict, DictConfig)):
+        raise fail(f"{key}.options", options, "a mapping of the solver's options")
+    extra = {}
+    if _get(node, "name") in AMED_SOLVERS:
+        from .amed.predictor import AMEDPredictor
+
+        extra["predictor"] = predictor if predictor is not None else AMEDPredictor(feature_dim=1)
+    plain_node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    with user_errors(key):
+        solver = solver_from_cfg(plain_node, **extra)
+    num_points = None
+    if nfe is not None:
+        with user_errors("nfe"):
+            num_points = solver.num_points(int(nfe))
+    return solver, num_points
+
+
+AMED_SOLVERS = ("amed", "amed_plugin")
+DIGITS_NAME = "amedlab-digits"  # the digits extractor (amedlab.evaluation.extractors.DIGITS)
+
+
+def build_checked_model(cfg):
+    """The model, built from its config: a missing, unreadable or wrong file is a ConfigError."""
+    from .models import build_model
+
+    key = "model.path" if _get(cfg, "model.path") not in (None, "") else "model"
+    with user_errors(key):
+        return build_model(cfg.model)
+
+
+def check_distill_settings(cfg, model=None) -> None:
+    """distill.*, solver.distill.*, predictor.* (what stage=distill and an AMED cell without a
+    predictor file read), and, given the model, that it exposes AMED's features."""
+    num = int_at(cfg, "distill.num_trajectories", 1)
+    batch = int_at(cfg, "distill.batch_size", 1)
+    if num < batch:
+        raise fail("distill.num_trajectories", num, f"at least distill.batch_size={batch}",
+                   "fewer trajectories than one batch: no update would be made")
+    float_at(cfg, "distill.lr", 0, lo_open=True)
+    int_at(cfg, "distill.epochs", 1)
+    int_at(cfg, "distill.gen_batch_size", 1)
+    devices = _get(cfg, "distill.devices")
+    if devices is not None and not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)):
+        raise fail("distill.devices", devices, "an integer >= 1 or auto")
+    if isinstance(devices, int) and batch % devices:
+        raise fail("distill.batch_size", batch, f"a multiple of distill.devices={devices}")
+    sdist = _get(cfg, "solver.distill") or {}
+    if _get(sdist, "M") is not None:
+        m = _get(sdist, "M")
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+            raise fail("solver.distill.M", m, "an integer >= 0")
+    for name in ("s_dir", "s_time"):
+        v = _get(sdist, name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1):
+            raise fail(f"solver.distill.{name}", v, "a number in [0, 1)")
+    if _get(sdist, "teacher") is not None:
+        check_solver_node(_get(sdist, "teacher"), "solver.distill.teacher")
+    for name in ("hidden_dim", "bottleneck_dim", "time_dim"):
+        if _get(cfg, f"predictor.{name}") is not None:
+            int_at(cfg, f"predictor.{name}", 2 if name == "time_dim" else 1)
+    if _get(cfg, "predictor.time_dim") is not None and int(_get(cfg, "predictor.time_dim")) % 2:
+        raise fail("predictor.time_dim", _get(cfg, "predictor.time_dim"), "an even integer >= 2")
+    if model is not None:
+        check_features(cfg, model)
+
+
+def check_features(cfg, model) -> None:
+    if int(getattr(model, "feature_dim", 0) or 0) < 1:
+        raise fail("model", _get(cfg, "model.name"), "a model with per-sample features (digits_unet, gaussian_mixture, "
+                   "diffusers, edm_pkl)", "AMED's predictor reads the model's features; this model exposes none")
+
+
+def check_predictor_file(path_value, solver_node: Mapping, nfe: int, sigmas: torch.Tensor, model, key: str = "solver.predictor"):
+    """Open ``solver.predictor`` (tensors only) and check it was trained for this solver, NFE, grid,
+    AFS setting and model; returns the predictor."""
+    from .amed.predictor import AMEDPredictor
+
+    path = Path(str(path_value)).expanduser()
+    if not path.is_file():
+        raise fail(key, str(path_value), "a predictor.pt written by stage=distill, or null (distill one)", "no such file",
+                   missing=True)
+    with user_errors(key):
+        predictor = AMEDPredictor.load(path)
+    meta = predictor.meta or {}
+    trained = {"solver": meta.get("solver"), "nfe": meta.get("nfe"), "afs": meta.get("afs"),
+               "base": (meta.get("solver_options") or {}).get("base")}
+    asked = {"solver": solver_node["name"], "nfe": int(nfe), "afs": solver_node.get("afs", True),
+             "base": (solver_node.get("options") or {}).get("base") if solver_node["name"] == "amed_plugin" else None}
+    about = (f"trained for solver={trained['solver']}" + (f" (base {trained['base']})" if trained["base"] else "")
+             + f", nfe={trained['nfe']}, afs={trained['afs']}, schedule {meta.get('schedule')}, model {meta.get('model_name')!r}")
+    for field in ("solver", "base", "nfe", "afs"):
+        if meta and trained[field] != asked[field] and not (field == "base" and asked["solver"] != "amed_plugin"):
+            raise fail(key, str(path_value), f"a predictor trained for {field}={asked[field]}",
+                       f"this predictor was {about}")
+    if predictor.feature_dim != int(getattr(model, "feature_dim", 0) or 0):
+        raise fail(key, str(path_value), f"a predictor for {getattr(model, 'feature_dim', 0)}-d features",
+                   f"it reads {predictor.feature_dim}-d features; {about}")
+    with user_errors(key):
+        predictor.check_compatible(model.identity() if hasattr(model, "identity") else None, sigmas, asked["afs"])
+    return predictor
+
+
+# ------------------------------------------------------------------------------------------------
+# the stages
+# ------------------------------------------------------------------------------------------------
+
+def check_common(cfg, stage: str) -> None:
+    from .cli import STAGES
+
+    if stage not in STAGES:
+        raise fail("stage", stage, ", ".join(STAGES))
+    check_known_keys(cfg)
+    int_at(cfg, "seed", 0)
+    from .evaluation.wandb_logger import check_logger_cfg
+
+    with user_errors("logger"):
+        check_logger_cfg(_get(cfg, "logger") or {})
+
+
+def check_evaluate(cfg) -> SimpleNamespace:
+    """stage=evaluate: every key of the cell, its files opened; returns what was built."""
+    from .evaluation.extractors import check_extractor_weights, create_extractor, resolve_extractor_name
+    from .evaluation.evaluate import cell_schedule
+    from .evaluation.reference import DIGITS_SPLITS, plain, real_source_from_path
+    from .models.base import PRECISIONS
+    from .sampling import parse_seeds
+    from .schedules import make_sigmas
+
+    check_common(cfg, "evaluate")
+    device = check_device(cfg)
+    nfe = int_at(cfg, "nfe", 1)
+    solver_node = plain(cfg.solver)
+    predictor_path = solver_node.get("predictor")
+    if predictor_path is not None and not isinstance(predictor_path, str):
+        raise fail("solver.predictor", predictor_path, "a file path or null")
+    solver_node["predictor"] = str(Path(predictor_path).expanduser().resolve()) if predictor_path else None
+    check_schedule(cfg.schedule)
+    per_solver = _get(cfg, "eval.schedule_per_solver") or {}
+    if not isinstance(per_solver, (dict, DictConfig)):
+        raise fail("eval.schedule_per_solver", per_solver, "a mapping {solver name: {kind, rho, sigma_min, sigma_max}}")
+    from .solvers import available_solvers
+
+    for name in per_solver:  # every entry, not only this cell's: a typo must not pass silently
+        if name not in available_solvers():
+            near = difflib.get_close_matches(str(name), available_solvers(), n=1)
+            raise fail(f"eval.schedule_per_solver.{name}", per_solver[name], ", ".join(available_solvers()),
+                       "not a solver name" + (f" (did you mean {near[0]}?)" if near else ""))
+        with user_errors(f"eval.schedule_per_solver.{name}"):
+            cell_schedule(cfg.schedule, name, per_solver)
+    with user_errors(f"eval.schedule_per_solver.{solver_node.get('name')}"):
+        schedule = cell_schedule(cfg.schedule, solver_node.get("name"), per_solver)
+    _, num_points = check_solver_node(cfg.solver, "solver", nfe)
+
+    e = "eval"
+    seeds_value = _get(cfg, "eval.seeds")
+    if isinstance(seeds_value, bool) or seeds_value in (None, "") or (isinstance(seeds_value, (list, ListConfig)) and not len(seeds_value)):
+        raise fail("eval.seeds", seeds_value, "a range like 0-1999, a list like 0-9,20, or a count N >= 1")
+    with user_errors("eval.seeds"):
+        seeds = parse_seeds(OmegaConf.to_container(seeds_value) if OmegaConf.is_config(seeds_value) else seeds_value)
+    if not seeds or any(s < 0 or s >= 2**63 for s in seeds):
+        raise fail("eval.seeds", seeds_value, "non-negative integer seeds (a range like 0-1999)")
+    batch_size = int_at(cfg, f"{e}.batch_size", 1)
+    int_at(cfg, f"{e}.num_threads", 1, null=True)
+    dtype_name = choice_at(cfg, f"{e}.dtype", ("float32", "float64"))
+    precision = choice_at(cfg, f"{e}.precision", tuple(PRECISIONS))
+    kid_on = bool_at(cfg, f"{e}.kid")
+    int_at(cfg, f"{e}.kid_subsets", 1)
+    int_at(cfg, f"{e}.kid_subset_size", 2)
+    int_at(cfg, f"{e}.sample_grid", 0)
+    for flag in ("save_samples", "skip_finished", "predictor_cache"):
+        bool_at(cfg, f"{e}.{flag}")
+    from .evaluation.uncertainty import settings as bootstrap_settings
+
+    with user_errors("eval.bootstrap"):
+        bootstrap = bootstrap_settings(_get(cfg, "eval.bootstrap"))
+
+    # the real data and the feature extractor
+    source = choice_at(cfg, f"{e}.real.source", ("dataset", "path"))
+    if source == "dataset":
+        if _get(cfg, "dataset.name") != "digits":
+            raise fail("eval.real.source", source, "path (with eval.real.path)",
+                       f"dataset={_get(cfg, 'dataset.name')!r} has no built-in images; only dataset=digits does")
+        choice_at(cfg, f"{e}.real.split", DIGITS_SPLITS)
+    else:
+        with user_errors("eval.real.path"):
+            real_source_from_path(_get(cfg, "eval.real.path"))
+    fe_name = _get(cfg, f"{e}.feature_extractor")
+    with user_errors("eval.feature_extractor"):
+        extractor = resolve_extractor_name(str(fe_name), source, _get(cfg, "dataset.name"))
+    weights_key = "eval.inception_weights" if extractor != DIGITS_NAME else "eval.digits_classifier"
+    with user_errors(weights_key):
+        weights = check_extractor_weights(extractor, _get(cfg, "eval.inception_weights"), _get(cfg, "eval.digits_classifier"))
+        create_extractor(extractor, weights, "cpu")  # opens the weights file (tensors only) and loads it
+
+    # the high-NFE reference
+    ref = _get(cfg, "eval.ode_reference")
+    int_at(cfg, "eval.ode_reference.nfe", 1)
+    int_at(cfg, "eval.ode_reference.chunk_size", 1, null=True)
+    ref_solver = dict(plain(_get(ref, "solver") or {}))
+    ref_solver["final_step"] = "sigma_min"
+    check_solver_node(ref_solver, "eval.ode_reference.solver", int(_get(ref, "nfe")))
+    ref_sched = plain(_get(ref, "schedule") or {})
+    check_schedule({**ref_sched, "sigma_min": schedule["sigma_min"], "sigma_max": schedule["sigma_max"]},
+                   "eval.ode_reference.schedule")
+
+    # the model and, for AMED, the predictor
+    model = build_checked_model(cfg)
+    shape = tuple(getattr(model, "sample_shape", ()))
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise fail("model", _get(cfg, "model.name"), "an image model (samples [C, H, W], C = 1 or 3): digits_unet, "
+                   "diffusers, edm_pkl", f"stage=evaluate measures FID on images; this model's samples have shape {list(shape)}")
+    if extractor == DIGITS_NAME and (shape[0] != 1 or shape[1] % 8 or shape[2] % 8):
+        raise fail("eval.feature_extractor", fe_name, "inception-v3-compat (with eval.inception_weights)",
+                   f"the digits classifier reads 1-channel images of a multiple of 8 pixels; the model's are {list(shape)}")
+    predictor = None
+    if solver_node["name"] in AMED_SOLVERS:
+        sigmas = make_sigmas(schedule["kind"], num_points, schedule["sigma_min"], schedule["sigma_max"], schedule["rho"])
+        if solver_node["predictor"]:
+            predictor = check_predictor_file(predictor_path, solver_node, nfe, sigmas, model)
+        else:
+            check_distill_settings(cfg, model)
+            check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
+    # where results and caches go (last: a bad value above leaves no directory behind)
+    out_dir = check_writable("hydra.run.dir", _run_dir())
+    cache_dir = check_writable("eval.cache_dir", _get(cfg, "eval.cache_dir"))
+    return SimpleNamespace(model=model, solver_node=solver_node, nfe=nfe, schedule=schedule, num_points=num_points,
+                           seeds=seeds, batch_size=batch_size, dtype={"float32": torch.float32, "float64": torch.float64}[dtype_name],
+                           precision=precision, extractor=extractor, weights=weights, device=device, kid=kid_on,
+                           out_dir=out_dir, cache_dir=cache_dir, predictor=predictor, bootstrap=bootstrap)
+
+
+
+def check_distill(cfg) -> SimpleNamespace:
+    check_common(cfg, "distill")
+    name = _get(cfg, "solver.name")
+    if name not in AMED_SOLVERS:
+        raise fail("solver", name, "amed, amed_plugin", "stage=distill needs solver=amed or solver=amed_plugin")
+    check_device(cfg)
+    nfe = int_at(cfg, "nfe", 1)
+    check_schedule(cfg.schedule)
+    _, num_points = check_solver_node(cfg.solver, "solver", nfe)
+    check_distill_settings(cfg)
+    check_writable("hydra.run.dir", _run_dir())
+    check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
+    model = build_checked_model(cfg)
+    check_features(cfg, model)
+    return SimpleNamespace(model=model, nfe=nfe, num_points=num_points)
+
+
+def check_compare(cfg) -> SimpleNamespace:
+    check_common(cfg, "compare")
+    check_schedule(cfg.schedule)
+    solvers = list_at(cfg, "compare.solvers")
+    nodes = {}
+    for name in solvers:
+        with user_errors("compare.solvers"):
+            nodes[name] = load_group("solver", str(name))
+        check_solver_node(nodes[name], f"compare.solvers[{name}]")
+    nfes = list_at(cfg, "compare.nfes")
+    for n in nfes:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise fail("compare.nfes", _get(cfg, "compare.nfes"), "a list of integers >= 1")
+    int_at(cfg, "compare.num_samples", 1)
+    choice_at(cfg, "compare.dtype", ("float32", "float64"))
+    check_writable("hydra.run.dir", _run_dir())
+    model = build_checked_model(cfg)
+    if not hasattr(model, "reference"):
+        raise fail("model", _get(cfg, "model.name"), "gaussian, gaussian_mixture",
+                   "stage=compare needs a model with an exact reference solution")
+    return SimpleNamespace(model=model, solvers=nodes, nfes=[int(n) for n in nfes])
+
+
+def check_table(cfg) -> None:
+    from .evaluation.table import METRICS
+
+    check_common(cfg, "table")
+    sweep = _get(cfg, "sweep_dir")
+    if sweep in (None, ""):
+        raise fail("sweep_dir", sweep, "a sweep directory (e.g. sweep_dir=outputs/table2_digits)")
+    if not Path(str(sweep)).expanduser().is_dir():
+        raise fail("sweep_dir", str(sweep), "an existing sweep directory", "no such directory", missing=True)
+    metrics = list_at(cfg, "table.metrics")
+    for m in metrics:
+        if m not in METRICS:
+            raise fail("table.metrics", metrics, ", ".join(METRICS))
+    check_writable("table.out_dir", _get(cfg, "table.out_dir") or sweep)
+
+
+def check_train(cfg, stage: str) -> None:
+    check_common(cfg, stage)
+    check_device(cfg)
+    if _get(cfg, "dataset.name") != "digits":
+        raise fail("dataset.name", _get(cfg, "dataset.name"), "digits", f"stage={stage} trains on the built-in digits only")
+    int_at(cfg, "dataset.image_size", 8)
+    if int(_get(cfg, "dataset.image_size")) % 8:
+        raise fail("dataset.image_size", _get(cfg, "dataset.image_size"), "a multiple of 8")
+    float_at(cfg, "dataset.held_out_fraction", 0, lo_open=True, hi=1, hi_open=True)
+    node = "train.teacher" if stage == "train_teacher" else "train.features"
+    for key in ("steps", "batch_size", "val_every_steps"):
+        int_at(cfg, f"{node}.{key}", 1)
+    float_at(cfg, f"{node}.lr", 0, lo_open=True)
+    float_at(cfg, f"{node}.max_minutes", 0, lo_open=True, null=True)
+    int_at(cfg, f"{node}.num_threads", 1, null=True)
+    if stage == "train_teacher":
+        for key in ("sigma_data", "p_std", "ema_halflife_steps"):
+            float_at(cfg, f"{node}.{key}", 0, lo_open=True)
+        int_at(cfg, f"{node}.warmup_steps", 0)
+    else:
+        for key in ("channels", "feature_dim"):
+            int_at(cfg, f"{node}.{key}", 1)
+        float_at(cfg, f"{node}.dropout", 0, hi=1, hi_open=True)
+        int_at(cfg, f"{node}.max_shift", 0)
+    check_writable("hydra.run.dir", _run_dir())
+
+
+def check_analyze(cfg) -> None:
+    check_common(cfg, "analyze_trajectories")
+    check_device(cfg)
+    check_schedule(cfg.schedule)
+    int_at(cfg, "analysis.num_samples", 2)
+    int_at(cfg, "analysis.max_components", 1)
+    choice_at(cfg, "analysis.dtype", ("auto", "float32", "float64"))
+    for n in list_at(cfg, "analysis.nfes"):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise fail("analysis.nfes", _get(cfg, "analysis.nfes"), "a list of odd integers >= 3 (NFE of a 2-NFE-per-step solver with AFS)")
+    int_at(cfg, "analysis.fine.steps", 1)
+    int_at(cfg, "analysis.num_threads", 1, null=True)
+    predictors = _get(cfg, "analysis.amed.predictors") or {}
+    if not isinstance(predictors, (dict, DictConfig)):
+        raise fail("analysis.amed.predictors", predictors, "a mapping {nfe: predictor file}")
+    for nfe, path in predictors.items():
+        from .amed.predictor import AMEDPredictor
+
+        with user_errors(f"analysis.amed.predictors.{nfe}"):
+            AMEDPredictor.load(str(path))  # tensors only; a missing or bad file fails here
+    check_writable("hydra.run.dir", _run_dir())
+    build_checked_model(cfg)
+
+
+CHECKS = {"evaluate": check_evaluate, "distill": check_distill, "compare": check_compare, "table": check_table,
+          "train_teacher": lambda cfg: check_train(cfg, "train_teacher"),
+          "train_features": lambda cfg: check_train(cfg, "train_features"),
+          "analyze_trajectories": check_analyze}
+
+
+def check_stage(cfg, stage: str):
+    """Run ``stage``'s checks (the first call of its ``run``); returns what they built, if anything."""
+    if stage not in CHECKS:
+        from .cli import STAGES
+
+        raise fail("stage", stage, ", ".join(STAGES))
+    return CHECKS[stage](cfg)
