@@ -17,23 +17,27 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from amedlab.configs import CONF_DIR
-from amedlab.evaluation.evaluate import DTYPES, _validate_solver, cell_schedule
+from amedlab.evaluation.evaluate import cell_schedule
 from amedlab.evaluation.extractors import check_extractor_weights, resolve_extractor_name
 from amedlab.models.base import PRECISIONS
 from amedlab.sampling import parse_seeds
+from amedlab.validation import check_known_keys, check_schedule, check_solver_node, choice_at
 
 
 def check_cell(cfg) -> str:
-    """The evaluate stage's checks that run before any compute; returns a one-line summary."""
+    """The evaluate stage's checks that need no device, model or directory; a one-line summary.
+
+    (The full check, ``amedlab.validation.check_evaluate``, also loads the model on ``device`` and
+    probes the output directories: what this dry run on a CPU machine must not do.)"""
     e = cfg.eval
     node = dict(cfg.solver)
+    check_known_keys(cfg)
+    check_schedule(cfg.schedule)
     schedule = cell_schedule(cfg.schedule, node["name"], e.get("schedule_per_solver"))
-    points = _validate_solver(node, int(cfg.nfe))
+    _, points = check_solver_node(cfg.solver, "solver", int(cfg.nfe))
     seeds = parse_seeds(e.seeds)
-    if str(e.dtype) not in DTYPES:
-        raise ValueError(f"eval.dtype={e.dtype!r}; accepted: {', '.join(DTYPES)}")
-    if str(e.get("precision", "fp32")) not in PRECISIONS:
-        raise ValueError(f"eval.precision={e.precision!r}; accepted: {', '.join(PRECISIONS)}")
+    choice_at(cfg, "eval.dtype", ("float32", "float64"))
+    choice_at(cfg, "eval.precision", tuple(PRECISIONS))
     extractor = resolve_extractor_name(str(e.feature_extractor), str(e.real.source), cfg.dataset.get("name"))
     check_extractor_weights(extractor, e.get("inception_weights"), e.get("digits_classifier"))
     return (f"{node['name']} nfe={cfg.nfe}: {points} points, {schedule['kind']} rho={schedule['rho']}, "

@@ -23,5 +23,5 @@ def test_check_sweep_names_each_failing_cell():
                           "hydra/launcher=basic", "solver=euler,dpm2", "nfe=3,4"], cwd=REPO, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 1
-    assert "FAIL experiments=table2_digits hydra/launcher=basic solver=dpm2 nfe=4 -> ValueError: nfe=4 is not reachable" in out.stdout
+    assert "FAIL experiments=table2_digits hydra/launcher=basic solver=dpm2 nfe=4 -> ConfigError: nfe=4 is not reachable" in out.stdout
     assert "3/4 cells compose and pass the checks" in out.stdout
