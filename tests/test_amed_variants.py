@@ -167,3 +167,10 @@ def test_labels_and_cache_keys_of_the_variants():
 
     assert "objective" not in settings(faithful)  # the paper's rows keep their cache keys
     assert settings(traj)["objective"] == "trajectory" and settings(vs) != settings(faithful)
+
+
+def test_label_of_the_standalone_variable_step_base():
+    node = OmegaConf.to_container(load_group("solver", "ipndm"))
+    assert solver_label(node) == "iPNDM"
+    node["options"]["variable_step"] = True
+    assert solver_label(node) == "iPNDM (variable-step)"

@@ -74,6 +74,8 @@ def solver_label(node: Mapping) -> str:
     label = names.get(name, name)
     if name == "amed" and _variant_tags(node):
         return f"{label} ({', '.join(_variant_tags(node))})"
+    if dict(node.get("options") or {}).get("variable_step"):
+        label += " (variable-step)"
     if afs and name != "amed":
         tag = "AFS-mean" if afs == "mean" else "AFS"
         label = label[:-1] + f", {tag})" if label.endswith(")") else label + f" ({tag})"
