@@ -1,11 +1,14 @@
 """AMED against the classical solvers: final-sample RMSE against a high-NFE reference, same noise.
 
 For each NFE in 3/5/7/9 every classical solver (its conf/solver settings, polynomial rho=7 and
-time-uniform rho=1 by default, the better reported) and AMED-Solver / AMED-Plugin(iPNDM) distilled for that
-NFE (trajectories cached on disk, generation timed apart from distillation). Same seeds for all.
+time-uniform rho=1 by default, the better reported) and every AMED config in ``--amed`` (conf/solver
+names: the paper's AMED-Solver and AMED-Plugin(iPNDM), and the corrected variable-step / trajectory-
+objective plug-ins) distilled for that NFE (trajectories cached on disk, generation timed apart from
+distillation). Same seeds for all. The summary gives best AMED / iPNDM and best AMED / best classical.
 
     .venv/bin/python benchmarks/amed_quality.py --model digits_unet
     .venv/bin/python benchmarks/amed_quality.py --model gaussian_mixture
+    .venv/bin/python benchmarks/amed_quality.py --model gaussian_mixture --model-opt dim=64
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from amedlab.models import build_model
 from amedlab.sampling import seeded_noise
 
 CLASSICAL = ["euler", "heun", "dpm2", "ipndm", "dpmpp3m", "unipc"]
+AMED = "amed,amed_plugin,amed_plugin_vs,amed_plugin_vs_traj"
 SCHEDULES = {
     "poly7": {"kind": "polynomial", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
     "tu1": {"kind": "time_uniform", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 1.0},
@@ -51,6 +55,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--nfes", default="3,5,7,9")
     ap.add_argument("--trajectories", type=int, default=10000, help="distillation trajectories per predictor")
+    ap.add_argument("--amed", default=AMED, help="AMED configs (conf/solver names) to distill and evaluate")
+    ap.add_argument("--batch-size", type=int, default=128, help="distillation batch size")
+    ap.add_argument("--epochs", type=int, default=1, help="distillation epochs")
+    ap.add_argument("--model-opt", action="append", default=[], help="model config override key=value (e.g. dim=64)")
+    ap.add_argument("--model-path", default=None, help="model.path (another digits teacher)")
     ap.add_argument("--reference-points", type=int, default=129)
     ap.add_argument("--teacher-M", type=int, default=None, help="override the paper's M (1 for AMED, 2 for the plug-in)")
     ap.add_argument("--batch", type=int, default=500)
@@ -65,7 +74,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 
-    model = build_model(OmegaConf.load(f"conf/model/{args.model}.yaml")).float()
+    mcfg = OmegaConf.load(f"conf/model/{args.model}.yaml")
+    for kv in args.model_opt:
+        key, value = kv.split("=", 1)
+        OmegaConf.update(mcfg, key, __import__("yaml").safe_load(value))
+    if args.model_path:
+        mcfg.path = args.model_path
+    model = build_model(mcfg).float()
     seeds = list(range(args.samples))
     t = time.perf_counter()
     noise, ref, cached = reference(model, seeds, args.reference_points, args.cache, args.batch)
@@ -93,15 +108,19 @@ def main() -> None:
                 if best is None or err < best[0]:
                     best = (err, sname)
             row[name] = {"rmse": best[0], "schedule": best[1]}
-        for name, sname in (("amed", "tu1"), ("amed_plugin", "poly7")):
+        amed_names = args.amed.split(",")
+        for name in amed_names:
+            sname = "tu1" if name == "amed" else "poly7"  # the paper's schedules (AMED-Solver: time-uniform)
             node = with_afs(load_group("solver", name), args.afs)
             dist = node.distill
             t = time.perf_counter()
-            pred = distill(model, solver=name, nfe=nfe, schedule=SCHEDULES[sname], afs=node.afs,
+            pred = distill(model, solver=node.name, nfe=nfe, schedule=SCHEDULES[sname], afs=node.afs,
                            solver_options=dict(node.options), teacher=OmegaConf.to_container(dist.teacher),
                            M=args.teacher_M if args.teacher_M is not None else dist.M, s_dir=dist.s_dir, s_time=dist.s_time,
                            num_trajectories=args.trajectories, cache_dir=args.cache, gen_batch_size=args.batch,
-                           model_name=args.model)
+                           model_name=args.model, batch_size=args.batch_size, epochs=args.epochs,
+                           objective=dist.get("objective", "interval"),
+                           intermediate_weight=float(dist.get("intermediate_weight", 0.0)))
             solver = solver_from_cfg(node, predictor=pred)
             sigmas = torch.tensor(pred.meta["sigmas"], dtype=torch.float64)
             with torch.no_grad():
@@ -109,21 +128,27 @@ def main() -> None:
             m = pred.meta
             row[name] = {"rmse": err, "schedule": sname, "distill_seconds": m["train_seconds"],
                          "trajectory_seconds": m["trajectory_seconds"], "trajectories_cached": m["trajectories_cached"],
-                         "updates": m["updates"], "r_final": [rec["r_mean"] for rec in pred.records[-(len(sigmas) - 1):]]}
+                         "updates": m["updates"], "converged": m["convergence"]["converged"],
+                         "r_final": [e["r_end"] for e in m["convergence"]["intervals"]]}
             print(f"  nfe={nfe} {name}: distilled in {m['train_seconds']:.1f} s ({m['updates']} updates); trajectories "
                   f"{'cached' if m['trajectories_cached'] else 'generated'} in {m['trajectory_seconds']:.1f} s", flush=True)
         results[nfe] = row
         best_classical = min(v["rmse"] for k, v in row.items() if k in CLASSICAL)
-        print(f"NFE {nfe}: " + ", ".join(f"{k} {v['rmse']:.4f}" for k, v in row.items())
-              + f" | AMED / best classical = {row['amed']['rmse'] / best_classical:.2f},"
-              f" plug-in / iPNDM = {row['amed_plugin']['rmse'] / row['ipndm']['rmse']:.2f}", flush=True)
+        best_amed = min(row[k]["rmse"] for k in amed_names)
+        row["ratios"] = {"best_amed_over_ipndm": best_amed / row["ipndm"]["rmse"],
+                         "best_amed_over_best_classical": best_amed / best_classical}
+        print(f"NFE {nfe}: " + ", ".join(f"{k} {row[k]['rmse']:.4f}" for k in CLASSICAL + amed_names)
+              + f" | best AMED / iPNDM = {row['ratios']['best_amed_over_ipndm']:.2f},"
+              f" / best classical = {row['ratios']['best_amed_over_best_classical']:.2f}", flush=True)
 
     nfes = list(results)
     print(f"\nRMSE against the reference ({args.model}, {args.samples} samples; classical: better of poly7/tu1)")
     print("| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
     print("|---" * (len(nfes) + 1) + "|")
-    for name in CLASSICAL + ["amed", "amed_plugin"]:
+    for name in CLASSICAL + amed_names:
         print(f"| {name} | " + " | ".join(f"{results[n][name]['rmse']:.4f}" for n in nfes) + " |")
+    for key in ("best_amed_over_ipndm", "best_amed_over_best_classical"):
+        print(f"| {key} | " + " | ".join(f"{results[n]['ratios'][key]:.2f}" for n in nfes) + " |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..data.trajectories import TrajectoryDataModule, cached_trajectories, student_grid
 from ..sampling import parse_seeds
-from ..solvers.base import Point, check_afs, evaluate, first_point
+from ..solvers.base import Point, Solver, check_afs, evaluate, first_point
+from .objectives import check_objective, convergence, trajectory_loss, warn_if_unconverged
 from .placement import held_teacher, lightning_placement, teacher_to
 from .predictor import AMEDPredictor
 from .solvers import AMEDPlugin
@@ -91,9 +92,11 @@ class AMEDDistillation(pl.LightningModule):
     ``placement.held_teacher`` (as :func:`distill` does), which also restores it afterwards.
     """
 
-    def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs, lr: float = 5e-3) -> None:
+    def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs, lr: float = 5e-3,
+                 objective: str = "interval", intermediate_weight: float = 0.0) -> None:
         super().__init__()
         object.__setattr__(self, "denoiser", denoiser)  # bypasses nn.Module's registration
+        self.objective, self.intermediate_weight = objective, float(intermediate_weight)
         self.rule, self.predictor = rule, rule.predictor
         self.register_buffer("sigmas", sigmas.clone())
         self.afs, self.lr = afs, float(lr)
@@ -112,20 +115,34 @@ class AMEDDistillation(pl.LightningModule):
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
             wrapped.require_backward_grad_sync = False
 
+    def _record(self, i: int, loss: float, batch_size: int) -> None:
+        rec = {"interval": i, "loss": loss}
+        for name, v in zip("rca", self.rule.last_outputs[i]):
+            v = v.detach()
+            rec[f"{name}_mean"], rec[f"{name}_std"] = v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
+        self.records.append(rec)
+        self.log_dict({f"interval_{i}/{k}": v for k, v in rec.items() if k != "interval"}, on_step=True, batch_size=batch_size)
+
     def training_step(self, batch, batch_idx):
         (states,) = batch
         opt = self.optimizers()
+        if self.objective == "trajectory":
+            # one update per batch: backprop through the whole student run (objectives.trajectory_loss)
+            opt.zero_grad()
+            loss, errors = trajectory_loss(Solver(self.rule, afs=self.afs), self.denoiser, states, self.sigmas,
+                                           self.intermediate_weight)
+            self.manual_backward(loss)
+            _average_gradients(self.predictor)
+            opt.step()
+            for i, err in enumerate(errors):
+                self._record(i, err.item(), len(states))
+            return
         for i, loss in student_intervals(self.denoiser, self.rule, states, self.sigmas, self.afs):
             opt.zero_grad()
             self.manual_backward(loss)
             _average_gradients(self.predictor)
             opt.step()
-            rec = {"interval": i, "loss": loss.item()}
-            for name, v in zip("rca", self.rule.last_outputs[-1]):
-                v = v.detach()
-                rec[f"{name}_mean"], rec[f"{name}_std"] = v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
-            self.records.append(rec)
-            self.log_dict({f"interval_{i}/{k}": v for k, v in rec.items() if k != "interval"}, on_step=True, batch_size=len(states))
+            self._record(i, loss.item(), len(states))
 
 
 def distill(
@@ -154,6 +171,8 @@ def distill(
     accelerator: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
+    objective: str = "interval",
+    intermediate_weight: float = 0.0,
 ) -> AMEDPredictor:
     """Distill an AMED predictor for ``denoiser``; returns it with its training settings in ``meta``.
 
@@ -161,6 +180,9 @@ def distill(
     ``seeds`` default to 100000.. (disjoint from evaluation seeds 0..). ``devices``/``strategy``
     are Lightning's (e.g. devices=2, strategy="ddp"): each process takes batch_size / devices of
     every global batch, so the result matches one process. Every rank returns the trained predictor.
+    ``objective``: ``interval`` (the paper's one update per interval) or ``trajectory`` (backprop through
+    the whole student run, loss on the final sample plus ``intermediate_weight`` x the inner grid
+    points; :mod:`amedlab.amed.objectives`). ``meta["convergence"]`` says whether every interval settled.
     """
     if solver not in AMED_SOLVERS:
         raise ValueError(f"solver={solver!r} cannot be distilled; accepted: {', '.join(AMED_SOLVERS)}")
@@ -173,6 +195,7 @@ def distill(
     solver_options = _plain(solver_options or ({"base": "ipndm", "max_order": 4} if solver == "amed_plugin" else {}))
     check_schedule_cfg(schedule)
     check_afs(afs)
+    check_objective(objective, intermediate_weight)
     solver_from_cfg(teacher)  # validates the teacher's name and options before any compute
     feature_dim = int(getattr(denoiser, "feature_dim", 0))
     if feature_dim < 1:
@@ -190,7 +213,7 @@ def distill(
     data, was_cached = cached_trajectories(denoiser, teacher, schedule, num_points, M, seeds, cache_dir, dtype, gen_batch_size)
     cache_seconds = time.perf_counter() - t0
 
-    module = AMEDDistillation(denoiser, student.rule, sigmas, afs, lr)
+    module = AMEDDistillation(denoiser, student.rule, sigmas, afs, lr, objective, intermediate_weight)
     # the frozen teacher is in eval mode on purpose; Lightning's banner and tips are noise here
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
@@ -218,7 +241,11 @@ def distill(
         "world_size": trainer.world_size,
         "updates": len(module.records), "final_interval_loss": [last[i]["loss"] for i in sorted(last)],
         "trajectories_cached": was_cached, "trajectory_seconds": cache_seconds, "train_seconds": train_seconds,
+        "convergence": convergence(module.records),
     }
+    if objective != "interval":  # the paper's default leaves the metadata as it was
+        predictor.meta.update(objective=objective, intermediate_weight=float(intermediate_weight))
+    warn_if_unconverged(predictor.meta["convergence"], f"{solver} distillation for nfe={int(nfe)}")
     predictor.records = module.records
     return predictor
 
@@ -243,6 +270,7 @@ def run(cfg):
         predictor_sizes=dict(cfg.get("predictor") or {}), cache_dir=dcfg.cache_dir,
         gen_batch_size=int(dcfg.gen_batch_size), seed=int(cfg.seed), model_name=cfg.model.name,
         accelerator=dcfg.get("accelerator", "auto"), devices=dcfg.get("devices", 1), strategy=dcfg.get("strategy", "auto"),
+        objective=sdist.get("objective", "interval"), intermediate_weight=float(sdist.get("intermediate_weight", 0.0)),
     )
     out = run_dir()
     path = predictor.save(out / "predictor.pt")

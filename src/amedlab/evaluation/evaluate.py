@@ -70,12 +70,27 @@ def solver_label(node: Mapping) -> str:
     if name == "amed_plugin":
         base = str(options.get("base", "ipndm"))
         base_name = {"euler": "DDIM", "dpm2": "DPM-Solver-2", "ipndm": "iPNDM", "dpmpp": "DPM-Solver++"}.get(base, base)
-        return f"AMED-Plugin (on {base_name})"
+        return f"AMED-Plugin (on {base_name}{''.join(', ' + t for t in _variant_tags(node))})"
     label = names.get(name, name)
+    if name == "amed" and _variant_tags(node):
+        return f"{label} ({', '.join(_variant_tags(node))})"
+    if dict(node.get("options") or {}).get("variable_step"):
+        label += " (variable-step)"
     if afs and name != "amed":
         tag = "AFS-mean" if afs == "mean" else "AFS"
         label = label[:-1] + f", {tag})" if label.endswith(")") else label + f" ({tag})"
     return label
+
+
+def _variant_tags(node: Mapping) -> list[str]:
+    """What an AMED row does differently from the paper's recipe (variable-step base, AFS, objective)."""
+    options, sdist = dict(node.get("options") or {}), dict(node.get("distill") or {})
+    tags = ["variable-step"] if options.get("variable_step") else []
+    if node.get("afs") == "mean":
+        tags.append("AFS-mean")
+    if sdist.get("objective", "interval") != "interval":
+        tags.append(f"{sdist['objective']} objective")
+    return tags
 
 
 def distill_settings(cfg, solver_node: Mapping, schedule: Mapping) -> dict:
@@ -88,6 +103,8 @@ def distill_settings(cfg, solver_node: Mapping, schedule: Mapping) -> dict:
         "s_dir": sdist.get("s_dir"), "s_time": sdist.get("s_time"), "num_trajectories": int(dcfg.num_trajectories),
         "batch_size": int(dcfg.batch_size), "lr": float(dcfg.lr), "epochs": int(dcfg.epochs),
         "predictor_sizes": plain(dict(cfg.get("predictor") or {})), "seed": int(cfg.seed),
+        # only when set, so the paper's default keeps its cache key
+        **{k: sdist[k] for k in ("objective", "intermediate_weight") if k in sdist},
     }
 
 
@@ -198,7 +215,8 @@ def cell_predictor(model, cfg, solver_node: Mapping, schedule: Mapping, cache_di
             s_dir=settings["s_dir"], s_time=settings["s_time"], num_trajectories=settings["num_trajectories"],
             batch_size=settings["batch_size"], lr=settings["lr"], epochs=settings["epochs"],
             predictor_sizes=settings["predictor_sizes"], cache_dir=cfg.distill.cache_dir,
-            gen_batch_size=int(cfg.distill.gen_batch_size), seed=settings["seed"], model_name=cfg.model.name, **lightning)
+            gen_batch_size=int(cfg.distill.gen_batch_size), seed=settings["seed"], model_name=cfg.model.name, **lightning,
+            **{k: settings[k] for k in ("objective", "intermediate_weight") if k in settings})
         seconds = time.perf_counter() - t0
         predictor.save(path)
         atomic_write_json(records_path, {"settings": settings, "meta": predictor.meta, "records": predictor.records})

@@ -23,23 +23,65 @@ def _order(max_order: int, history: list[Point], remaining: int, lower_order_fin
     return min(order, remaining) if lower_order_final else order
 
 
+# 3-point Gauss-Legendre rule on [0, 1]: exact for polynomials of degree <= 5 (the Lagrange basis of
+# order 4 has degree 3), so the variable-step weights below are exact integrals, not approximations.
+_GL_NODES = (0.5 - 0.5 * 0.6**0.5, 0.5, 0.5 + 0.5 * 0.6**0.5)
+_GL_WEIGHTS = (5 / 18, 8 / 18, 5 / 18)
+
+
+def adams_bashforth_weights(times: list[torch.Tensor], t_next: torch.Tensor) -> list[torch.Tensor]:
+    """Variable-step Adams-Bashforth weights, per sample: w_j = (1/h) int_{t_0}^{t_next} L_j(s) ds.
+
+    ``times`` = [t_0 (current), t_1, ...] (newest first, each [B]), h = t_next - t_0, L_j the Lagrange
+    basis polynomial of node j over ``times``; x_next = x_0 + h sum_j w_j d_j integrates the
+    interpolant of the slopes d_j at their own times exactly. On equal steps (t_j = t_0 - j h) the
+    weights are the fixed ones of :data:`IPNDM_WEIGHTS` (tested); torch ops throughout, so they are
+    differentiable in every time (AMED's learned mid point).
+    """
+    h = t_next - times[0]
+    u = [(t - times[0]) / h for t in times]  # nodes in units of the step: u_0 = 0, earlier nodes < 0
+    weights = []
+    for j, uj in enumerate(u):
+        w = 0.0
+        for node, gw in zip(_GL_NODES, _GL_WEIGHTS):
+            basis = 1.0
+            for m, um in enumerate(u):
+                if m != j:
+                    basis = basis * (node - um) / (uj - um)
+            w = w + gw * basis
+        weights.append(w if torch.is_tensor(w) else torch.full_like(h, w))
+    return weights
+
+
 class IPNDM(StepRule):
-    """iPNDM: Adams-Bashforth with FIXED weights on the stored slopes, whatever the step sizes."""
+    """iPNDM: Adams-Bashforth with FIXED weights on the stored slopes, whatever the step sizes.
+
+    ``variable_step=True``: the weights are recomputed per sample from the stored points' own times
+    (:func:`adams_bashforth_weights`); identical on equal steps, and correct when an interval is split
+    at another time (AMED-Plugin's learned mid point enters the history).
+    """
 
     name = "ipndm"
 
-    def __init__(self, max_order: int = 4) -> None:
+    def __init__(self, max_order: int = 4, variable_step: bool = False) -> None:
         if max_order not in (1, 2, 3, 4):
             raise ValueError(f"solver.max_order={max_order!r}; accepted: 1, 2, 3, 4")
+        if not isinstance(variable_step, bool):
+            raise ValueError(f"solver.variable_step={variable_step!r}; accepted: true, false")
         self.max_order, self.history_size = max_order, max_order - 1
+        self.variable_step = variable_step
 
     def options(self):
-        return {"max_order": self.max_order}
+        return {"max_order": self.max_order, **({"variable_step": True} if self.variable_step else {})}
 
     def step(self, denoiser, cur, t_next, history, remaining):
         order = min(self.max_order, len(history) + 1)
-        slopes = [cur.slope] + [p.slope for p in reversed(history[len(history) - order + 1 :])]
-        direction = sum(w * d for w, d in zip(IPNDM_WEIGHTS[order - 1], slopes))
+        points = [cur] + list(reversed(history[len(history) - order + 1 :]))
+        if self.variable_step:
+            weights = [bcast(w, cur.x) for w in adams_bashforth_weights([p.t for p in points], t_next)]
+        else:
+            weights = IPNDM_WEIGHTS[order - 1]
+        direction = sum(w * p.slope for w, p in zip(weights, points))
         return cur.x + bcast(t_next - cur.t, cur.x) * direction, [cur]
 
 

@@ -1,0 +1,176 @@
+"""The corrected AMED variants: variable-step Adams-Bashforth weights, the trajectory objective,
+the convergence signal, and their Table 2 labels / cache keys."""
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from amedlab.amed import AMEDPredictor
+from amedlab.amed.distill import distill
+from amedlab.amed.objectives import convergence, trajectory_loss
+from amedlab.configs import load_group
+from amedlab.data.trajectories import cached_trajectories
+from amedlab.evaluation.evaluate import distill_settings, solver_label
+from amedlab.models.analytic import Gaussian, default_mixture
+from amedlab.schedules import make_sigmas
+from amedlab.solvers import Point, make_solver
+from amedlab.solvers.multistep import IPNDM_WEIGHTS, adams_bashforth_weights
+
+POLY = {"kind": "polynomial", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("h", [-0.37, 0.25])
+def test_variable_step_weights_are_the_fixed_ones_on_equal_steps(order, h):
+    t0 = torch.tensor([3.0, 7.5, 12.0], dtype=torch.float64)
+    times = [t0 - j * h for j in range(order)]
+    weights = adams_bashforth_weights(times, t0 + h)
+    for w, fixed in zip(weights, IPNDM_WEIGHTS[order - 1]):
+        torch.testing.assert_close(w, torch.full_like(t0, fixed), rtol=0, atol=1e-13)  # round-off of (t_j - t_0) / h
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_variable_step_weights_integrate_polynomials_of_the_order_exactly(order):
+    """h sum_j w_j p(t_j) = int_{t_0}^{t_next} p for every p of degree < order, unequal per-sample steps."""
+    g = torch.Generator().manual_seed(order)
+    t0 = 1.0 + torch.rand(5, generator=g, dtype=torch.float64)
+    gaps = 0.1 + torch.rand(order, 5, generator=g, dtype=torch.float64)  # earlier nodes lie above t0 (sigma falls)
+    times = [t0] + [t0 + gaps[: j].sum(0) for j in range(1, order)]
+    t_next = t0 - 0.2 - 0.5 * torch.rand(5, generator=g, dtype=torch.float64)
+    weights = adams_bashforth_weights(times, t_next)
+    for degree in range(order):
+        coef = torch.randn(degree + 1, generator=g, dtype=torch.float64)
+        p = lambda t: sum(c * t**k for k, c in enumerate(coef))  # noqa: E731
+        antider = lambda t: sum(c * t ** (k + 1) / (k + 1) for k, c in enumerate(coef))  # noqa: E731
+        quad = (t_next - t0) * sum(w * p(t) for w, t in zip(weights, times))
+        torch.testing.assert_close(quad, antider(t_next) - antider(t0), rtol=1e-12, atol=1e-12)
+
+
+def test_variable_step_weights_are_differentiable_in_the_times():
+    times = [torch.tensor([2.0], dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    with torch.no_grad():
+        times[1] += 0.3
+        times[2] += 0.9
+    t_next = torch.tensor([1.6], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b, c: torch.stack(adams_bashforth_weights([a, b, c], t_next)), times)
+
+
+def test_variable_step_ipndm_is_fourth_order_on_unequal_steps_from_exact_history():
+    """Measured order on the EDM grid (rho 7), warm-started from the exact solution of a Gaussian:
+    the variable-step weights give order ~4, the fixed weights ~2 (they assume equal steps)."""
+    model = Gaussian(dim=2, std=0.5)
+
+    def error(steps, variable):
+        rule = make_solver("ipndm", max_order=4, variable_step=variable).rule
+        x_T = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 5 / 16
+        sig = make_sigmas("polynomial", steps + 1, sigma_min=0.05, sigma_max=5.0, rho=7.0)
+        ones = torch.ones(64, dtype=torch.float64)
+        history, x = [], None
+        for i in range(steps):
+            x = model.reference(x_T, 5.0, float(sig[i])) if i < 4 else x
+            cur = Point(sig[i] * ones, x, model(x, sig[i] * ones))
+            x, new = rule.step(model, cur, sig[i + 1] * ones, history, steps - i)
+            history = (history + new)[-3:]
+        return (x - model.reference(x_T, 5.0, float(sig[-1]))).pow(2).sum(-1).mean().sqrt().item()
+
+    variable = math.log2(error(64, True) / error(128, True))
+    fixed = math.log2(error(64, False) / error(128, False))
+    assert variable > 3.6, variable
+    assert fixed < 2.5, fixed
+
+
+def test_variable_step_is_identical_to_fixed_weights_on_a_uniform_grid():
+    model = default_mixture()
+    x = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 80
+    sig = make_sigmas("polynomial", 9, rho=1.0)  # equal steps in sigma
+    fixed = make_solver("ipndm", max_order=4).sample(model, x, sig)
+    variable = make_solver("ipndm", max_order=4, variable_step=True).sample(model, x, sig)
+    torch.testing.assert_close(variable, fixed, rtol=1e-12, atol=1e-10)
+
+
+def test_variable_step_option_is_checked():
+    with pytest.raises(ValueError, match="variable_step"):
+        make_solver("ipndm", variable_step="yes")
+
+
+def test_trajectory_objective_gradient_reaches_every_interval():
+    """Loss on the final sample only: every interval's r (not just the last one) gets a gradient."""
+    model = default_mixture().float()
+    predictor = AMEDPredictor(feature_dim=4, s_dir=0.01, s_time=0.2)
+    solver = make_solver("amed_plugin", afs=True, predictor=predictor, base="ipndm", max_order=4, variable_step=True)
+    sigmas = make_sigmas("polynomial", 6)
+    data, _ = cached_trajectories(model, {"name": "ipndm", "options": {"max_order": 4}}, POLY, 6, 2, range(32), None)
+    loss, errors = trajectory_loss(solver, model, data["states"], sigmas, intermediate_weight=0.0)
+    assert len(errors) == 5 and torch.equal(loss, errors[-1])
+    outputs = solver.rule.last_outputs
+    assert len(outputs) == 5
+    for r, _, _ in outputs:
+        r.retain_grad()
+    loss.backward()
+    for i, (r, _, _) in enumerate(outputs):
+        assert r.grad is not None and r.grad.abs().sum() > 0, f"interval {i}"
+    assert predictor.head_r.weight.grad.abs().sum() > 0
+
+
+def test_distillation_with_the_trajectory_objective_records_and_lowers_the_final_error(tmp_path):
+    model = default_mixture().float()
+    kwargs = dict(solver="amed_plugin", nfe=5, schedule=POLY, num_trajectories=256, batch_size=32, epochs=3,
+                  cache_dir=tmp_path, seed=0, solver_options={"base": "ipndm", "max_order": 4, "variable_step": True})
+    trained = distill(model, objective="trajectory", **kwargs)
+    m = trained.meta
+    assert m["objective"] == "trajectory" and m["updates"] == 3 * 8 * 3  # epochs x batches x intervals (records)
+    conv = m["convergence"]
+    assert [e["interval"] for e in conv["intervals"]] == [0, 1, 2]
+    assert all(0 < e["r_end"] < 1 for e in conv["intervals"])
+    held_out, _ = cached_trajectories(model, m["teacher"], POLY, 4, m["M"], range(5000, 5256), tmp_path)
+    sigmas = torch.tensor(m["sigmas"])
+    torch.manual_seed(0)
+    untrained = AMEDPredictor(feature_dim=4, s_dir=trained.s_dir, s_time=trained.s_time)
+    opts = m["solver_options"]
+    with torch.no_grad():
+        before = trajectory_loss(make_solver("amed_plugin", afs=True, predictor=untrained, **opts), model, held_out["states"], sigmas)[0]
+        after = trajectory_loss(make_solver("amed_plugin", predictor=trained, **opts), model, held_out["states"], sigmas)[0]
+    assert after < 0.8 * before, (before, after)
+    with pytest.raises(ValueError, match="distill.objective"):
+        distill(model, objective="final", **kwargs)
+
+
+def _records(r, loss, interval=0):
+    return [{"interval": interval, "loss": float(lo), "r_mean": float(rv)} for rv, lo in zip(r, loss)]
+
+
+def test_convergence_signal():
+    g = torch.Generator().manual_seed(0)
+    n = 100
+    noisy_loss = (1 + 0.3 * torch.randn(n, generator=g)).abs()
+    flat = convergence(_records(0.4 + 0.002 * torch.randn(n, generator=g), noisy_loss))
+    assert flat["converged"] is True and flat["intervals"][0]["tail_updates"] == 10
+    drifting_r = convergence(_records(torch.linspace(0.8, 0.3, n), noisy_loss))
+    assert drifting_r["converged"] is False and drifting_r["intervals"][0]["r_change"] < -0.02
+    falling_loss = convergence(_records(torch.full((n,), 0.4), torch.linspace(5.0, 1.0, n)))
+    assert falling_loss["converged"] is False and falling_loss["intervals"][0]["loss_rel_change"] < -0.1
+    assert convergence(_records([0.5], [1.0]))["converged"] is None  # one update: not judged
+
+
+def test_labels_and_cache_keys_of_the_variants():
+    faithful, vs, traj = (OmegaConf.to_container(load_group("solver", n)) for n in ("amed_plugin", "amed_plugin_vs", "amed_plugin_vs_traj"))
+    assert solver_label(faithful) == "AMED-Plugin (on iPNDM)"
+    assert solver_label(vs) == "AMED-Plugin (on iPNDM, variable-step)"
+    assert solver_label(traj) == "AMED-Plugin (on iPNDM, variable-step, trajectory objective)"
+    assert solver_label(OmegaConf.to_container(load_group("solver", "amed"))) == "AMED-Solver"
+
+    def settings(node):
+        cfg = OmegaConf.create({"solver": node, "nfe": 5, "seed": 0, "predictor": {},
+                                "distill": {"num_trajectories": 8, "batch_size": 4, "lr": 1e-3, "epochs": 1}})
+        return distill_settings(cfg, node, POLY)
+
+    assert "objective" not in settings(faithful)  # the paper's rows keep their cache keys
+    assert settings(traj)["objective"] == "trajectory" and settings(vs) != settings(faithful)
+
+
+def test_label_of_the_standalone_variable_step_base():
+    node = OmegaConf.to_container(load_group("solver", "ipndm"))
+    assert solver_label(node) == "iPNDM"
+    node["options"]["variable_step"] = True
+    assert solver_label(node) == "iPNDM (variable-step)"
