@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The digits Table 2: 8 solvers x NFE 3/5/7/9, 2000 samples per cell (finished cells are skipped on
+# The digits Table 2: 9 solvers x NFE 3/5/7/9, 2000 samples per cell (finished cells are skipped on
 # a re-run), then the table (markdown, LaTeX, CSV) and the FID-vs-NFE plot in outputs/table2_digits/.
 run: venv
 	@start=$$(date +%s); \

@@ -1,7 +1,6 @@
 """Evaluation: seeded sampling, quantisation, FID / KID through torch-fidelity, references, logging."""
 import json
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,14 +25,6 @@ from amedlab.solvers import make_solver
 
 TINY_NET = dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these tiny models gain nothing from two, and a shared CPU makes two much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from amedlab.schedules import make_sigmas
 
 
 @pytest.mark.parametrize("kind,rho,expected", [
-    ("polynomial", 7.0, [80.0, 9.7232, 0.4700, 0.002]),   # method.md section 1
-    ("time_uniform", 1.0, [80.0, 6.9502, 1.2867, 0.002]),  # method.md section 1
+    ("polynomial", 7.0, [80.0, 9.7232, 0.4700, 0.002]),   # N=4 grid of the AMED paper's setup
+    ("time_uniform", 1.0, [80.0, 6.9502, 1.2867, 0.002]),  # N=4 grid of the AMED paper's setup
     ("logsnr", 7.0, [80.0, 2.3392, 0.0684, 0.002]),        # exp(linspace(log 80, log 0.002, 4))
 ])
 def test_grids_to_four_decimals(kind, rho, expected):

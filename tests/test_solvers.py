@@ -115,7 +115,7 @@ def test_counted_nfe_equals_declared(name, afs, final_step):
 def test_unreachable_nfe_lists_reachable():
     with pytest.raises(ValueError, match=r"nfe=4 is not reachable by solver=heun.*reachable: 1, 3, 5, 7"):
         num_points_for("heun", 4, afs=True)
-    assert num_points_for("dpm2", 5, afs=True) == 4  # method.md: NFE 3/5/7/9 = 3/4/5/6 points
+    assert num_points_for("dpm2", 5, afs=True) == 4  # NFE 3/5/7/9 = 3/4/5/6 points with AFS: NFE = 2(N-1) - 1
     assert num_points_for("ipndm", 5) == 6
 
 

@@ -20,13 +20,6 @@ D = 8
 MIX = np.random.default_rng(1).normal(size=(D, D)) / np.sqrt(D)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def draw(z, noise):
     """A smooth non-linear map of a latent plus noise: features whose FID is not trivially Gaussian."""

@@ -1,4 +1,6 @@
-"""Noise-level grids t_0 = sigma_max > ... > t_{N-1} = sigma_min (method.md section 1)."""
+"""Noise-level grids t_0 = sigma_max > ... > t_{N-1} = sigma_min.
+
+Polynomial: EDM (Karras et al. 2022), Eq. 5; time-uniform: the VP schedule (Song et al. 2021)."""
 from __future__ import annotations
 
 import math

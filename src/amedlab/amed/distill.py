@@ -29,7 +29,7 @@ from .solvers import AMEDPlugin
 log = logging.getLogger(__name__)
 
 AMED_SOLVERS = ("amed", "amed_plugin")
-# method.md section 2: the paper's recommended settings
+# the paper's recommended settings (AMED, arXiv 2312.00094, experimental setup)
 DEFAULTS = {
     "amed": {"teacher": {"name": "heun", "afs": False, "options": {}}, "M": 1, "s_dir": 0.01, "s_time": 0.0,
              "schedule": {"kind": "time_uniform", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 1.0}},

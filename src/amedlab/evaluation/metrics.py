@@ -1,6 +1,6 @@
 """The numbers every cell reports: FID and KID (torch-fidelity) and the trajectory error.
 
-Images are quantised as in the paper (method.md section 5): ``(x * 127.5 + 128).clip(0, 255)``
+Images are quantised as in the EDM and AMED reference code (generate.py): ``(x * 127.5 + 128).clip(0, 255)``
 to uint8, then fed to a feature extractor (:mod:`.extractors`). FID and KID are torch-fidelity's
 own functions on those features; the trajectory error is the RMSE, in data units, between a
 cell's samples and a high-NFE solution of the same ODE from the same noise.
