@@ -7,3 +7,17 @@ def _one_torch_thread():
     # 2-core CI boxes: one thread per process avoids oversubscription (much faster when shared)
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def compose_cfg():
+    """Compose the real ``conf/`` with overrides, as the command line does (no run directory)."""
+    from hydra import compose, initialize_config_dir
+
+    from amedlab.configs import CONF_DIR
+
+    def _compose(*overrides):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose

@@ -152,3 +152,18 @@ def test_model_configs_compose_and_validate_before_compute(backend):
     else:
         with pytest.raises(ValueError, match="model.path=null"):
             build_model(cfg.model)
+
+
+def test_training_wandb_logger_reads_the_logger_config_and_stays_offline(tmp_path, compose_cfg):
+    """The training stages read conf/logger/wandb.yaml's keys (mode, project, group): offline unless
+    logger.mode=online, and no wandb logger with mode=disabled."""
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    cfg = compose_cfg("stage=train_teacher", "logger=wandb", "logger.group=g1")
+    csv, wandb = teacher_stage.lightning_loggers(cfg, tmp_path)
+    assert isinstance(csv, CSVLogger) and isinstance(wandb, WandbLogger)
+    assert wandb._offline is True and wandb._wandb_init["group"] == "g1" and wandb._wandb_init["project"] == "amedlab"
+    online = teacher_stage.lightning_loggers(compose_cfg("stage=train_teacher", "logger=wandb", "logger.mode=online"), tmp_path)
+    assert online[1]._offline is False
+    disabled = teacher_stage.lightning_loggers(compose_cfg("stage=train_teacher", "logger=wandb", "logger.mode=disabled"), tmp_path)
+    assert len(disabled) == 1

@@ -25,6 +25,7 @@ import torch
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .amed.solvers import AMED_SOLVERS
 from .configs import CONF_DIR, load_group
 
 
@@ -282,7 +283,6 @@ def check_solver_node(node, key: str = "solver", nfe: int | None = None, predict
     return solver, num_points
 
 
-AMED_SOLVERS = ("amed", "amed_plugin")
 DIGITS_NAME = "amedlab-digits"  # the digits extractor (amedlab.evaluation.extractors.DIGITS)
 
 

@@ -24,11 +24,10 @@ from ..solvers.base import Point, Solver, check_afs, evaluate, first_point
 from .objectives import check_objective, convergence, trajectory_loss, warn_if_unconverged
 from .placement import held_teacher, lightning_placement, teacher_to
 from .predictor import AMEDPredictor
-from .solvers import AMEDPlugin
+from .solvers import AMED_SOLVERS, AMEDPlugin
 
 log = logging.getLogger(__name__)
 
-AMED_SOLVERS = ("amed", "amed_plugin")
 # the paper's recommended settings (AMED, arXiv 2312.00094, experimental setup)
 DEFAULTS = {
     "amed": {"teacher": {"name": "heun", "afs": False, "options": {}}, "M": 1, "s_dir": 0.01, "s_time": 0.0,

@@ -19,6 +19,7 @@ from ..solvers.single_step import DPMSolver2, Euler, MeanDirection
 from .predictor import AMEDPredictor
 
 PLUGIN_BASES = ("euler", "dpm2", "ipndm", "dpmpp")
+AMED_SOLVERS = ("amed", "amed_plugin")  # the solver names that need a predictor
 
 
 class AMEDPlugin(StepRule):

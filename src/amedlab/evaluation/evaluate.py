@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..amed.solvers import AMED_SOLVERS
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..io import atomic_write_json
 from ..models.base import with_precision
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 METRICS_FORMAT = 1
-AMED_SOLVERS = ("amed", "amed_plugin")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -66,17 +66,24 @@ def trainer_device(device: str) -> tuple[str, list[int] | int]:
     raise ValueError(f"device={device!r}; accepted: cpu, cuda, cuda:<index>")
 
 
-def make_logger(cfg, out: Path):
-    """CSV metrics in the run directory always; wandb as well when ``logger.name=wandb``."""
+def lightning_loggers(cfg, out: Path):
+    """CSV metrics in the run directory always; wandb as well with ``logger=wandb``, read from the same
+    keys as the evaluation's logger (``conf/logger/wandb.yaml``): offline unless ``logger.mode=online``,
+    none with ``logger.mode=disabled``."""
     from pytorch_lightning.loggers import CSVLogger
+
+    from ..evaluation.wandb_logger import check_logger_cfg
 
     loggers = [CSVLogger(str(out), name="", version="")]
     lcfg = cfg.get("logger") or {}
-    if lcfg.get("name") == "wandb":
+    check_logger_cfg(lcfg)
+    mode = str(lcfg.get("mode", "offline"))
+    if lcfg.get("name") == "wandb" and mode != "disabled":
         from pytorch_lightning.loggers import WandbLogger
 
-        loggers.append(WandbLogger(project=lcfg.get("project", "amedlab"), save_dir=str(out),
-                                   offline=bool(lcfg.get("offline", False)), name=lcfg.get("run_name")))
+        loggers.append(WandbLogger(project=lcfg.get("project") or "amedlab", entity=lcfg.get("entity"),
+                                   group=lcfg.get("group"), tags=list(lcfg.get("tags") or []),
+                                   save_dir=str(lcfg.get("dir") or out), offline=mode != "online", name=out.name))
     return loggers
 
 
@@ -113,7 +120,7 @@ def make_trainer(cfg, node, out: Path, datamodule) -> pl.Trainer:
     accelerator, devices = trainer_device(str(cfg.device))
     return pl.Trainer(
         max_steps=int(node.steps), max_time=max_time(node), accelerator=accelerator, devices=devices,
-        logger=make_logger(cfg, out), enable_checkpointing=False, enable_progress_bar=False,
+        logger=lightning_loggers(cfg, out), enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, val_check_interval=int(node.val_every_steps), check_val_every_n_epoch=None,
         log_every_n_steps=log_every_n_steps(datamodule), num_sanity_val_steps=0, default_root_dir=str(out),
     )
