@@ -219,3 +219,16 @@ def test_bad_bootstrap_settings_are_named():
         U.settings({"level": 95})
     with pytest.raises(ValueError, match="unknown keys"):
         U.settings({"n_boot": 100})
+
+
+def test_compare_cells_picks_a_row_by_solver_config_then_by_solver_kind():
+    """Two rows of one solver kind (the paper's plug-in and the variable-step one) are told apart by
+    their solver config; the kind alone names the row whose config has that name."""
+    rows = {"AMED-Plugin (on iPNDM)": {5: {"solver": "amed_plugin", "overrides": ["solver=amed_plugin", "nfe=5"]}},
+            "AMED-Plugin (on iPNDM, variable-step)": {5: {"solver": "amed_plugin", "overrides": ["solver=amed_plugin_vs", "nfe=5"]}},
+            "iPNDM": {5: {"solver": "ipndm", "overrides": ["solver=ipndm", "nfe=5"]}}}
+    assert compare_stage.pick_row(rows, "amed_plugin_vs") == "AMED-Plugin (on iPNDM, variable-step)"
+    assert compare_stage.pick_row(rows, "amed_plugin") == "AMED-Plugin (on iPNDM)"
+    assert compare_stage.pick_row(rows, "iPNDM") == "iPNDM"
+    with pytest.raises(ValueError, match="no row 'heun'.*amed_plugin_vs"):
+        compare_stage.pick_row(rows, "heun")

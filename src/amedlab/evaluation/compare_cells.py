@@ -16,18 +16,28 @@ from . import uncertainty as U
 from .table import METRICS, _value, build_rows, collect, fmt, load_cell_data, significance_settings
 
 
+def _choices(cell: dict) -> set[str]:
+    """The solver config a cell was run with (its ``solver=...`` override, e.g. ``amed_plugin_vs``)."""
+    return {o.split("=", 1)[1] for o in cell.get("overrides") or [] if o.startswith("solver=")}
+
+
 def pick_row(rows, name: str) -> str:
-    """The row label that ``name`` means: an exact label, else the only row of that solver."""
+    """The row label that ``name`` means: an exact label, else the only row of that solver config
+    (``amed_plugin_vs``), else the only row of that solver kind (``amed_plugin``)."""
+    from ..validation import ConfigError
+
     if name in rows:
         return name
-    matches = [label for label, cells in rows.items() if any(c.get("solver") == name for c in cells.values())]
-    if len(matches) == 1:
-        return matches[0]
-    available = "; ".join(f"{label!r} ({', '.join(sorted({str(c.get('solver')) for c in cells.values()}))})"
+    for names in (_choices, lambda c: {str(c.get("solver"))}):
+        matches = [label for label, cells in rows.items() if any(name in names(c) for c in cells.values())]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise ConfigError(f"compare_cells.rows: {name!r} names {len(matches)} rows ({'; '.join(matches)}); "
+                              "give the full label", "compare_cells.rows")
+    available = "; ".join(f"{label!r} ({', '.join(sorted(set().union(*(_choices(c) | {str(c.get('solver'))} for c in cells.values()))))})"
                           for label, cells in rows.items())
-    if not matches:
-        raise ValueError(f"compare_cells.rows: no row {name!r} in this sweep; rows (solver): {available}")
-    raise ValueError(f"compare_cells.rows: {name!r} names {len(matches)} rows ({'; '.join(matches)}); give the full label")
+    raise ConfigError(f"compare_cells.rows: no row {name!r} in this sweep; rows (solver): {available}", "compare_cells.rows")
 
 
 def compare_rows(sweep_dir, row_a: str, row_b: str, metrics=("fid", "rmse"), level: float = 0.95,
