@@ -157,6 +157,8 @@ CASES = [
     ("evaluate", ["schedule.sigma_max=0.001"], "schedule.sigma_max"),
     ("evaluate", ["solver.afs=maybe"], "solver.afs"),
     ("evaluate", ["solver.final_step=end"], "solver.final_step"),
+    ("evaluate", ["model=digits_unet", "solver=amed_plugin_vs_traj", "solver.distill.objective=greedy"], "solver.distill.objective"),
+    ("evaluate", ["model=digits_unet", "solver=amed_plugin_vs_traj", "solver.distill.intermediate_weight=-1"], "solver.distill.objective"),
     ("evaluate", ["solver=ipndm", "+solver.options.order=3"], "solver"),
     ("evaluate", ["solver=ipndm", "solver.options.max_order=9"], "solver"),
     ("evaluate", ["seed=-1"], "seed"),

@@ -322,6 +322,10 @@ def check_distill_settings(cfg, model=None) -> None:
             raise fail(f"solver.distill.{name}", v, "a number in [0, 1)")
     if _get(sdist, "teacher") is not None:
         check_solver_node(_get(sdist, "teacher"), "solver.distill.teacher")
+    from .amed.objectives import check_objective
+
+    with user_errors("solver.distill.objective"):  # before the model is built (distill() checks it for API callers)
+        check_objective(_get(sdist, "objective") or "interval", _get(sdist, "intermediate_weight") or 0.0)
     for name in ("hidden_dim", "bottleneck_dim", "time_dim"):
         if _get(cfg, f"predictor.{name}") is not None:
             int_at(cfg, f"predictor.{name}", 2 if name == "time_dim" else 1)

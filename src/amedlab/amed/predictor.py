@@ -95,6 +95,11 @@ class AMEDPredictor(nn.Module):
             blob = read_tensors(path)
         except ValueError as err:
             raise ValueError(f"{str(path)!r} is not a predictor file: {err}") from None
+        return cls.from_blob(blob, path)
+
+    @classmethod
+    def from_blob(cls, blob, path: str | Path) -> "AMEDPredictor":
+        """The predictor in a blob read from ``path`` (named in the errors) by :meth:`load`."""
         if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
             found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
             raise ValueError(f"{str(path)!r}: predictor format {found!r}, expected {FORMAT_VERSION} "

@@ -123,11 +123,11 @@ def input_files(cfg, solver_node: Mapping, weights: str | None, memo_dir=None) -
 
 
 def cell_spec(cfg, solver_node: Mapping, schedule: Mapping, seeds, extractor: str, weights: str | None,
-              files: dict | None = None) -> dict:
+              files: dict) -> dict:
     """Everything that determines a cell's numbers (not the batch size, threads or logger), files by content."""
     e = cfg.eval
     spec = {
-        "files": files if files is not None else input_files(cfg, solver_node, weights),
+        "files": files,  # input_files(): the inputs by content
         "format": METRICS_FORMAT, "model": plain(cfg.model), "solver": solver_node, "nfe": int(cfg.nfe),
         "schedule": schedule, "seeds": seeds_spec(seeds), "dtype": str(e.dtype), "precision": str(e.get("precision", "fp32")),
         "extractor": extractor, "extractor_weights": weights, "real": plain(e.real),
@@ -183,14 +183,10 @@ def finished_metrics(out_dir: Path, key: str) -> dict | None:
 # ------------------------------------------------------------------------------------------------
 
 def cell_predictor(model, cfg, solver_node: Mapping, schedule: Mapping, cache_dir: Path, use_cache: bool):
-    """(predictor, info): the given file, a cached predictor with the same settings, or a new one."""
+    """(predictor, info): a cached predictor with the same settings, or a new one (a predictor file
+    given as ``solver.predictor`` is opened and checked by the validation, not here)."""
     from ..amed.distill import distill
     from ..amed.predictor import AMEDPredictor
-
-    given = solver_node.get("predictor")
-    if given:
-        predictor = AMEDPredictor.load(given)
-        return predictor, {"source": "file", "path": str(given), "records": []}
     from ..cache import load_verified
 
     settings = distill_settings(cfg, solver_node, schedule)
@@ -200,8 +196,9 @@ def cell_predictor(model, cfg, solver_node: Mapping, schedule: Mapping, cache_di
     records_path = path.with_suffix(".json")
     with locked(path):
         # a cached predictor is used only if its digest matches (a corrupt one is logged, removed, re-distilled)
-        if use_cache and load_verified(path, what="cached predictor") is not None:
-            predictor = AMEDPredictor.load(path)
+        blob = load_verified(path, what="cached predictor") if use_cache else None
+        if blob is not None:
+            predictor = AMEDPredictor.from_blob(blob, path)
             records = json.loads(records_path.read_text()).get("records", []) if records_path.is_file() else []
             return predictor, {"source": "cache", "path": str(path), "records": records, "distill_seconds": 0.0}
         import inspect
