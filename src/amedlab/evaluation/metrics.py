@@ -58,8 +58,14 @@ def kid(features_a: torch.Tensor, features_b: torch.Tensor, subsets: int = 100, 
             "kid_subset_size": size, "kid_subsets": int(subsets)}
 
 
-def rmse(x: torch.Tensor, reference: torch.Tensor) -> float:
-    """Root mean squared difference over all samples and pixels (data units, [-1, 1] scale)."""
+def per_sample_mse(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of each sample over its pixels ``[N]`` (float64); RMSE is the square
+    root of their mean, and the uncertainty module's intervals and paired differences use them."""
     if x.shape != reference.shape:
         raise ValueError(f"shapes differ: {tuple(x.shape)} vs reference {tuple(reference.shape)}")
-    return (x.double() - reference.double()).pow(2).mean().sqrt().item()
+    return (x.double() - reference.double()).pow(2).flatten(1).mean(1)
+
+
+def rmse(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Root mean squared difference over all samples and pixels (data units, [-1, 1] scale)."""
+    return per_sample_mse(x, reference).mean().sqrt().item()

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_write_bytes
+from .metrics import per_sample_mse
 
 FILE = "uncertainty.npz"
 FORMAT = 2  # part of a cell's key: a change here recomputes the cells
@@ -179,10 +180,8 @@ def _kid(terms, w: torch.Tensor | None = None, v: torch.Tensor | None = None) ->
 # ------------------------------------------------------------------------------------------------
 
 def per_sample_sq_errors(samples: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
-    """Mean squared error of each sample over its pixels: RMSE = sqrt(mean of these) (metrics.rmse)."""
-    if samples.shape != reference.shape:
-        raise ValueError(f"shapes differ: {tuple(samples.shape)} vs reference {tuple(reference.shape)}")
-    return (samples.double() - reference.double()).pow(2).flatten(1).mean(1).numpy()
+    """Mean squared error of each sample over its pixels (:func:`.metrics.per_sample_mse`): RMSE = sqrt(mean)."""
+    return per_sample_mse(samples, reference).numpy()
 
 
 def rmse_interval(sq_err: np.ndarray, level: float = 0.95) -> dict:
