@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..data.trajectories import TrajectoryDataModule, cached_trajectories, student_grid
 from ..sampling import parse_seeds
-from ..solvers.base import Point, Solver, check_afs, evaluate, first_point
+from ..solvers.base import Solver, check_afs
 from .objectives import check_objective, convergence, trajectory_loss, warn_if_unconverged
 from .placement import held_teacher, lightning_placement, teacher_to
 from .predictor import AMEDPredictor
@@ -48,33 +48,19 @@ def _average_gradients(module: torch.nn.Module) -> None:
                 p.grad /= dist.get_world_size()
 
 
-def _detach(p: Point) -> Point:
-    f = None if p.features is None else p.features.detach()
-    return Point(p.t.detach(), p.x.detach(), p.denoised.detach(), f)
-
-
 def student_intervals(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: torch.Tensor, afs):
     """Walk the student over teacher trajectories ``states`` [B, N, ...]; yield (i, loss_i) per interval.
 
     loss_i = batch mean of ||x_{i+1} - teacher_{i+1}||^2. The caller may take an optimizer step between
     yields (the paper's one update per interval). Single-step students restart from the teacher state;
-    multistep students continue from their own detached output and history.
+    multistep students continue from their own detached output and history (``Solver.steps``).
     """
-    steps = len(sigmas) - 1
-    ones = torch.ones(states.shape[0], dtype=states.dtype, device=states.device)
-    x, history = states[:, 0], []
     rule.last_outputs = []
-    for i in range(steps):
-        t_cur, t_next = sigmas[i].to(states.dtype) * ones, sigmas[i + 1].to(states.dtype) * ones
-        with torch.no_grad():
-            cur = first_point(denoiser, x, t_cur, afs) if i == 0 else evaluate(denoiser, x, t_cur)
-        x_next, new = rule.step(denoiser, cur, t_next, history, steps - i)
-        yield i, (x_next - states[:, i + 1]).pow(2).flatten(1).sum(1).mean()
-        if rule.multistep:
-            x = x_next.detach()
-            history = [_detach(p) for p in (history + new)][-rule.history_size :]
-        else:
-            x = states[:, i + 1]
+    walk = Solver(rule, afs=afs).steps(denoiser, states[:, 0], sigmas, restart=None if rule.multistep else states,
+                                       detach=True)
+    for interval in walk:
+        i = interval.index
+        yield i, (interval.x_next - states[:, i + 1]).pow(2).flatten(1).sum(1).mean()
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..solvers import register_solver
-from ..solvers.base import StepRule, evaluate
+from ..solvers.base import StepRule, evaluate, mid_time, window
 from ..solvers.multistep import IPNDM, DPMSolverPP
 from ..solvers.single_step import DPMSolver2, Euler, MeanDirection
 from .predictor import AMEDPredictor
@@ -56,10 +56,10 @@ class AMEDPlugin(StepRule):
         self.last_outputs.append((r, c, a))
         if self.two_stage:
             return self.base.step_at(denoiser, cur, t_next, r, a, c), [cur]
-        t_mid = t_next**r * cur.t ** (1 - r)
+        t_mid = mid_time(cur.t, t_next, r)
         x_mid, first = self.base.step(denoiser, cur, t_mid, history, 2 * remaining)
         mid = evaluate(denoiser, x_mid, t_mid, a * t_mid)
-        kept = (history + first)[-self.history_size :] if self.history_size else []
+        kept = window(history, first, self.history_size)
         x_end, second = self.base.step(denoiser, mid, t_next, kept, 2 * remaining - 1)
         cb = c.reshape(-1, *([1] * (x_mid.ndim - 1)))
         return x_mid + cb * (x_end - x_mid), first + second

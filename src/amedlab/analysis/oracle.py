@@ -27,13 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from amedlab.solvers import Point, mean_direction_step
+from amedlab.solvers.base import StepRule, mid_time
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618...
-
-
-def mid_time(t_cur: torch.Tensor, t_next: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Geometric interpolation t_next^r t_cur^(1-r) (AMED's t_mid)."""
-    return t_next**r * t_cur ** (1.0 - r)
 
 
 def ratio_of_mid_time(t_cur: torch.Tensor, t_next: torch.Tensor, t_mid: torch.Tensor) -> torch.Tensor:
@@ -239,3 +235,23 @@ def oracle_step(
         out.error_shared = error(out.x_next_shared)
     out.calls = model.calls
     return out
+
+
+class OracleRule(StepRule):
+    """The oracle as a step rule, so that the driver's walk (``Solver.steps``) runs it: each interval
+    searches towards ``targets[:, -remaining]`` (``targets`` [B, N, ...]: the fine trajectory at the
+    N grid points) and lands where ``mode`` (r, rc or shared; None: r) puts it. ``last`` is the
+    interval's :class:`OracleStep`."""
+
+    def __init__(self, targets: torch.Tensor, modes: Sequence[str] = MODES, mode: str | None = None, **search) -> None:
+        self.targets, self.modes, self.mode, self.search = targets, tuple(modes), mode or "r", search
+        self.last: OracleStep | None = None
+
+    def step(self, denoiser, cur, t_next, history, remaining):
+        self.last = oracle_step(denoiser, cur, t_next, self.targets[:, -remaining], modes=self.modes, **self.search)
+        x_next = {"r": self.last.x_next, "rc": self.last.x_next_rc, "shared": self.last.x_next_shared}[self.mode]
+        return x_next, []
+
+    def ratio(self):
+        """The r of ``mode`` in the last interval ([B], or a float for the shared r)."""
+        return {"r": self.last.r, "rc": self.last.r_rc, "shared": self.last.r_shared}[self.mode]

@@ -27,9 +27,9 @@ from amedlab.compare import final_errors, rmse
 from amedlab.configs import check_schedule_cfg, load_group, solver_from_cfg
 from amedlab.io import atomic_write_json, run_dir
 from amedlab.schedules import make_sigmas
-from amedlab.solvers import Point, Solver, afs_point, evaluate, make_solver, num_points_for
+from amedlab.solvers import Solver, make_solver, num_points_for
 
-from .oracle import MODES, oracle_step, ratio_of_mid_time
+from .oracle import MODES, OracleRule, ratio_of_mid_time
 from .pca import distribution, summarize_geometry, trajectory_geometry
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,6 @@ class _Recorder:
         return self.denoiser(x, sigma)
 
 
-def _start_point(denoiser, x: torch.Tensor, t: torch.Tensor, first: bool) -> Point:
-    with torch.no_grad():
-        return afs_point(x, t) if first else evaluate(denoiser, x, t)
-
-
 def oracle_on_grid(
     denoiser,
     traj: torch.Tensor,
@@ -111,59 +106,54 @@ def oracle_on_grid(
     dim = traj[0, 0].numel()
     idx = list(range(0, len(fine_sigmas), stride))
     sigmas = fine_sigmas[idx]
-    steps = len(sigmas) - 1
-    ones = torch.ones(B, dtype=traj.dtype, device=traj.device)
+    targets = traj[:, idx]  # the fine states on the coarse grid
     for solver in restart_rules.values():
         solver.rule.prepare(denoiser, sigmas, True)
     search = dict(grid_points=grid_points, iters=iters, c_bounds=c_bounds, joint_rc=joint_rc)
     intervals, raw_intervals, calls = [], [], 0
     # restart convention: every interval from the fine state
-    for i in range(steps):
-        t_cur, t_next = sigmas[i] * ones, sigmas[i + 1] * ones
-        cur = _start_point(denoiser, traj[:, idx[i]], t_cur, i == 0)
-        target = traj[:, idx[i + 1]]
-        with torch.no_grad():
-            o = oracle_step(denoiser, cur, t_next, target, **search)
-        calls += o.calls
-        errs = {ORACLE_NAMES["r"]: o.error, ORACLE_NAMES["rc"]: o.error_rc, ORACLE_NAMES["shared"]: o.error_shared}
-        entry = {"interval": i, "t_cur": float(sigmas[i]), "t_next": float(sigmas[i + 1]),
-                 "r_star": distribution(o.r), "r_rc": distribution(o.r_rc), "c_star": distribution(o.c_rc),
-                 "r_shared": o.r_shared}
-        raw = {"r_star": o.r.cpu(), "r_rc": o.r_rc.cpu(), "c_star": o.c_rc.cpu(), "r_shared": o.r_shared}
-        for name, solver in restart_rules.items():
-            rec = _Recorder(denoiser)
-            with torch.no_grad():
-                x_next, _ = solver.rule.step(rec, cur, t_next, [], steps - i)
-            errs[name] = (x_next - target).reshape(B, -1).norm(dim=-1)
-            outputs = getattr(solver.rule, "last_outputs", None)
-            if outputs:  # AMED: the predictor's (r, c, a) for this interval
-                r, c, a = (v.detach().to(torch.float64).cpu() for v in outputs[-1])
-                entry[f"{name}_r"], entry[f"{name}_c"], entry[f"{name}_a"] = distribution(r), distribution(c), distribution(a)
-                raw[f"{name}_r"] = r
-            elif len(rec.sigmas) == 1:  # a mean-direction rule: the ratio of the time it queried
-                entry[f"{name}_r"] = distribution(ratio_of_mid_time(t_cur, t_next, rec.sigmas[0]))
-        entry["rmse"] = {name: _rmse_from_norms(e, dim) for name, e in errs.items()}
-        base = errs.get("dpm2")
-        if base is not None:
-            entry["oracle_r_le_dpm2_fraction"] = (o.error <= base * (1 + 1e-9)).double().mean().item()
-        intervals.append(entry)
-        raw_intervals.append(raw)
+    oracle = OracleRule(targets, **search)
+    with torch.no_grad():
+        for interval in Solver(oracle, afs=True).steps(denoiser, targets[:, 0], sigmas, restart=targets):
+            i, cur, t_next, o = interval.index, interval.cur, interval.t_next, oracle.last
+            target = targets[:, i + 1]
+            calls += o.calls
+            errs = {ORACLE_NAMES["r"]: o.error, ORACLE_NAMES["rc"]: o.error_rc, ORACLE_NAMES["shared"]: o.error_shared}
+            entry = {"interval": i, "t_cur": float(sigmas[i]), "t_next": float(sigmas[i + 1]),
+                     "r_star": distribution(o.r), "r_rc": distribution(o.r_rc), "c_star": distribution(o.c_rc),
+                     "r_shared": o.r_shared}
+            raw = {"r_star": o.r.cpu(), "r_rc": o.r_rc.cpu(), "c_star": o.c_rc.cpu(), "r_shared": o.r_shared}
+            for name, solver in restart_rules.items():
+                rec = _Recorder(denoiser)
+                x_next, _ = solver.rule.step(rec, cur, t_next, [], interval.remaining)
+                errs[name] = (x_next - target).reshape(B, -1).norm(dim=-1)
+                outputs = getattr(solver.rule, "last_outputs", None)
+                if outputs:  # AMED: the predictor's (r, c, a) for this interval
+                    r, c, a = (v.detach().to(torch.float64).cpu() for v in outputs[-1])
+                    entry[f"{name}_r"], entry[f"{name}_c"], entry[f"{name}_a"] = distribution(r), distribution(c), distribution(a)
+                    raw[f"{name}_r"] = r
+                elif len(rec.sigmas) == 1:  # a mean-direction rule: the ratio of the time it queried
+                    entry[f"{name}_r"] = distribution(ratio_of_mid_time(cur.t, t_next, rec.sigmas[0]))
+            entry["rmse"] = {name: _rmse_from_norms(e, dim) for name, e in errs.items()}
+            base = errs.get("dpm2")
+            if base is not None:
+                entry["oracle_r_le_dpm2_fraction"] = (o.error <= base * (1 + 1e-9)).double().mean().item()
+            intervals.append(entry)
+            raw_intervals.append(raw)
     result = {"num_points": len(sigmas), "sigmas": sigmas.tolist(), "fine_indices": idx,
               "restart": intervals}
     raws = {"restart": raw_intervals}
     if chained:
         finals, chain_r = {}, {}
         for mode in chained:
-            x = traj[:, 0]
+            # the oracle interval after interval from its own output
+            oracle = OracleRule(targets, modes=(mode,), mode=mode, **search)
             rs = []
-            for i in range(steps):
-                t_cur, t_next = sigmas[i] * ones, sigmas[i + 1] * ones
-                cur = _start_point(denoiser, x, t_cur, i == 0)
-                with torch.no_grad():
-                    o = oracle_step(denoiser, cur, t_next, traj[:, idx[i + 1]], modes=(mode,), **search)
-                calls += o.calls
-                x = {"r": o.x_next, "rc": o.x_next_rc, "shared": o.x_next_shared}[mode]
-                rs.append({"r": o.r, "rc": o.r_rc, "shared": o.r_shared}[mode])
+            with torch.no_grad():
+                for interval in Solver(oracle, afs=True).steps(denoiser, targets[:, 0], sigmas):
+                    calls += oracle.last.calls
+                    rs.append(oracle.ratio())
+                    x = interval.x_next
             finals[ORACLE_NAMES[mode]] = rmse(x, traj[:, -1])
             chain_r[mode] = [r if isinstance(r, float) else distribution(r) for r in rs]
         result["chained"] = {"final_rmse": finals, "r": chain_r}

@@ -3,13 +3,16 @@
 A solver is a *step rule* (one interval t_cur -> t_next, given the point evaluated at t_cur and the
 history of earlier points) plus this driver, which walks the grid, evaluates the model at the start
 of every interval (or applies AFS on the first), calls the callback, and handles the final step.
+The walk is :meth:`Solver.steps`, a generator of :class:`Interval`; sampling, AMED's distillation
+(``amed/distill.py``) and the mean-direction oracle (``analysis/trajectories.py``) all run on it.
 AMED's plug-in (``amedlab.amed``) is itself a step rule wrapping another one, so each rule exists
 once. All times are per-sample tensors of shape [B]; everything stays differentiable.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -44,6 +47,23 @@ class Point:
     def lam(self) -> torch.Tensor:
         """lambda = -log sigma (half the log-SNR), the time variable of DPM-Solver(++)/UniPC."""
         return -torch.log(self.t)
+
+
+    def detach(self) -> "Point":
+        """The same point cut from the autograd graph (a student's own history is a constant)."""
+        f = None if self.features is None else self.features.detach()
+        return Point(self.t.detach(), self.x.detach(), self.denoised.detach(), f)
+
+
+def mid_time(t_cur: torch.Tensor, t_next: torch.Tensor, r) -> torch.Tensor:
+    """The intermediate time t_mid = t_next^r t_cur^(1-r): a fraction r of the step in log sigma
+    (AMED, Zhou et al. 2024, Sec. 3.2; DPM-Solver-2's r1, Lu et al. 2022, Alg. 1)."""
+    return t_next**r * t_cur ** (1 - r)
+
+
+def window(history: list[Point], new: list[Point], size: int) -> list[Point]:
+    """The last ``size`` points of ``history + new``: what a rule reading ``size`` earlier points keeps."""
+    return (history + new)[-size:] if size else []
 
 
 def evaluate(denoiser, x: torch.Tensor, t: torch.Tensor, t_model: torch.Tensor | None = None) -> Point:
@@ -111,6 +131,23 @@ class StepRule:
         """Called once before sampling; rules trained for one setting (AMED) check it here."""
 
 
+def check_grid(sigmas: torch.Tensor) -> None:
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be a 1-D grid of >= 2 points, got shape {tuple(sigmas.shape)}")
+
+
+@dataclass
+class Interval:
+    """One interval of :meth:`Solver.steps`: the point evaluated at t_cur, the step to t_next and its result."""
+
+    index: int
+    cur: Point
+    t_next: torch.Tensor
+    remaining: int  # intervals left, this one included
+    x_next: torch.Tensor
+    new_points: list[Point] = field(default_factory=list)
+
+
 @dataclass
 class State:
     """What a callback receives after each evaluated grid point (and once at the end)."""
@@ -150,6 +187,38 @@ class Solver:
             )
         return steps + 1
 
+    def steps(self, denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callable[[State], None] | None = None,
+              restart: torch.Tensor | None = None, detach: bool = False):
+        """Walk the grid: per interval, evaluate the model at (x, t_cur) (AFS on the first), call
+        ``callback``, take the rule's step and yield the :class:`Interval`.
+
+        The next interval starts from the step's result, or with ``restart`` ([B, len(sigmas), ...],
+        e.g. teacher states) from ``restart[:, i + 1]``. ``detach``: the start points are constants
+        (evaluated without gradient, x and the history carried detached), so a loss on one interval
+        trains that interval only (AMED's distillation, Sec. 3.4). A consumer may update parameters
+        between intervals. No final step and no :meth:`StepRule.prepare` (see :meth:`sample`).
+        """
+        check_grid(sigmas)
+        grid = sigmas.to(device=x.device, dtype=x.dtype)
+        ones = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
+        steps = len(grid) - 1
+        history: list[Point] = []
+        for i in range(steps):
+            t_cur, t_next = grid[i] * ones, grid[i + 1] * ones
+            with torch.no_grad() if detach else contextlib.nullcontext():
+                cur = first_point(denoiser, x, t_cur, self.afs) if i == 0 else evaluate(denoiser, x, t_cur)
+            if callback is not None:
+                callback(State(i, float(sigmas[i]), x, cur.denoised))
+            x_next, new_points = self.rule.step(denoiser, cur, t_next, history, steps - i)
+            yield Interval(i, cur, t_next, steps - i, x_next, new_points)
+            history = window(history, new_points, self.rule.history_size)
+            if detach:
+                history = [p.detach() for p in history]
+            if restart is not None:
+                x = restart[:, i + 1]
+            else:
+                x = x_next.detach() if detach else x_next
+
     def sample(
         self,
         denoiser,
@@ -158,24 +227,15 @@ class Solver:
         callback: Callable[[State], None] | None = None,
     ) -> torch.Tensor:
         """Integrate the probability-flow ODE from ``x`` at sigmas[0] to sigmas[-1] (or to 0)."""
-        if sigmas.ndim != 1 or len(sigmas) < 2:
-            raise ValueError(f"sigmas must be a 1-D grid of >= 2 points, got shape {tuple(sigmas.shape)}")
+        check_grid(sigmas)
         self.rule.prepare(denoiser, sigmas, self.afs)
-        grid = sigmas.to(device=x.device, dtype=x.dtype)
-        ones = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
-        steps = len(grid) - 1
-        history: list[Point] = []
-        for i in range(steps):
-            t_cur, t_next = grid[i] * ones, grid[i + 1] * ones
-            cur = first_point(denoiser, x, t_cur, self.afs) if i == 0 else evaluate(denoiser, x, t_cur)
-            if callback is not None:
-                callback(State(i, float(sigmas[i]), x, cur.denoised))
-            x, new_points = self.rule.step(denoiser, cur, t_next, history, steps - i)
-            if self.rule.history_size:
-                history = (history + new_points)[-self.rule.history_size :]
+        for interval in self.steps(denoiser, x, sigmas, callback):
+            x = interval.x_next
+        steps = len(sigmas) - 1
         if self.final_step == "denoise":
             # EDM's last Euler step from sigma_min to 0 lands exactly on D(x, sigma_min): one NFE.
-            x = denoiser(x, grid[-1] * ones)
+            sigma_min = sigmas[-1].to(device=x.device, dtype=x.dtype)
+            x = denoiser(x, sigma_min * torch.ones(x.shape[0], device=x.device, dtype=x.dtype))
             if callback is not None:
                 callback(State(steps, 0.0, x, x))
         elif callback is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Point, StepRule, bcast, evaluate
+from .base import Point, StepRule, bcast, evaluate, mid_time
 
 
 class Euler(StepRule):
@@ -61,15 +61,16 @@ class MeanDirection(StepRule):
         self.midpoint = midpoint
         self.name = "midpoint" if midpoint == "arithmetic" else "mean_direction"
 
-    def mid_time(self, t_cur: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    def fixed_mid_time(self, t_cur: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """The rule's own intermediate time (the learned one is :func:`.base.mid_time`)."""
         return 0.5 * (t_cur + t_next) if self.midpoint == "arithmetic" else torch.sqrt(t_cur * t_next)
 
     def step(self, denoiser, cur, t_next, history, remaining):
-        return mean_direction_step(denoiser, cur, t_next, self.mid_time(cur.t, t_next)), [cur]
+        return mean_direction_step(denoiser, cur, t_next, self.fixed_mid_time(cur.t, t_next)), [cur]
 
     def step_at(self, denoiser, cur, t_next, r, a, c):
         """The interval split at t_mid = t_next^r t_cur^(1-r) (AMED-Solver's step)."""
-        t_mid = t_next**r * cur.t ** (1 - r)
+        t_mid = mid_time(cur.t, t_next, r)
         return mean_direction_step(denoiser, cur, t_next, t_mid, a * t_mid, c)
 
 
@@ -98,7 +99,7 @@ class DPMSolver2(StepRule):
         return self.step_at(denoiser, cur, t_next, r, 1.0, 1.0), [cur]
 
     def step_at(self, denoiser, cur, t_next, r, a, c):
-        t_mid = t_next**r * cur.t ** (1 - r)
+        t_mid = mid_time(cur.t, t_next, r)
         x_mid = cur.x + bcast(t_mid - cur.t, cur.x) * cur.slope
         mid = evaluate(denoiser, x_mid, t_mid, a * t_mid)
         w = bcast(0.5 / r, cur.x)
