@@ -1,5 +1,9 @@
 """Solver correctness: convergence order against exact solutions, NFE accounting, golden numbers."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +178,26 @@ def test_bad_options_name_key_and_accepted():
         make_solver("ipndm", max_order=5)
     with pytest.raises(ValueError, match=r"solver.final_step='zero'; accepted: sigma_min, denoise"):
         make_solver("euler", final_step="zero")
+
+
+def test_plugin_solvers_are_imported_on_first_use_only():
+    """The classical solvers never import AMED (it imports them); its names resolve lazily."""
+    code = (
+        "import sys\n"
+        "from amedlab.solvers import available_solvers, make_solver\n"
+        "make_solver('euler')\n"
+        "assert {'amed', 'amed_plugin', 'euler'} <= set(available_solvers())\n"
+        "assert not any(m.startswith('amedlab.amed') for m in sys.modules), sorted(sys.modules)\n"
+        "try:\n"
+        "    make_solver('amed')\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+        "assert 'amedlab.amed.solvers' in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "solver.predictor is required for AMED" in out.stdout
 
 
 # Golden full-loop numbers (diffusers-style): mean of the final sample and of |x| for a fixed

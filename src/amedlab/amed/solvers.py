@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from ..solvers import register_solver
 from ..solvers.base import StepRule, evaluate, mid_time, window
 from ..solvers.multistep import IPNDM, DPMSolverPP
 from ..solvers.single_step import DPMSolver2, Euler, MeanDirection
@@ -91,6 +90,3 @@ def amed_plugin(predictor=None, base: str = "ipndm", **base_options) -> AMEDPlug
     """AMED-Plugin over ``base`` (euler, dpm2, ipndm, dpmpp)."""
     return AMEDPlugin(make_base_rule(base, **base_options), _predictor(predictor))
 
-
-register_solver("amed", amed)
-register_solver("amed_plugin", amed_plugin)

@@ -1,6 +1,7 @@
 """Solver registry: ``make_solver(name, **options)`` and the NFE <-> grid-size helpers."""
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Callable
 
@@ -22,24 +23,41 @@ _RULES: dict[str, Callable[..., StepRule]] = {
 }
 
 
-def register_solver(name: str, factory: Callable[..., StepRule]) -> None:
-    """Add a step rule under ``name`` (used by the AMED package for ``amed`` and ``amed_plugin``)."""
-    _RULES[name] = factory
+# name -> "module:factory" of step rules that live in other packages, imported on first use: the
+# classical solvers never import them (AMED imports this package, so an eager import would be a cycle)
+_PLUGINS: dict[str, str] = {
+    "amed": "amedlab.amed.solvers:amed",
+    "amed_plugin": "amedlab.amed.solvers:amed_plugin",
+}
+
+
+def register_solver(name: str, factory: Callable[..., StepRule] | str) -> None:
+    """Add a step rule under ``name``: its factory, or ``"module:attr"`` to import when first used."""
+    if isinstance(factory, str):
+        _PLUGINS[name] = factory
+        _RULES.pop(name, None)
+    else:
+        _RULES[name] = factory
 
 
 def available_solvers() -> list[str]:
-    _load_plugins()
-    return sorted(_RULES)
+    return sorted({*_RULES, *_PLUGINS})
+
+
+def _factory(name: str) -> Callable[..., StepRule]:
+    if name not in _RULES and name in _PLUGINS:
+        module, attr = _PLUGINS[name].split(":")
+        _RULES[name] = getattr(importlib.import_module(module), attr)
+    if name not in _RULES:
+        raise ValueError(f"solver.name={name!r} is not a known solver; accepted: {', '.join(available_solvers())}")
+    return _RULES[name]
 
 
 def make_solver(name: str, afs: bool | str | None = None, final_step: str = "sigma_min", **options) -> Solver:
     """Build a solver. ``afs``: analytical first step, False / True (GENIE) / "mean" (with the data
     mean); None: the rule's default, e.g. what an AMED predictor was trained with, else off; ``final_step``: ``sigma_min`` (paper tables) or
     ``denoise`` (one extra evaluation, EDM's final step to 0). Other options go to the step rule."""
-    _load_plugins()
-    if name not in _RULES:
-        raise ValueError(f"solver.name={name!r} is not a known solver; accepted: {', '.join(sorted(_RULES))}")
-    factory = _RULES[name]
+    factory = _factory(name)
     params = inspect.signature(factory).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in options if k not in params]
@@ -60,15 +78,6 @@ def nfe_for(name: str, num_points: int, afs: bool | None = None, final_step: str
 def num_points_for(name: str, nfe: int, afs: bool | None = None, final_step: str = "sigma_min", **options) -> int:
     """Grid points giving exactly ``nfe`` evaluations; a clear error lists the reachable NFEs."""
     return make_solver(name, afs, final_step, **options).num_points(nfe)
-
-
-def _load_plugins() -> None:
-    # AMED registers itself on import; imported lazily so the classical solvers have no torch.nn deps.
-    try:
-        import amedlab.amed.solvers  # noqa: F401
-    except ModuleNotFoundError as err:
-        if err.name != "amedlab.amed.solvers":
-            raise
 
 
 __all__ = [
