@@ -1,16 +1,20 @@
-"""Cache files that verify their content, and content digests of users' files.
+"""Everything the caches share: content keys, files that verify their content, locks, file digests.
 
-Every cache blob (teacher trajectories, real-data statistics, high-NFE references, AMED predictors)
+Keys: :func:`digest` hashes the canonical JSON of a spec (everything that determines an entry);
+:func:`seeds_spec` names a list of seeds in it. Every cache blob (teacher trajectories, real-data statistics, high-NFE references, AMED predictors)
 is a ``torch.save`` dict written atomically with a ``digest``: sha256 over every other entry
 (tensors by dtype, shape and bytes; everything else as canonical JSON). Loading recomputes it, so
 flipped bytes anywhere in the payload are detected; the caller logs it, removes the file and
 rebuilds the entry. Files are read with ``weights_only=True``: a cache never runs code.
 
+:func:`locked` makes concurrent processes (a parallel launcher's cells) compute an entry once.
 ``file_digest`` hashes a user's file (or a folder, file by file) by content; the hash is memoised
 by (path, size, mtime) so a large checkpoint is read once, not once per cell.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -22,9 +26,48 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, plain
 
 log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# content keys and locks
+# ------------------------------------------------------------------------------------------------
+
+def digest(obj) -> str:
+    """sha256 (24 hex digits) of the canonical JSON of ``obj`` (config nodes as plain values)."""
+    return hashlib.sha256(json.dumps(plain(obj), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def seeds_spec(seeds, list_prefix: str = "list:") -> str:
+    """``"0-1999"`` for a contiguous range, else ``list_prefix`` + a hash of the list."""
+    seeds = list(seeds)
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return list_prefix + hashlib.sha256(str(seeds).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def locked(path: Path, wait: bool = True):
+    """An exclusive lock on ``<path>.lock``; waits while another process holds it, or with
+    ``wait=False`` yields False at once instead (and True when the lock was taken)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------------
+# blobs that verify their content
+# ------------------------------------------------------------------------------------------------
 
 
 def _update(h, obj) -> None:
@@ -111,7 +154,8 @@ def load_verified(path: str | os.PathLike, spec=None, what: str = "cache file") 
 _MEMO: dict[tuple, str] = {}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -132,7 +176,7 @@ def _file_digest(path: Path, memo_dir: Path | None) -> str:
             return saved["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    value = _sha256_file(path)
+    value = sha256_file(path)
     _MEMO[key] = value
     if memo is None:
         return value

@@ -1,10 +1,29 @@
-"""Files are written atomically: a reader never sees a half-written file that looks complete."""
+"""Files are written atomically: a reader never sees a half-written file that looks complete.
+Config nodes become plain values (:func:`plain`) before they are written or hashed."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+
+
+def _to_builtin(obj):
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(obj):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    return str(obj)
+
+
+def plain(obj):
+    """Builtins only (config nodes, tuples and paths become dicts, lists and strings)."""
+    return json.loads(json.dumps(obj, default=_to_builtin))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -7,8 +7,6 @@ states at the student's grid points. The cache key hashes everything that determ
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from ..cache import load_verified, save_verified
+from ..cache import digest, load_verified, save_verified, seeds_spec
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..models.base import device_of
 from ..sampling import seeded_noise
@@ -39,14 +37,13 @@ def teacher_grid(schedule: Mapping, num_points: int, M: int) -> torch.Tensor:
 
 
 def trajectory_key(spec: dict) -> str:
-    """sha256 of the canonical JSON of everything that determines the trajectories."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    """The cache key of a :func:`trajectory_spec`: its :func:`amedlab.cache.digest`."""
+    return digest(spec)
 
 
 def trajectory_spec(model_identity: str, teacher: Mapping, schedule: Mapping, num_points: int, M: int,
                     seeds: list[int], dtype: torch.dtype) -> dict:
     seeds = list(seeds)
-    contiguous = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
     return {
         "format": CACHE_FORMAT,
         "model_identity": model_identity,
@@ -54,7 +51,8 @@ def trajectory_spec(model_identity: str, teacher: Mapping, schedule: Mapping, nu
         "schedule": {k: (float(schedule[k]) if k != "kind" else schedule[k]) for k in ("kind", "sigma_min", "sigma_max", "rho")},
         "num_points": int(num_points),
         "M": int(M),
-        "seeds": f"{seeds[0]}-{seeds[-1]}" if contiguous else hashlib.sha256(str(seeds).encode()).hexdigest()[:16],
+        # no "list:" prefix for a non-contiguous list: these keys predate it, and existing caches stay valid
+        "seeds": seeds_spec(seeds, list_prefix=""),
         "num_trajectories": len(seeds),
         "dtype": str(dtype),
     }

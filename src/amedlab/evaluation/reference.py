@@ -6,15 +6,13 @@
   ``<cache_dir>/ode_references/<key>.pt``. Every cell's trajectory error is measured against it.
 
 Keys hash everything that determines the content (the model's identity, the images' bytes, the
-extractor's weights, the seeds, ...). Files are written atomically; a lock file makes concurrent
-cells (parallel launchers) compute an entry once and wait for it.
+extractor's weights, the seeds, ...; :func:`amedlab.cache.digest`). Files are written atomically and
+verified on load; a lock file makes concurrent cells (parallel launchers) compute an entry once and
+wait for it (:mod:`amedlab.cache`).
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import zipfile
@@ -23,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from ..cache import load_verified, save_verified
+from ..cache import digest, load_verified, locked, save_verified, seeds_spec, sha256_file
+from ..io import plain
 from ..configs import solver_from_cfg
 from ..schedules import make_sigmas
 from .extractors import DIGITS, create_extractor, extract_features
@@ -36,70 +34,6 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIGITS_SPLITS = ("train", "held_out", "all")
-
-
-def digest(obj) -> str:
-    """sha256 (24 hex digits) of the canonical JSON of ``obj``."""
-    return hashlib.sha256(json.dumps(plain(obj), sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _to_builtin(obj):
-    if OmegaConf.is_config(obj):
-        return OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    if isinstance(obj, (tuple, set)):
-        return list(obj)
-    return str(obj)
-
-
-def plain(obj):
-    """Builtins only (config nodes, tuples and paths become dicts, lists and strings)."""
-    return json.loads(json.dumps(obj, default=_to_builtin))
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:24]
-
-
-def seeds_spec(seeds) -> str:
-    """``"0-1999"`` for a contiguous range, else a hash of the list."""
-    seeds = list(seeds)
-    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
-        return f"{seeds[0]}-{seeds[-1]}"
-    return "list:" + hashlib.sha256(str(seeds).encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def locked(path: Path, wait: bool = True):
-    """An exclusive lock on ``<path>.lock``; waits while another process holds it, or with
-    ``wait=False`` yields False at once instead (and True when the lock was taken)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def save_blob(path: Path, blob: dict) -> Path:
-    """Written atomically with a digest of its content (:func:`amedlab.cache.save_verified`)."""
-    return save_verified(path, blob)
-
-
-def load_blob(path: Path, spec: dict) -> dict | None:
-    """The cached blob if present, intact (digest) and made for ``spec``; else None (a bad file is
-    removed and the warning logged: the caller recomputes it)."""
-    return load_verified(path, plain(spec), what="cache file")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,7 +124,7 @@ def real_reference(real_cfg: Mapping, dataset_cfg: Mapping, extractor: str, weig
         if kind == "folder":
             content = {"files": digest([(f, os.path.getsize(f), os.path.getmtime(f)) for f in payload["files"]])}
         else:
-            content = {"sha256": file_sha256(p)}
+            content = {"sha256": sha256_file(p)[:24]}
     else:
         raise ValueError(f"eval.real.source={source!r}; accepted: dataset, path")
 
@@ -198,11 +132,11 @@ def real_reference(real_cfg: Mapping, dataset_cfg: Mapping, extractor: str, weig
         return {"mu": payload["mu"], "sigma": payload["sigma"], "features": None,
                 "description": {**desc, "num_images": None, "extractor": extractor, "cached": False}}
 
-    weights = {"file": file_sha256(weights_path) if weights_path else ("shipped" if extractor == DIGITS else None)}
+    weights = {"file": sha256_file(weights_path)[:24] if weights_path else ("shipped" if extractor == DIGITS else None)}
     spec = plain({"format": CACHE_FORMAT, "extractor": extractor, "weights": weights, "data": desc, "content": content})
     path = Path(cache_dir) / "real_stats" / f"{extractor}-{digest(spec)}.pt"
     with locked(path):
-        blob = load_blob(path, spec)
+        blob = load_verified(path, spec, what="cache file")
         cached = blob is not None
         if blob is None:
             fe = create_extractor(extractor, weights_path, device)
@@ -216,7 +150,7 @@ def real_reference(real_cfg: Mapping, dataset_cfg: Mapping, extractor: str, weig
             stats = feature_statistics(features)
             blob = {"spec": spec, "mu": torch.from_numpy(np.asarray(stats["mu"])), "sigma": torch.from_numpy(np.asarray(stats["sigma"])),
                     "features": features.float(), "num_images": len(features)}
-            save_blob(path, blob)
+            save_verified(path, blob)
             log.info("real-data statistics (%s, %d images) cached in %s", extractor, len(features), path)
     return {"mu": blob["mu"].numpy(), "sigma": blob["sigma"].numpy(),
             "features": blob["features"].double() if need_features else None,
@@ -256,12 +190,12 @@ def ode_reference(denoiser, ref_cfg: Mapping, sigma_min: float, sigma_max: float
 
     def load_or_compute(k: int) -> None:
         nonlocal computed
-        blob = load_blob(paths[k], specs[k])
+        blob = load_verified(paths[k], specs[k], what="cache file")
         if blob is None:
             samples, counted = generate(denoiser, solver, sigmas, chunks[k], batch_size, dtype, device)
             if counted != nfe:
                 raise RuntimeError(f"reference solver made {counted} calls, expected {nfe}")
-            save_blob(paths[k], {"spec": specs[k], "samples": samples})
+            save_verified(paths[k], {"spec": specs[k], "samples": samples})
             computed += 1
             log.info("high-NFE reference: chunk %d/%d (%d seeds) computed", k + 1, len(chunks), len(chunks[k]))
         else:

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cache import digest
 from ..io import atomic_write_bytes
 from .metrics import per_sample_mse
 
@@ -290,7 +291,7 @@ def pairing_key(seeds_spec: str, n: int, real_id: str, m: int | None, cfg: Mappi
     cfg = settings(cfg)
     blob = {"format": FORMAT, "seeds": seeds_spec, "n": n, "real": real_id, "m": m,
             **{k: cfg[k] for k in NUMERIC_KEYS}}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
+    return digest(blob)
 
 
 def evaluate_cell(out_dir, seeds, seeds_spec: str, gen_features, real: Mapping, samples, reference,
