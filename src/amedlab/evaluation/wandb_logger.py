@@ -5,15 +5,20 @@ uploaded later with ``wandb sync <dir>/wandb/offline-run-*``. ``logger.mode=onli
 run; if wandb cannot start one within ``logger.init_timeout`` seconds (no network, no login) the run
 falls back to offline instead of hanging. Every cell of one sweep, and its table, share a wandb group
 (the sweep directory's name unless ``logger.group`` says otherwise).
+
+This module builds every logger from one reading of ``conf/logger/*.yaml`` (:func:`logger_settings`):
+the :class:`RunLogger` of the evaluation and table stages (:func:`make_logger`) and the Lightning
+loggers of the training stages (:func:`lightning_loggers`).
 """
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from ..io import plain
 
 log = logging.getLogger(__name__)
 MODES = ("offline", "online", "disabled")
@@ -55,23 +60,51 @@ def check_logger_cfg(cfg: Mapping) -> None:
             raise ValueError(f"logger.mode={mode!r}; accepted: {', '.join(MODES)}")
 
 
+@dataclass(frozen=True)
+class LoggerSettings:
+    """The ``logger`` config read once, with its defaults (``conf/logger/wandb.yaml``)."""
+
+    name: str = "none"
+    mode: str = "offline"
+    project: str = "amedlab"
+    entity: str | None = None
+    group: str | None = None
+    tags: tuple = ()
+    dir: str | None = None
+    init_timeout: float = 60.0
+
+    @property
+    def wandb(self) -> bool:
+        """Whether a wandb run is made (``logger=wandb`` and a mode other than disabled)."""
+        return self.name == "wandb" and self.mode != "disabled"
+
+
+def logger_settings(cfg: Mapping | None) -> LoggerSettings:
+    """The checked settings of the ``logger`` node (None or no node: ``logger=none``)."""
+    cfg = cfg or {"name": "none"}
+    check_logger_cfg(cfg)
+    return LoggerSettings(
+        name=str(cfg.get("name", "none")), mode=str(cfg.get("mode", "offline")),
+        project=cfg.get("project") or "amedlab", entity=cfg.get("entity") or None, group=cfg.get("group") or None,
+        tags=tuple(cfg.get("tags") or ()), dir=cfg.get("dir") or None, init_timeout=float(cfg.get("init_timeout", 60)),
+    )
+
+
 class WandbLogger(RunLogger):
     enabled = True
 
-    def __init__(self, cfg: Mapping, name: str, group: str | None, job_type: str, directory: Path) -> None:
+    def __init__(self, settings: LoggerSettings, name: str, group: str | None, job_type: str, directory: Path) -> None:
         import wandb
 
         self._wandb = wandb
-        mode = str(cfg.get("mode", "offline"))
-        directory = Path(cfg.get("dir") or directory)
+        mode = settings.mode
+        directory = Path(settings.dir or directory)
         directory.mkdir(parents=True, exist_ok=True)
-        kwargs = dict(project=cfg.get("project") or "amedlab", entity=cfg.get("entity") or None, name=name,
-                      group=cfg.get("group") or group, job_type=job_type, tags=list(cfg.get("tags") or []),
-                      dir=str(directory), reinit="finish_previous")
-        timeout = float(cfg.get("init_timeout", 60))
-        settings = wandb.Settings(silent=True, init_timeout=timeout, console="off")
+        kwargs = dict(project=settings.project, entity=settings.entity, name=name, group=settings.group or group,
+                      job_type=job_type, tags=list(settings.tags), dir=str(directory), reinit="finish_previous")
+        quiet = wandb.Settings(silent=True, init_timeout=settings.init_timeout, console="off")
         try:
-            self.run = wandb.init(mode=mode, settings=settings, **kwargs)
+            self.run = wandb.init(mode=mode, settings=quiet, **kwargs)
         except Exception as err:  # wandb raises several types when it cannot reach its server
             if mode != "online":
                 raise
@@ -82,8 +115,7 @@ class WandbLogger(RunLogger):
         self.directory = directory
 
     def log_config(self, cfg) -> None:
-        container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-        self.run.config.update(container, allow_val_change=True)
+        self.run.config.update(plain(cfg), allow_val_change=True)
 
     def log_metrics(self, metrics: Mapping, summary: bool = False) -> None:
         flat = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float, bool)) or v is None}
@@ -126,9 +158,26 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
 
 def make_logger(cfg: Mapping | None, name: str, group: str | None, job_type: str, directory) -> RunLogger:
     """``cfg`` is the ``logger`` config node; ``none`` (or no node) gives the no-op logger."""
-    cfg = cfg or {"name": "none"}
-    check_logger_cfg(cfg)
-    if cfg.get("name") != "wandb" or str(cfg.get("mode", "offline")) == "disabled":
+    settings = logger_settings(cfg)
+    if not settings.wandb:
         return RunLogger()
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(cfg, name, group, job_type, Path(directory))
+    return WandbLogger(settings, name, group, job_type, Path(directory))
+
+
+def lightning_loggers(cfg, out: Path) -> list:
+    """The training stages' Lightning loggers: CSV metrics in the run directory ``out`` always; wandb
+    as well with ``logger=wandb`` (the same settings as :func:`make_logger`: offline unless
+    ``logger.mode=online``, none with ``logger.mode=disabled``). ``cfg`` is the whole run config."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers = [CSVLogger(str(out), name="", version="")]
+    settings = logger_settings(cfg.get("logger"))
+    if settings.wandb:
+        from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(LightningWandbLogger(project=settings.project, entity=settings.entity, group=settings.group,
+                                            tags=list(settings.tags), save_dir=str(settings.dir or out),
+                                            offline=settings.mode != "online", name=out.name))
+    return loggers

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from amedlab.data.digits import DigitsDataModule
+from amedlab.evaluation.wandb_logger import lightning_loggers
 from amedlab.io import atomic_write_text
 from amedlab.models.digits import make_digits_denoiser, save_denoiser
 from amedlab.models.precond import edm_loss
@@ -64,27 +65,6 @@ def trainer_device(device: str) -> tuple[str, list[int] | int]:
             raise ValueError(f"device={device!r} but CUDA is not available; accepted here: cpu")
         return "gpu", [int(device.split(":")[1])] if ":" in device else 1
     raise ValueError(f"device={device!r}; accepted: cpu, cuda, cuda:<index>")
-
-
-def lightning_loggers(cfg, out: Path):
-    """CSV metrics in the run directory always; wandb as well with ``logger=wandb``, read from the same
-    keys as the evaluation's logger (``conf/logger/wandb.yaml``): offline unless ``logger.mode=online``,
-    none with ``logger.mode=disabled``."""
-    from pytorch_lightning.loggers import CSVLogger
-
-    from ..evaluation.wandb_logger import check_logger_cfg
-
-    loggers = [CSVLogger(str(out), name="", version="")]
-    lcfg = cfg.get("logger") or {}
-    check_logger_cfg(lcfg)
-    mode = str(lcfg.get("mode", "offline"))
-    if lcfg.get("name") == "wandb" and mode != "disabled":
-        from pytorch_lightning.loggers import WandbLogger
-
-        loggers.append(WandbLogger(project=lcfg.get("project") or "amedlab", entity=lcfg.get("entity"),
-                                   group=lcfg.get("group"), tags=list(lcfg.get("tags") or []),
-                                   save_dir=str(lcfg.get("dir") or out), offline=mode != "online", name=out.name))
-    return loggers
 
 
 def log_every_n_steps(datamodule) -> int:
