@@ -11,16 +11,13 @@ from collections.abc import Mapping
 import torch
 
 from .configs import grid_for, solver_from_cfg
+from .evaluation.metrics import rmse
 from .io import atomic_write_json, run_dir
 from .models import counting
+from .models.base import parse_dtype
 from .solvers import Solver
 
 log = logging.getLogger(__name__)
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root mean square over samples and all elements."""
-    return (a - b).pow(2).mean().sqrt().item()
 
 
 def final_errors(model, solvers: Mapping[str, Solver], nfes, schedule: Mapping, x_T: torch.Tensor,
@@ -79,7 +76,7 @@ def run(cfg):
 
     plan = check_stage(cfg, "compare")  # every check before any compute
     solver_cfgs, model = plan.solvers, plan.model
-    dtype = getattr(torch, str(cfg.compare.dtype))
+    dtype = parse_dtype(cfg.compare.dtype, "compare.dtype")
     nfes = [int(n) for n in cfg.compare.nfes]
     results = compare(model, solver_cfgs, nfes, cfg.schedule, int(cfg.compare.num_samples), int(cfg.seed), dtype)
     table = format_table(results, nfes)

@@ -53,11 +53,16 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def run_dir() -> Path:
-    """The Hydra run directory (or the current directory outside Hydra)."""
+def run_dir(outside_hydra: str | os.PathLike | None = None) -> Path:
+    """The Hydra run directory; outside Hydra (tests, the Python API) ``outside_hydra`` (created),
+    else the current directory."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
-        return Path.cwd()
+        if outside_hydra is None:
+            return Path.cwd()
+        path = Path(outside_hydra)
+        path.mkdir(parents=True, exist_ok=True)
+        return path

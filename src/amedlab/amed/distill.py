@@ -15,10 +15,10 @@ from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..data.trajectories import TrajectoryDataModule, cached_trajectories, student_grid
+from ..io import plain
 from ..sampling import parse_seeds
 from ..solvers.base import Solver, check_afs
 from .objectives import check_objective, convergence, trajectory_loss, warn_if_unconverged
@@ -172,12 +172,12 @@ def distill(
     if solver not in AMED_SOLVERS:
         raise ValueError(f"solver={solver!r} cannot be distilled; accepted: {', '.join(AMED_SOLVERS)}")
     d = DEFAULTS[solver]
-    schedule = _plain(schedule or d["schedule"])
-    teacher = _plain(teacher or d["teacher"])
+    schedule = plain(schedule or d["schedule"])
+    teacher = plain(teacher or d["teacher"])
     M = d["M"] if M is None else int(M)
     s_dir = d["s_dir"] if s_dir is None else float(s_dir)
     s_time = d["s_time"] if s_time is None else float(s_time)
-    solver_options = _plain(solver_options or ({"base": "ipndm", "max_order": 4} if solver == "amed_plugin" else {}))
+    solver_options = plain(solver_options or ({"base": "ipndm", "max_order": 4} if solver == "amed_plugin" else {}))
     check_schedule_cfg(schedule)
     check_afs(afs)
     check_objective(objective, intermediate_weight)
@@ -233,11 +233,6 @@ def distill(
     warn_if_unconverged(predictor.meta["convergence"], f"{solver} distillation for nfe={int(nfe)}")
     predictor.records = module.records
     return predictor
-
-
-def _plain(node) -> dict:
-    """Config nodes become plain dicts (they end up in the predictor's metadata)."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
 def run(cfg):

@@ -23,9 +23,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from amedlab.compare import final_errors, rmse
+from amedlab.compare import final_errors
+from amedlab.evaluation.metrics import rmse
 from amedlab.configs import check_schedule_cfg, load_group, solver_from_cfg
 from amedlab.io import atomic_write_json, run_dir
+from amedlab.models.base import parse_dtype
 from amedlab.schedules import make_sigmas
 from amedlab.solvers import Solver, make_solver, num_points_for
 
@@ -211,14 +213,6 @@ def amed_solvers(model, nfes, schedule: Mapping, acfg: Mapping, dtype) -> tuple[
 # ----------------------------------------------------------------------------------------------
 # the whole analysis
 # ----------------------------------------------------------------------------------------------
-def _dtype(name: str, model) -> torch.dtype:
-    if name == "auto":
-        return torch.float64 if hasattr(model, "reference") else torch.float32
-    if name not in ("float32", "float64"):
-        raise ValueError(f"analysis.dtype={name!r}; accepted: auto, float32, float64")
-    return getattr(torch, name)
-
-
 def analyze(model, acfg: Mapping, schedule: Mapping, seed: int = 0, device: str = "cpu") -> tuple[dict, dict]:
     """Run the analysis described in the module docstring. Returns (JSON-ready results, raw tensors)."""
     check_schedule_cfg(schedule)
@@ -244,7 +238,7 @@ def analyze(model, acfg: Mapping, schedule: Mapping, seed: int = 0, device: str 
     if c_bounds is not None and (len(c_bounds) != 2 or not float(c_bounds[0]) < float(c_bounds[1])):
         raise ValueError(f"analysis.oracle.c_bounds={c_bounds!r}: null or [low, high] with low < high")
     amed_mode(acfg.get("amed") or {})
-    dtype = _dtype(str(acfg.get("dtype", "auto")), model)
+    dtype = parse_dtype(acfg.get("dtype", "auto"), "analysis.dtype", model)
     model = model.to(device=device, dtype=dtype).eval()
     timings = {}
 

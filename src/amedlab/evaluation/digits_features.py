@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from amedlab.models.base import device_of
 from amedlab.models.digits import ASSETS_DIR, load_checkpoint, resolve_checkpoint_path, save_checkpoint
 
 SHIPPED_CLASSIFIER = ASSETS_DIR / "digits_classifier.safetensors"
@@ -75,7 +76,7 @@ def digits_features(images: torch.Tensor, classifier: DigitsClassifier | None = 
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"digits_features expects images of shape [N, 1, S, S]; got {tuple(images.shape)}")
     classifier = classifier if classifier is not None else load_digits_classifier()
-    device = next(classifier.parameters()).device
+    device = device_of(classifier)
     out = [classifier.features(chunk.to(device, torch.float32).clamp(-1, 1)).double().cpu()
            for chunk in images.split(batch_size)]
     return torch.cat(out)

@@ -24,6 +24,7 @@ from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
+from ..models.base import device_of
 from .digits_features import load_digits_classifier
 
 DIGITS = "amedlab-digits"
@@ -64,7 +65,7 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
     def forward(self, x):
         vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting images as torch.Tensor with dtype=torch.uint8")
         vassert(x.dim() == 4 and x.shape[1] in (1, 3), f"Input is not Bx1xHxW or Bx3xHxW: {tuple(x.shape)}")
-        device = next(self.classifier.parameters()).device
+        device = device_of(self.classifier)
         x = x.to(device, torch.float32)
         if x.shape[1] == 3:
             x = x.mean(dim=1, keepdim=True)
@@ -187,7 +188,7 @@ def extract_features(extractor: FeatureExtractorBase, images, batch_size: int = 
     through torch-fidelity's own extraction loop (no worker processes)."""
     if isinstance(images, torch.Tensor):
         images = UInt8Images(images, channels_for(extractor.get_name()))
-    device = next(extractor.parameters()).device
+    device = device_of(extractor)
     with _current_cuda(device):
         feats = get_featuresdict_from_dataset(images, extractor, int(batch_size), device.type == "cuda", True, False)
     return feats[extractor.get_requested_features_list()[0]].double()

@@ -41,6 +41,7 @@ import torch
 
 from ..cache import digest
 from ..io import atomic_write_bytes
+from .fid import frechet, psd_root
 from .metrics import per_sample_mse
 
 FILE = "uncertainty.npz"
@@ -116,19 +117,6 @@ def _stats(f: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch
                      for wb in w])
     s = s - n[:, None, None] * mu[:, :, None] * mu[:, None, :]
     return mu, s / (n - 1)[:, None, None]
-
-
-def _psd_root(s: torch.Tensor) -> torch.Tensor:
-    e, v = torch.linalg.eigh(s)
-    return (v * e.clamp_min(0).sqrt()[..., None, :]) @ v.transpose(-1, -2)
-
-
-def _fid(mu1, s1, mu2, root2, tr2):
-    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr (S2^1/2 S1 S2^1/2)^1/2 (``fid.py``'s formula); any of
-    the arguments may carry a leading batch dimension."""
-    eig = torch.linalg.eigvalsh(root2 @ s1 @ root2)
-    d = mu1 - mu2
-    return (d * d).sum(-1) + torch.diagonal(s1, dim1=-2, dim2=-1).sum(-1) + tr2 - 2 * eig.clamp_min(0).sqrt().sum(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,10 +227,10 @@ def cell_bootstrap(gen_features: torch.Tensor, real_mu, real_sigma, real_feature
     else:
         mu_r = torch.as_tensor(np.asarray(real_mu), dtype=torch.float64, device=dev) - shift
         s_r = torch.as_tensor(np.asarray(real_sigma), dtype=torch.float64, device=dev)
-    root_r, tr_r = _psd_root(s_r), torch.trace(s_r)
+    root_r, tr_r = psd_root(s_r), torch.trace(s_r)
     mu_g, s_g = _stats(gen, None)
-    root_g, tr_g = _psd_root(s_g), torch.trace(s_g)
-    fid_hat = float(_fid(mu_g, s_g, mu_r, root_r, tr_r))
+    root_g, tr_g = psd_root(s_g), torch.trace(s_g)
+    fid_hat = float(frechet(mu_g, s_g, mu_r, root_r, tr_r))
     do_kid = bool(cfg["kid"]) and real is not None and n <= int(cfg["kid_max_samples"]) and m <= int(cfg["kid_max_samples"])
     terms = _kid_terms(gen + shift, real + shift) if do_kid else None  # the kernel is not translation invariant
     kid_hat = float(_kid(terms)[0]) if do_kid else None
@@ -256,12 +244,12 @@ def cell_bootstrap(gen_features: torch.Tensor, real_mu, real_sigma, real_feature
     for b0 in range(0, B, chunk):
         sl = slice(b0, min(B, b0 + chunk))
         mu_gb, s_gb = _stats(gen, torch.as_tensor(W[sl], device=dev))
-        fid_s[sl] = _fid(mu_gb, s_gb, mu_r, root_r, tr_r).cpu().numpy()
+        fid_s[sl] = frechet(mu_gb, s_gb, mu_r, root_r, tr_r).cpu().numpy()
         if use_real:
             mu_rb, s_rb = _stats(real, torch.as_tensor(V[sl], device=dev))
-            fid_r[sl] = _fid(mu_rb, s_rb, mu_g, root_g, tr_g).cpu().numpy()  # generated fixed, real resampled
+            fid_r[sl] = frechet(mu_rb, s_rb, mu_g, root_g, tr_g).cpu().numpy()  # generated fixed, real resampled
             tr_rb = torch.diagonal(s_rb, dim1=-2, dim2=-1).sum(-1)
-            fid_t[sl] = _fid(mu_gb, s_gb, mu_rb, _psd_root(s_rb), tr_rb).cpu().numpy()
+            fid_t[sl] = frechet(mu_gb, s_gb, mu_rb, psd_root(s_rb), tr_rb).cpu().numpy()
     arrays = {"fid_samples": fid_s, "fid_real": fid_r, "fid_total": fid_t,
               "kid_samples": np.empty(0), "kid_real": np.empty(0), "kid_total": np.empty(0)}
     if do_kid:  # each big product once: the samples / real / total replicates share them

@@ -67,6 +67,22 @@ def device_of(model) -> torch.device:
     return torch.device("cpu")
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def parse_dtype(name, key: str, model=None) -> torch.dtype:
+    """``float32`` or ``float64`` as a torch dtype; with ``model`` also ``auto`` (float64 for a model
+    with an exact reference solution, the analytic ones, else float32). ``key`` names the setting in
+    the error."""
+    name = str(name)
+    if model is not None and name == "auto":
+        return torch.float64 if hasattr(model, "reference") else torch.float32
+    if name not in DTYPES:
+        accepted = ", ".join((["auto"] if model is not None else []) + list(DTYPES))
+        raise ValueError(f"{key}={name!r}; accepted: {accepted}")
+    return DTYPES[name]
+
+
 def as_batch_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Return sigma as a tensor of shape [B] on x's device and dtype."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from amedlab.data.digits import DigitsDataModule
 from amedlab.evaluation.digits_features import DigitsClassifier, save_classifier
+from amedlab.io import plain
 from amedlab.training.teacher import (
     check_dataset_is_digits,
     check_positive,
@@ -21,7 +22,6 @@ from amedlab.training.teacher import (
     make_trainer,
     output_dir,
     set_threads,
-    to_plain,
     write_json,
 )
 
@@ -102,7 +102,7 @@ def run(cfg) -> float:
     recipe = {"command": hydra_command(), "seed": int(cfg.seed), "steps": int(trainer.global_step),
               "wall_time_s": round(wall, 1), "held_out_accuracy": acc, "num_held_out": len(held_out[1]),
               "num_params": sum(p.numel() for p in model.parameters()),
-              "train": to_plain(fcfg), "dataset": to_plain(cfg.dataset)}
+              "train": plain(fcfg), "dataset": plain(cfg.dataset)}
     ckpt = save_classifier(model, out / "digits_classifier.safetensors",
                            metadata={"held_out_accuracy": f"{acc:.4f}", "command": recipe["command"]})
     write_json(out / "recipe.json", {**recipe, "checkpoint": ckpt.name})

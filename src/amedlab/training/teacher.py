@@ -18,7 +18,7 @@ import torch
 
 from amedlab.data.digits import DigitsDataModule
 from amedlab.evaluation.wandb_logger import lightning_loggers
-from amedlab.io import atomic_write_text
+from amedlab.io import atomic_write_text, plain, run_dir
 from amedlab.models.digits import make_digits_denoiser, save_denoiser
 from amedlab.models.precond import edm_loss
 from amedlab.training.ema import EMA
@@ -29,15 +29,8 @@ VAL_SEED = 1234  # fixed noise for the held-out loss, so its curve is comparable
 # --- helpers shared by the two training stages (features.py imports them) ---------------------
 
 def output_dir() -> Path:
-    """The Hydra run directory (or ./outputs/<stage> when called outside Hydra, e.g. from tests)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        path = Path("outputs") / "no_hydra"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    """The run directory of a training stage (``outputs/no_hydra`` outside Hydra, e.g. from tests)."""
+    return run_dir(Path("outputs") / "no_hydra")
 
 
 def hydra_command() -> str:
@@ -84,13 +77,6 @@ def set_threads(node) -> None:
     """``num_threads`` (null = torch's default): 1 is faster than 2 when other jobs share a 2-core CPU."""
     if node.get("num_threads") is not None:
         torch.set_num_threads(int(node.get("num_threads")))
-
-
-def to_plain(node):
-    """An OmegaConf node as plain Python containers (for JSON)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def make_trainer(cfg, node, out: Path, datamodule) -> pl.Trainer:
@@ -206,8 +192,8 @@ def run(cfg) -> float:
         "num_params": num_params,
         "final_train_loss": final_train_loss,
         "held_out_ema_loss": float(val),
-        "train": to_plain(tcfg),
-        "dataset": to_plain(cfg.dataset),
+        "train": plain(tcfg),
+        "dataset": plain(cfg.dataset),
     }
     ckpt = save_denoiser(module.ema.module, out / "digits_teacher.safetensors",
                          metadata={"recipe": _json(recipe)})
