@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from amedlab.analysis.oracle import best_scale, mid_time, oracle_step, ratio_of_mid_time, search_minimum
+from amedlab.analysis.oracle import OracleSearch, best_scale, mid_time, oracle_step, ratio_of_mid_time, search_minimum
 from amedlab.analysis.pca import trajectory_geometry
 from amedlab.analysis.trajectories import (
     coarse_num_points,
@@ -125,7 +125,7 @@ def test_oracle_is_exact_on_the_gaussian(gaussian_traj):
     for i0, i1, first in ((0, 20, True), (20, 40, False), (40, 60, False)):
         t0 = sigmas[i0] * ones
         cur = afs_point(traj[:, i0], t0) if first else evaluate(model, traj[:, i0], t0)
-        o = oracle_step(model, cur, sigmas[i1] * ones, traj[:, i1], joint_rc=first)
+        o = oracle_step(model, cur, sigmas[i1] * ones, traj[:, i1], OracleSearch(joint_rc=first))
         scale = (traj[:, i1] - traj[:, i0]).norm(dim=-1)
         assert (o.error_rc / scale).max() < 1e-12
         assert (o.error_rc <= o.error).all() and (o.r >= 0).all() and (o.r <= 1).all()
@@ -163,14 +163,14 @@ def test_c_bounds_sit_between_c1_and_free_c(mixture_traj):
     ones = torch.ones(traj.shape[0], dtype=torch.float64)
     cur = evaluate(model, traj[:, 40], sigmas[40] * ones)
     free = oracle_step(model, cur, sigmas[80] * ones, traj[:, 80], modes=("rc",))
-    tight = oracle_step(model, cur, sigmas[80] * ones, traj[:, 80], modes=("rc",), c_bounds=(0.99, 1.01))
+    tight = oracle_step(model, cur, sigmas[80] * ones, traj[:, 80], OracleSearch(c_bounds=(0.99, 1.01)), modes=("rc",))
     assert tight.c_rc.min() >= 0.99 and tight.c_rc.max() <= 1.01
     assert torch.equal(free.r_rc, tight.r_rc)  # c* is taken at r*
     assert (free.error_rc <= tight.error_rc * (1 + 1e-12)).all()
     assert (tight.error_rc <= tight.error * (1 + 1e-12)).all()
     assert free.r_shared is None and free.error_shared is None
     # the joint search (c = c*(r) at every r) is kept only where it is better
-    joint = oracle_step(model, cur, sigmas[80] * ones, traj[:, 80], modes=("rc",), joint_rc=True)
+    joint = oracle_step(model, cur, sigmas[80] * ones, traj[:, 80], OracleSearch(joint_rc=True), modes=("rc",))
     assert (joint.error_rc <= free.error_rc).all() and (joint.error_rc < 0.99 * free.error_rc).any()
     assert joint.calls == free.calls + 8 + 3 + 1
 
@@ -223,7 +223,7 @@ def test_image_shaped_samples():
     traj = sample_trajectories(model, make_solver("heun"), x, sigmas)
     assert traj.shape == (8, 13, 1, 4, 4)
     assert trajectory_geometry(traj)["max_line_deviation"].max() < 1e-12
-    res, raw = oracle_on_grid(model, traj, sigmas, 4, {"dpm2": make_solver("dpm2", afs=True)}, iters=6, joint_rc=True)
+    res, raw = oracle_on_grid(model, traj, sigmas, 4, {"dpm2": make_solver("dpm2", afs=True)}, OracleSearch(iters=6, joint_rc=True))
     for e in res["restart"]:
         assert e["rmse"]["oracle r*,c*"] < 1e-9 * e["rmse"]["dpm2"] + 1e-12
         assert e["rmse"]["oracle r*"] <= e["rmse"]["dpm2"]

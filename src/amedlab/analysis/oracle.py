@@ -120,6 +120,18 @@ def best_scale(delta: torch.Tensor, v: torch.Tensor, c_bounds: Sequence[float] |
 MODES = ("r", "rc", "shared")
 
 
+@dataclass(frozen=True)
+class OracleSearch:
+    """How the oracle searches (see the module docstring): ``grid_points`` r on the dense grid,
+    ``iters`` golden-section steps, c* clipped to ``c_bounds`` (None: free), and with ``joint_rc``
+    a second search of r with c = c*(r) at every r."""
+
+    grid_points: int = 9
+    iters: int = 8
+    c_bounds: Sequence[float] | None = None
+    joint_rc: bool = False
+
+
 @dataclass
 class OracleStep:
     """One interval's oracle: per-sample ratios, scales, landing points and L2 errors per sample.
@@ -164,18 +176,16 @@ def oracle_step(
     cur: Point,
     t_next: torch.Tensor,
     target: torch.Tensor,
-    grid_points: int = 9,
-    iters: int = 8,
-    c_bounds: Sequence[float] | None = None,
+    search: OracleSearch = OracleSearch(),
     modes: Sequence[str] = MODES,
-    joint_rc: bool = False,
 ) -> OracleStep:
     """Search, from ``cur`` towards ``target`` at ``t_next``, the oracle ``modes``:
-    ``r`` (per-sample r*, c = 1), ``rc`` (r* with its c*; with ``joint_rc`` also a search of r with
-    c = c*(r) at every r, one more refinement per step), ``shared`` (one r for the batch)."""
+    ``r`` (per-sample r*, c = 1), ``rc`` (r* with its c*; with ``search.joint_rc`` also a search of r
+    with c = c*(r) at every r, one more refinement per step), ``shared`` (one r for the batch)."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"oracle modes {sorted(unknown)} unknown; accepted: {', '.join(MODES)}")
+    grid_points, iters, c_bounds, joint_rc = search.grid_points, search.iters, search.c_bounds, search.joint_rc
     model = _Counted(denoiser)
     B = cur.x.shape[0]
     delta = target - cur.x
@@ -243,12 +253,13 @@ class OracleRule(StepRule):
     N grid points) and lands where ``mode`` (r, rc or shared; None: r) puts it. ``last`` is the
     interval's :class:`OracleStep`."""
 
-    def __init__(self, targets: torch.Tensor, modes: Sequence[str] = MODES, mode: str | None = None, **search) -> None:
+    def __init__(self, targets: torch.Tensor, search: OracleSearch = OracleSearch(), modes: Sequence[str] = MODES,
+                 mode: str | None = None) -> None:
         self.targets, self.modes, self.mode, self.search = targets, tuple(modes), mode or "r", search
         self.last: OracleStep | None = None
 
     def step(self, denoiser, cur, t_next, history, remaining):
-        self.last = oracle_step(denoiser, cur, t_next, self.targets[:, -remaining], modes=self.modes, **self.search)
+        self.last = oracle_step(denoiser, cur, t_next, self.targets[:, -remaining], self.search, self.modes)
         x_next = {"r": self.last.x_next, "rc": self.last.x_next_rc, "shared": self.last.x_next_shared}[self.mode]
         return x_next, []
 

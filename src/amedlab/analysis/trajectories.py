@@ -31,7 +31,7 @@ from amedlab.models.base import parse_dtype
 from amedlab.schedules import make_sigmas
 from amedlab.solvers import Solver, make_solver, num_points_for
 
-from .oracle import MODES, OracleRule, ratio_of_mid_time
+from .oracle import MODES, OracleRule, OracleSearch, ratio_of_mid_time
 from .pca import distribution, summarize_geometry, trajectory_geometry
 
 log = logging.getLogger(__name__)
@@ -92,15 +92,13 @@ def oracle_on_grid(
     fine_sigmas: torch.Tensor,
     stride: int,
     restart_rules: Mapping[str, Solver],
-    grid_points: int = 9,
-    iters: int = 8,
-    c_bounds: Sequence[float] | None = None,
+    search: OracleSearch = OracleSearch(),
     chained: Sequence[str] = MODES,
-    joint_rc: bool = False,
 ) -> tuple[dict, dict]:
     """Restart and chained oracle on the coarse grid ``fine_sigmas[::stride]`` (AFS on the first step).
 
     ``restart_rules``: single-step solvers run from the same restart points (e.g. dpm2, heun, amed).
+    ``search``: the oracle's search settings (:class:`.oracle.OracleSearch`).
     ``chained``: the oracle modes also run interval after interval from their own output.
     Returns (JSON-ready results, raw per-sample tensors for plots).
     """
@@ -111,10 +109,9 @@ def oracle_on_grid(
     targets = traj[:, idx]  # the fine states on the coarse grid
     for solver in restart_rules.values():
         solver.rule.prepare(denoiser, sigmas, True)
-    search = dict(grid_points=grid_points, iters=iters, c_bounds=c_bounds, joint_rc=joint_rc)
     intervals, raw_intervals, calls = [], [], 0
     # restart convention: every interval from the fine state
-    oracle = OracleRule(targets, **search)
+    oracle = OracleRule(targets, search)
     with torch.no_grad():
         for interval in Solver(oracle, afs=True).steps(denoiser, targets[:, 0], sigmas, restart=targets):
             i, cur, t_next, o = interval.index, interval.cur, interval.t_next, oracle.last
@@ -149,7 +146,7 @@ def oracle_on_grid(
         finals, chain_r = {}, {}
         for mode in chained:
             # the oracle interval after interval from its own output
-            oracle = OracleRule(targets, modes=(mode,), mode=mode, **search)
+            oracle = OracleRule(targets, search, modes=(mode,), mode=mode)
             rs = []
             with torch.no_grad():
                 for interval in Solver(oracle, afs=True).steps(denoiser, targets[:, 0], sigmas):
@@ -273,14 +270,14 @@ def analyze(model, acfg: Mapping, schedule: Mapping, seed: int = 0, device: str 
     t0 = time.perf_counter()
     oracle, raw_oracle = {}, {}
     ocfg = acfg["oracle"]
+    search = OracleSearch(int(ocfg.get("grid_points", 9)), int(ocfg.get("iters", 8)),
+                          None if c_bounds is None else [float(c) for c in c_bounds], bool(ocfg.get("joint_rc", False)))
     for nfe in nfes:
         stride = fine_steps // (points[nfe] - 1)
         rules = dict(restart)
         if nfe in amed:
             rules["amed"] = amed[nfe]
-        oracle[nfe], raw_oracle[nfe] = oracle_on_grid(
-            model, traj, fine_sigmas, stride, rules, int(ocfg.get("grid_points", 9)), int(ocfg.get("iters", 8)),
-            c_bounds, chained, bool(ocfg.get("joint_rc", False)))
+        oracle[nfe], raw_oracle[nfe] = oracle_on_grid(model, traj, fine_sigmas, stride, rules, search, chained)
         oracle[nfe]["nfe"] = nfe
     timings["oracle"] = time.perf_counter() - t0
 
@@ -298,9 +295,8 @@ def analyze(model, acfg: Mapping, schedule: Mapping, seed: int = 0, device: str 
     results = {
         "model": None, "schedule": dict(schedule), "num_samples": n, "dtype": str(dtype).replace("torch.", ""),
         "sample_shape": list(model.sample_shape), "seed": int(seed), "fine": fine, "pca": pca,
-        "oracle": {"search": {"grid_points": int(ocfg.get("grid_points", 9)), "iters": int(ocfg.get("iters", 8)),
-                              "c_bounds": None if c_bounds is None else [float(c) for c in c_bounds],
-                              "joint_rc": bool(ocfg.get("joint_rc", False)), "chained": chained},
+        "oracle": {"search": {"grid_points": search.grid_points, "iters": search.iters, "c_bounds": search.c_bounds,
+                              "joint_rc": search.joint_rc, "chained": chained},
                    "nfe": oracle},
         "final_rmse": finals, "amed": amed_status, "seconds": timings,
     }
