@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..solvers.base import StepRule, evaluate, mid_time, window
+from ..solvers.base import StepRule, bcast, evaluate, mid_time, window
 from ..solvers.multistep import IPNDM, DPMSolverPP
 from ..solvers.single_step import DPMSolver2, Euler, MeanDirection
 from .predictor import AMEDPredictor
@@ -60,8 +60,7 @@ class AMEDPlugin(StepRule):
         mid = evaluate(denoiser, x_mid, t_mid, a * t_mid)
         kept = window(history, first, self.history_size)
         x_end, second = self.base.step(denoiser, mid, t_next, kept, 2 * remaining - 1)
-        cb = c.reshape(-1, *([1] * (x_mid.ndim - 1)))
-        return x_mid + cb * (x_end - x_mid), first + second
+        return x_mid + bcast(c, x_mid) * (x_end - x_mid), first + second
 
 
 def _predictor(predictor) -> AMEDPredictor:

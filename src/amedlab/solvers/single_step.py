@@ -27,6 +27,11 @@ class Heun(StepRule):
         return cur.x + h * 0.5 * (cur.slope + nxt.slope), [cur]
 
 
+def _scaled(c, x: torch.Tensor):
+    """A per-sample scale [B] broadcast against x, or a plain number as it is."""
+    return bcast(c, x) if torch.is_tensor(c) else c
+
+
 def mean_direction_step(
     denoiser,
     cur: Point,
@@ -43,7 +48,7 @@ def mean_direction_step(
     """
     x_mid = cur.x + bcast(t_mid - cur.t, cur.x) * cur.slope
     mid = evaluate(denoiser, x_mid, t_mid, t_model)
-    return cur.x + (bcast(scale, cur.x) if torch.is_tensor(scale) else scale) * bcast(t_next - cur.t, cur.x) * mid.slope
+    return cur.x + _scaled(scale, cur.x) * bcast(t_next - cur.t, cur.x) * mid.slope
 
 
 class MeanDirection(StepRule):
@@ -103,5 +108,4 @@ class DPMSolver2(StepRule):
         x_mid = cur.x + bcast(t_mid - cur.t, cur.x) * cur.slope
         mid = evaluate(denoiser, x_mid, t_mid, a * t_mid)
         w = bcast(0.5 / r, cur.x)
-        scale = bcast(c, cur.x) if torch.is_tensor(c) else c
-        return cur.x + scale * bcast(t_next - cur.t, cur.x) * ((1 - w) * cur.slope + w * mid.slope)
+        return cur.x + _scaled(c, cur.x) * bcast(t_next - cur.t, cur.x) * ((1 - w) * cur.slope + w * mid.slope)
