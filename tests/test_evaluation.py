@@ -244,3 +244,17 @@ def test_wandb_logger_is_offline_by_default_and_never_hangs(tmp_path, monkeypatc
         assert logger.mode == "offline"
     with pytest.raises(ValueError, match="logger.mode='sometimes'"):
         make_logger(OmegaConf.merge(cfg, {"mode": "sometimes"}), "x", None, "test", tmp_path)
+
+
+def test_one_logger_settings_reader_offline_by_default():
+    """The evaluation's RunLogger and the training's Lightning loggers read the same settings."""
+    from omegaconf import OmegaConf
+
+    from amedlab.evaluation.wandb_logger import logger_settings
+
+    assert not logger_settings(None).wandb and not logger_settings({"name": "none"}).wandb
+    s = logger_settings(OmegaConf.create({"name": "wandb", "tags": ["a"], "entity": ""}))
+    assert s.wandb and s.mode == "offline" and s.project == "amedlab" and s.entity is None and s.tags == ("a",)
+    assert not logger_settings({"name": "wandb", "mode": "disabled"}).wandb
+    with pytest.raises(ValueError, match=r"logger.mode='sometimes'; accepted: offline, online, disabled"):
+        logger_settings({"name": "wandb", "mode": "sometimes"})

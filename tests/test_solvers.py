@@ -180,6 +180,34 @@ def test_bad_options_name_key_and_accepted():
         make_solver("euler", final_step="zero")
 
 
+def test_steps_is_the_walk_sample_takes_and_restarts_from_given_states():
+    model, sigmas, x = default_mixture(), make_sigmas("polynomial", 6), _x_T(16, seed=3)
+    solver = make_solver("ipndm", afs=True)
+    walk = list(solver.steps(model, x, sigmas))
+    assert [iv.index for iv in walk] == [0, 1, 2, 3, 4] and [iv.remaining for iv in walk] == [5, 4, 3, 2, 1]
+    assert torch.equal(walk[-1].x_next, solver.sample(model, x, sigmas))
+    # restart: interval i > 0 starts from states[:, i] whatever the previous step produced (0: from x)
+    states = torch.stack([x] + [x * s / 80.0 for s in sigmas[1:]], 1)
+    for iv in make_solver("heun").steps(model, x, sigmas, restart=states):
+        assert torch.equal(iv.cur.x, states[:, iv.index])
+    # detach: start points and carried history are constants, the step itself keeps its graph
+    y = x.clone().requires_grad_(True)
+    walk = list(make_solver("ipndm").steps(model, y, sigmas, detach=True))
+    assert all(not iv.cur.denoised.requires_grad for iv in walk)
+    assert walk[0].x_next.requires_grad and not walk[1].cur.x.requires_grad
+
+
+def test_parse_dtype_names_the_key_and_the_accepted_values():
+    from amedlab.models.base import parse_dtype
+
+    assert parse_dtype("float32", "compare.dtype") is torch.float32
+    assert parse_dtype("auto", "analysis.dtype", default_mixture()) is torch.float64  # exact reference: float64
+    with pytest.raises(ValueError, match=r"compare.dtype='half'; accepted: float32, float64$"):
+        parse_dtype("half", "compare.dtype")
+    with pytest.raises(ValueError, match=r"analysis.dtype='half'; accepted: auto, float32, float64$"):
+        parse_dtype("half", "analysis.dtype", default_mixture())
+
+
 def test_plugin_solvers_are_imported_on_first_use_only():
     """The classical solvers never import AMED (it imports them); its names resolve lazily."""
     code = (
