@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from amedlab.amed.distill import distill
 from amedlab.configs import CONF_DIR
 from amedlab.schedules import make_sigmas
 from amedlab.specs import DistillSpec, ScheduleSpec, SolverSpec, paper_defaults
@@ -51,6 +52,15 @@ def test_resolved_fills_only_what_is_unset():
     assert r.M == 4 and r.s_time == 0.2 and r.teacher["name"] == "ipndm" and r.schedule["kind"] == "logsnr"
     assert r.objective == "interval" and r.intermediate_weight == 0.0
     assert "objective" not in spec.settings() and "objective" in DistillSpec(objective="trajectory").settings()
+
+
+def test_distill_takes_a_spec_and_names_an_unknown_setting():
+    params = inspect.signature(distill).parameters
+    assert len([p for p in params.values() if p.kind is not p.VAR_KEYWORD]) <= 8
+    with pytest.raises(ValueError, match="no setting num_trajectory; accepted: solver, nfe"):
+        distill(None, num_trajectory=10)
+    with pytest.raises(ValueError, match="solver='heun' cannot be distilled"):
+        distill(None, DistillSpec(solver="heun"))
 
 
 @pytest.mark.parametrize("name", ["polynomial", "time_uniform", "logsnr"])

@@ -28,6 +28,7 @@ from amedlab.configs import check_schedule_cfg, load_group, solver_from_cfg
 from amedlab.io import atomic_write_json, run_dir
 from amedlab.schedules import make_sigmas
 from amedlab.solvers import Point, Solver, afs_point, evaluate, make_solver, num_points_for
+from amedlab.specs import DistillSpec
 
 from .oracle import MODES, oracle_step, ratio_of_mid_time
 from .pca import distribution, summarize_geometry, trajectory_geometry
@@ -206,8 +207,9 @@ def amed_solvers(model, nfes, schedule: Mapping, acfg: Mapping, dtype) -> tuple[
                 made.append(f"nfe {nfe}: loaded {path}")
             else:
                 t0 = time.perf_counter()
-                predictor = distill(model, solver="amed", nfe=int(nfe), schedule=dict(schedule), afs=True,
-                                    dtype=dtype, **kwargs)
+                spec = DistillSpec.create(solver="amed", nfe=int(nfe), schedule=dict(schedule), afs=True, dtype=dtype,
+                                          **kwargs)
+                predictor = distill(model, spec)
                 made.append(f"nfe {nfe}: distilled in {time.perf_counter() - t0:.1f} s")
             out[int(nfe)] = make_solver("amed", afs=True, predictor=predictor)
         return out, "; ".join(made)

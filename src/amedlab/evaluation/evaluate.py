@@ -27,7 +27,7 @@ from ..amed.solvers import AMED_SOLVERS
 from ..configs import check_schedule_cfg, solver_from_cfg
 from ..io import atomic_write_json
 from ..models.base import with_precision
-from ..schedules import make_sigmas
+from ..specs import DistillSpec, ScheduleSpec, solver_label
 from .extractors import create_extractor, extract_features
 from .distributed import generate_sharded, world
 from .metrics import feature_statistics, fid_from_statistics, kid, quantize, rmse
@@ -60,52 +60,9 @@ def cell_schedule(schedule: Mapping, solver_name: str, per_solver: Mapping | Non
     return out
 
 
-def solver_label(node: Mapping) -> str:
-    """The paper's row name for a solver config (Table 2)."""
-    name, afs = node["name"], node.get("afs", False)
-    options = dict(node.get("options") or {})
-    names = {"euler": "DDIM (Euler)", "heun": "EDM (Heun)", "midpoint": "Midpoint", "dpm2": "DPM-Solver-2",
-             "dpmpp2m": "DPM-Solver++(2M)", "dpmpp3m": "DPM-Solver++(3M)", "dpmpp": "DPM-Solver++",
-             "unipc": "UniPC", "ipndm": "iPNDM", "amed": "AMED-Solver"}
-    if name == "amed_plugin":
-        base = str(options.get("base", "ipndm"))
-        base_name = {"euler": "DDIM", "dpm2": "DPM-Solver-2", "ipndm": "iPNDM", "dpmpp": "DPM-Solver++"}.get(base, base)
-        return f"AMED-Plugin (on {base_name}{''.join(', ' + t for t in _variant_tags(node))})"
-    label = names.get(name, name)
-    if name == "amed" and _variant_tags(node):
-        return f"{label} ({', '.join(_variant_tags(node))})"
-    if dict(node.get("options") or {}).get("variable_step"):
-        label += " (variable-step)"
-    if afs and name != "amed":
-        tag = "AFS-mean" if afs == "mean" else "AFS"
-        label = label[:-1] + f", {tag})" if label.endswith(")") else label + f" ({tag})"
-    return label
-
-
-def _variant_tags(node: Mapping) -> list[str]:
-    """What an AMED row does differently from the paper's recipe (variable-step base, AFS, objective)."""
-    options, sdist = dict(node.get("options") or {}), dict(node.get("distill") or {})
-    tags = ["variable-step"] if options.get("variable_step") else []
-    if node.get("afs") == "mean":
-        tags.append("AFS-mean")
-    if sdist.get("objective", "interval") != "interval":
-        tags.append(f"{sdist['objective']} objective")
-    return tags
-
-
 def distill_settings(cfg, solver_node: Mapping, schedule: Mapping) -> dict:
-    """The arguments of :func:`amedlab.amed.distill` for this cell (also the predictor's cache key)."""
-    sdist = plain(dict(cfg.solver.get("distill") or {}))
-    dcfg = cfg.distill
-    return {
-        "solver": solver_node["name"], "nfe": int(cfg.nfe), "schedule": schedule, "afs": solver_node.get("afs", True),
-        "solver_options": dict(solver_node.get("options") or {}), "teacher": sdist.get("teacher"), "M": sdist.get("M"),
-        "s_dir": sdist.get("s_dir"), "s_time": sdist.get("s_time"), "num_trajectories": int(dcfg.num_trajectories),
-        "batch_size": int(dcfg.batch_size), "lr": float(dcfg.lr), "epochs": int(dcfg.epochs),
-        "predictor_sizes": plain(dict(cfg.get("predictor") or {})), "seed": int(cfg.seed),
-        # only when set, so the paper's default keeps its cache key
-        **{k: sdist[k] for k in ("objective", "intermediate_weight") if k in sdist},
-    }
+    """What determines this cell's predictor (its cache key's content): :meth:`DistillSpec.settings`."""
+    return DistillSpec.from_cfg(cfg, solver_node, schedule).settings()
 
 
 def input_files(cfg, solver_node: Mapping, weights: str | None, memo_dir=None) -> dict:
@@ -182,17 +139,15 @@ def finished_metrics(out_dir: Path, key: str) -> dict | None:
 # AMED: the predictor of a cell
 # ------------------------------------------------------------------------------------------------
 
-def cell_predictor(model, cfg, solver_node: Mapping, schedule: Mapping, cache_dir: Path, use_cache: bool):
-    """(predictor, info): a cached predictor with the same settings, or a new one (a predictor file
-    given as ``solver.predictor`` is opened and checked by the validation, not here)."""
+def cell_predictor(model, spec: DistillSpec, cache_dir: Path, use_cache: bool):
+    """(predictor, info): a cached predictor distilled with the same ``spec`` for the same model, or a
+    new one (a predictor file given as ``solver.predictor`` is opened and checked by the validation)."""
     from ..amed.distill import distill
     from ..amed.predictor import AMEDPredictor
     from ..cache import load_verified
 
-    settings = distill_settings(cfg, solver_node, schedule)
-    identity = model.identity()
-    key = digest({"model_identity": identity, **settings})
-    path = cache_dir / "predictors" / f"{solver_node['name']}-nfe{int(cfg.nfe)}-{key}.pt"
+    key = spec.key(model.identity())
+    path = cache_dir / "predictors" / f"{spec.solver}-nfe{int(spec.nfe)}-{key}.pt"
     records_path = path.with_suffix(".json")
     with locked(path):
         # a cached predictor is used only if its digest matches (a corrupt one is logged, removed, re-distilled)
@@ -201,22 +156,11 @@ def cell_predictor(model, cfg, solver_node: Mapping, schedule: Mapping, cache_di
             predictor = AMEDPredictor.from_blob(blob, path)
             records = json.loads(records_path.read_text()).get("records", []) if records_path.is_file() else []
             return predictor, {"source": "cache", "path": str(path), "records": records, "distill_seconds": 0.0}
-        import inspect
-
-        accepted = inspect.signature(distill).parameters
-        lightning = {k: cfg.distill[k] for k in ("accelerator", "devices", "strategy") if k in cfg.distill and k in accepted}
         t0 = time.perf_counter()
-        predictor = distill(
-            model, solver=settings["solver"], nfe=settings["nfe"], schedule=schedule, afs=settings["afs"],
-            solver_options=settings["solver_options"], teacher=settings["teacher"], M=settings["M"],
-            s_dir=settings["s_dir"], s_time=settings["s_time"], num_trajectories=settings["num_trajectories"],
-            batch_size=settings["batch_size"], lr=settings["lr"], epochs=settings["epochs"],
-            predictor_sizes=settings["predictor_sizes"], cache_dir=cfg.distill.cache_dir,
-            gen_batch_size=int(cfg.distill.gen_batch_size), seed=settings["seed"], model_name=cfg.model.name, **lightning,
-            **{k: settings[k] for k in ("objective", "intermediate_weight") if k in settings})
+        predictor = distill(model, spec)
         seconds = time.perf_counter() - t0
         predictor.save(path)
-        atomic_write_json(records_path, {"settings": settings, "meta": predictor.meta, "records": predictor.records})
+        atomic_write_json(records_path, {"settings": spec.settings(), "meta": predictor.meta, "records": predictor.records})
     return predictor, {"source": "distilled", "path": str(path), "records": predictor.records, "distill_seconds": seconds}
 
 
@@ -272,13 +216,13 @@ def run(cfg):
                 predictor, predictor_info = plan.predictor, {"source": "file", "path": solver_node["predictor"],
                                                              "sha256": files["predictor"], "records": []}
             else:
-                predictor, predictor_info = cell_predictor(model, cfg, solver_node, schedule, cache_dir, bool(e.predictor_cache))
+                spec = DistillSpec.from_cfg(cfg, solver_node, schedule)
+                predictor, predictor_info = cell_predictor(model, spec, cache_dir, bool(e.predictor_cache))
             extra["predictor"] = predictor.to(device)
             logger.log_distillation(predictor_info.pop("records"))
         node = {k: v for k, v in solver_node.items() if k in ("name", "afs", "final_step", "options")}
         solver = solver_from_cfg(node, **extra)
-        sigmas = make_sigmas(schedule["kind"], num_points, float(schedule["sigma_min"]), float(schedule["sigma_max"]),
-                             float(schedule["rho"]))
+        sigmas = ScheduleSpec.from_cfg(schedule).grid(num_points)
 
         t0 = time.perf_counter()
         # seeds sharded over processes when a torch.distributed group is up (torchrun / SLURM tasks)
