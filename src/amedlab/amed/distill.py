@@ -4,7 +4,7 @@ Per batch of trajectories, one optimizer step per interval: the student takes on
 x_i and the loss is the batch mean of ||x_{i+1}^student - x_{i+1}^teacher||^2. Single-step students
 restart each interval from the teacher state; multistep students continue from their own detached
 output (their history must be their own). ``distill(denoiser, spec)`` is the Python API;
-``run(cfg)`` is ``python -m amedlab stage=distill``.
+``python -m amedlab stage=distill`` is :mod:`amedlab.stages.distill`.
 """
 from __future__ import annotations
 
@@ -225,21 +225,3 @@ def _meta(s: DistillSpec, denoiser, records: list[dict], sigmas: torch.Tensor, r
     if s.objective != "interval":  # the paper's default leaves the metadata as it was
         meta.update(objective=s.objective, intermediate_weight=float(s.intermediate_weight))
     return meta
-
-
-def run(cfg):
-    """``stage=distill``: distill for ``solver`` (amed or amed_plugin) at ``nfe`` on ``model``."""
-    from ..io import atomic_write_json, run_dir
-    from ..validation import check_stage
-
-    model = check_stage(cfg, "distill").model  # every check and the model file, before any compute
-    predictor = distill(model, DistillSpec.from_cfg(cfg))  # the one translation of the settings
-    out = run_dir()
-    path = predictor.save(out / "predictor.pt")
-    atomic_write_json(out / "distill.json", {"predictor": str(path), "meta": predictor.meta, "records": predictor.records})
-    m = predictor.meta
-    print(f"distilled {m['solver']} for nfe={m['nfe']} ({m['num_points']} points, {m['updates']} updates) in "
-          f"{m['train_seconds']:.1f} s; trajectories {'from cache' if m['trajectories_cached'] else 'generated'} in "
-          f"{m['trajectory_seconds']:.1f} s\nfinal loss per interval: {[round(v, 5) for v in m['final_interval_loss']]}\n"
-          f"predictor: {path}")
-    return sum(m["final_interval_loss"])
