@@ -11,7 +11,7 @@ from amedlab.amed.distill import distill
 from amedlab.amed.objectives import convergence, trajectory_loss
 from amedlab.configs import load_group
 from amedlab.data.trajectories import cached_trajectories
-from amedlab.evaluation.evaluate import distill_settings, solver_label
+from amedlab.specs import DistillSpec, solver_label
 from amedlab.models.analytic import Gaussian, default_mixture
 from amedlab.schedules import make_sigmas
 from amedlab.solvers import Point, make_solver
@@ -163,7 +163,7 @@ def test_labels_and_cache_keys_of_the_variants():
     def settings(node):
         cfg = OmegaConf.create({"solver": node, "nfe": 5, "seed": 0, "predictor": {},
                                 "distill": {"num_trajectories": 8, "batch_size": 4, "lr": 1e-3, "epochs": 1}})
-        return distill_settings(cfg, node, POLY)
+        return DistillSpec.from_cfg(cfg, node, POLY).settings()
 
     assert "objective" not in settings(faithful)  # the paper's rows keep their cache keys
     assert settings(traj)["objective"] == "trajectory" and settings(vs) != settings(faithful)

@@ -179,7 +179,7 @@ def test_stage_writes_json_and_figures(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from amedlab.analysis import trajectories
+    from amedlab.stages import analyze_trajectories as trajectories
     from amedlab.configs import CONF_DIR, load_group
 
     monkeypatch.chdir(tmp_path)

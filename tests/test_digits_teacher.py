@@ -9,6 +9,7 @@ from amedlab.data.digits import DigitsDataModule, digits_split, load_digits_tens
 from amedlab.models import build_model, counting
 from amedlab.models.digits import SHIPPED_TEACHER, load_denoiser, make_digits_denoiser, save_denoiser
 from amedlab.models.precond import edm_loss
+from amedlab.stages import train_teacher
 from amedlab.training import teacher as teacher_stage
 
 TINY_NET = dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
@@ -123,7 +124,7 @@ def test_train_teacher_stage_end_to_end(tmp_path, monkeypatch):
                               "ema_rampup": 0.05, "val_every_steps": 3,
                               "net": {k: v for k, v in TINY_NET.items() if k != "img_resolution"}}},
     })
-    loss = teacher_stage.run(cfg)
+    loss = train_teacher.run(cfg)
     out = tmp_path / "outputs" / "no_hydra"
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["steps"] == 6 and recipe["seed"] == 0 and recipe["wall_time_s"] > 0
@@ -132,7 +133,7 @@ def test_train_teacher_stage_end_to_end(tmp_path, monkeypatch):
     assert loaded.sample_shape == (1, 8, 8)
     bad = OmegaConf.merge(cfg, {"dataset": {"name": "cifar10"}})
     with pytest.raises(ValueError, match="dataset.name='cifar10'"):
-        teacher_stage.run(bad)
+        train_teacher.run(bad)
 
 
 @pytest.mark.parametrize("backend", ["digits_unet", "diffusers", "edm_pkl"])

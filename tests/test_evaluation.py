@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from amedlab.configs import CONF_DIR
 from amedlab.data.digits import digits_split, load_digits_tensors
-from amedlab.evaluation import evaluate as evaluate_stage
+from amedlab.stages import evaluate as evaluate_stage
 from amedlab.evaluation.extractors import (DIGITS, INCEPTION, UInt8Images, check_extractor_weights, create_extractor,
                                            extract_features)
 from amedlab.evaluation.fid import fid_from_features

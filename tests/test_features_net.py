@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from amedlab.data.digits import digits_split, load_digits_tensors
 from amedlab.evaluation.digits_features import SHIPPED_CLASSIFIER, digits_features, load_digits_classifier
 from amedlab.evaluation.fid import feature_statistics, fid_from_features, frechet_distance
+from amedlab.stages import train_features
 from amedlab.training import features as features_stage
 
 
@@ -76,11 +77,11 @@ def test_train_features_stage_end_to_end(tmp_path, monkeypatch):
                                "weight_decay": 1e-4, "max_shift": 1, "channels": 16, "feature_dim": 32,
                                "dropout": 0.1, "val_every_steps": 25, "num_threads": None}},
     })
-    acc = features_stage.run(cfg)
+    acc = train_features.run(cfg)
     out = tmp_path / "outputs" / "no_hydra"
     assert acc > 0.6  # measured: 0.78 after 50 steps (chance: 0.1)
     assert json.loads((out / "metrics.json").read_text())["held_out_accuracy"] == pytest.approx(acc)
     clf = load_digits_classifier(out / "digits_classifier.safetensors")
     assert clf.feature_dim == 32
     with pytest.raises(ValueError, match=r"train.features.steps=0"):
-        features_stage.run(OmegaConf.merge(cfg, {"train": {"features": {"steps": 0}}}))
+        train_features.run(OmegaConf.merge(cfg, {"train": {"features": {"steps": 0}}}))

@@ -26,7 +26,8 @@ from hydra import compose, initialize_config_dir
 from amedlab import cli
 from amedlab.amed import AMEDPredictor
 from amedlab.configs import CONF_DIR
-from amedlab.evaluation import evaluate as evaluate_stage
+from amedlab.evaluation.evaluate import check_finite
+from amedlab.stages import evaluate as evaluate_stage
 from amedlab.models.base import Denoiser
 from amedlab.models.digits import SHIPPED_TEACHER, load_denoiser, make_digits_denoiser, save_denoiser
 from amedlab.schedules import make_sigmas
@@ -425,10 +426,10 @@ def test_every_cache_with_flipped_bytes_is_detected_rebuilt_and_gives_identical_
 
 def test_no_complete_metrics_file_holds_nan_or_inf():
     with pytest.raises(ResultError, match="fid"):
-        evaluate_stage.check_finite({"fid": float("nan"), "rmse": 0.1}, "cell")
+        check_finite({"fid": float("nan"), "rmse": 0.1}, "cell")
     with pytest.raises(ResultError, match=r"timing.total_s"):
-        evaluate_stage.check_finite({"fid": 1.0, "timing": {"total_s": float("inf")}}, "cell")
-    evaluate_stage.check_finite({"fid": 1.0, "kid_mean": None, "rmse": 0.2, "sigmas": [80.0, 0.002]}, "cell")
+        check_finite({"fid": 1.0, "timing": {"total_s": float("inf")}}, "cell")
+    check_finite({"fid": 1.0, "kid_mean": None, "rmse": 0.2, "sigmas": [80.0, 0.002]}, "cell")
 
 
 def test_a_nan_sample_writes_no_metrics(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from amedlab.configs import CONF_DIR
-from amedlab.evaluation import table as table_stage
+from amedlab.stages import table as table_stage
 from amedlab.evaluation import uncertainty as U
 from amedlab.models.digits import make_digits_denoiser, save_denoiser
 

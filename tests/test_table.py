@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from amedlab.configs import CONF_DIR
-from amedlab.evaluation import table as table_stage
+from amedlab.stages import table as table_stage
 from amedlab.evaluation.table import write_tables
 
 # (solver, label, nfe, fid, rmse): deliberately out of the paper's order on disk

@@ -12,6 +12,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 
 from amedlab.configs import CONF_DIR
 from amedlab.evaluation import compare_cells as compare_stage
+from amedlab.stages import compare_cells as compare_cells_stage
 from amedlab.evaluation import uncertainty as U
 from amedlab.evaluation.metrics import feature_statistics, fid_from_statistics, rmse
 from amedlab.evaluation.table import write_tables
@@ -201,7 +202,7 @@ def test_compare_cells_stage(sweep, tmp_path, capsys):
         assert line["diff"] < 0 and line["hi"] < 0 and line["significant"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["stage=compare_cells", f"sweep_dir={root}", "compare_cells.rows=[iPNDM,unipc]"])
-        out = compare_stage.run(cfg)
+        out = compare_cells_stage.run(cfg)
         assert [ln["nfe"] for ln in out["metrics"]["fid"]] == [5] and not out["metrics"]["fid"][0]["significant"]
         printed = capsys.readouterr().out
         assert "iPNDM minus UniPC" in printed and "not significant" in printed
@@ -209,7 +210,7 @@ def test_compare_cells_stage(sweep, tmp_path, capsys):
         for rows, match in ((["ipndm"], "two rows"), (["ipndm", "heun"], "no row 'heun'")):
             cfg = compose("config", overrides=["stage=compare_cells", f"sweep_dir={root}", f"compare_cells.rows=[{','.join(rows)}]"])
             with pytest.raises(ValueError, match=match):
-                compare_stage.run(cfg)
+                compare_cells_stage.run(cfg)
 
 
 def test_bad_bootstrap_settings_are_named():

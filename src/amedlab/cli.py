@@ -1,7 +1,9 @@
 """The single Hydra entry point: ``python -m amedlab stage=<stage> ...``.
 
-Each stage is a plain function ``run(cfg) -> float | dict`` in its own module; this file only
-composes the config, checks it, and dispatches. The returned value is what sweepers optimise.
+Each stage is a plain function ``run(cfg) -> float | dict`` in its own module, ``amedlab.stages.<stage>``;
+this file only composes the config and dispatches ``stage=<name>`` to it (the stage checks the config
+first). The returned value is what sweepers optimise. Data flows downwards: cli -> stages -> specs ->
+library (README, "Architecture").
 
 A user error (a bad value, an unknown key, an unusable file or directory; Hydra's own override and
 composition errors) is printed as its message alone, on stderr, with exit status 2: no traceback.
@@ -20,20 +22,12 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from .configs import CONF_DIR
+from .stages import STAGE_NAMES
 
 log = logging.getLogger(__name__)
 
-# stage name -> "module:function"
-STAGES = {
-    "compare": "amedlab.compare:run",
-    "train_teacher": "amedlab.training.teacher:run",
-    "train_features": "amedlab.training.features:run",
-    "distill": "amedlab.amed.distill:run",
-    "evaluate": "amedlab.evaluation.evaluate:run",
-    "table": "amedlab.evaluation.table:run",
-    "compare_cells": "amedlab.evaluation.compare_cells:run",
-    "analyze_trajectories": "amedlab.analysis.trajectories:run",
-}
+#: stage name -> "module:function" (one module per stage in amedlab.stages)
+STAGES = {name: f"amedlab.stages.{name}:run" for name in STAGE_NAMES}
 
 
 def resolve_stage(name: str):

@@ -1,7 +1,6 @@
-"""``stage=compare``: every solver at every NFE on an analytic model, error against the exact solution.
-
-Writes ``compare.json`` (and prints the table) in the run directory. Each solver keeps its own
-settings from ``conf/solver/<name>.yaml`` (AFS, options); the schedule is the run's ``schedule``.
+"""Every solver at every NFE against a reference solution from the same noise: the library of
+``stage=compare`` (:mod:`amedlab.stages.compare`, analytic models and their exact solution) and of the
+trajectory analysis's final-sample errors (:mod:`amedlab.analysis.trajectories`).
 """
 from __future__ import annotations
 
@@ -10,17 +9,15 @@ from collections.abc import Mapping
 
 import torch
 
-from .configs import grid_for, solver_from_cfg
-from .evaluation.metrics import rmse
-from .io import atomic_write_json, run_dir
 from .models import counting
-from .models.base import parse_dtype
+from .evaluation.metrics import rmse
 from .solvers import Solver
+from .specs import ScheduleSpec, SolverSpec
 
 log = logging.getLogger(__name__)
 
 
-def final_errors(model, solvers: Mapping[str, Solver], nfes, schedule: Mapping, x_T: torch.Tensor,
+def final_errors(model, solvers: Mapping[str, Solver], nfes, schedule: ScheduleSpec, x_T: torch.Tensor,
                  reference: torch.Tensor, smin: float) -> dict:
     """{solver: {nfe: {"rmse", "nfe_counted", "num_points"} | None}}: each solver's final sample from
     ``x_T`` against ``reference`` (the solution at sigma_min); an unreachable NFE is None."""
@@ -30,7 +27,7 @@ def final_errors(model, solvers: Mapping[str, Solver], nfes, schedule: Mapping, 
         out[name] = {}
         for nfe in nfes:
             try:
-                sigmas = grid_for(solver, nfe, schedule)
+                sigmas = schedule.grid(solver.num_points(int(nfe)))
             except ValueError:
                 out[name][nfe] = None
                 continue
@@ -43,16 +40,17 @@ def final_errors(model, solvers: Mapping[str, Solver], nfes, schedule: Mapping, 
     return out
 
 
-def compare(model, solver_cfgs: dict, nfes, schedule, num_samples: int, seed: int = 0, dtype=torch.float64) -> dict:
-    """RMSE of the final sample against the reference solution, per solver and NFE (see final_errors)."""
+def compare(model, solvers: Mapping[str, SolverSpec], nfes, schedule: ScheduleSpec, num_samples: int, seed: int = 0,
+            dtype=torch.float64) -> dict:
+    """RMSE of the final sample against the model's exact solution, per solver and NFE (see final_errors)."""
     if not hasattr(model, "reference"):
         raise ValueError("stage=compare needs a model with a reference solution (model=gaussian or gaussian_mixture)")
-    smax, smin = float(schedule["sigma_max"]), float(schedule["sigma_min"])
+    smax, smin = float(schedule.sigma_max), float(schedule.sigma_min)
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(num_samples, *model.sample_shape, generator=g, dtype=torch.float64).to(dtype) * smax
     model = model.to(dtype)
-    solvers = {name: solver_from_cfg(node) for name, node in solver_cfgs.items()}
-    return final_errors(model, solvers, nfes, schedule, x_T, model.reference(x_T, smax, smin), smin)
+    built = {name: spec.build() for name, spec in solvers.items()}
+    return final_errors(model, built, nfes, schedule, x_T, model.reference(x_T, smax, smin), smin)
 
 
 def format_table(results: dict, nfes) -> str:
@@ -69,21 +67,3 @@ def format_table(results: dict, nfes) -> str:
                 cells.append(f"**{v}**" if res[n]["rmse"] == best[n] else v)
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def run(cfg):
-    from .validation import check_stage
-
-    plan = check_stage(cfg, "compare")  # every check before any compute
-    solver_cfgs, model = plan.solvers, plan.model
-    dtype = parse_dtype(cfg.compare.dtype, "compare.dtype")
-    nfes = [int(n) for n in cfg.compare.nfes]
-    results = compare(model, solver_cfgs, nfes, cfg.schedule, int(cfg.compare.num_samples), int(cfg.seed), dtype)
-    table = format_table(results, nfes)
-    out = run_dir() / "compare.json"
-    atomic_write_json(out, {"model": cfg.model.name, "schedule": dict(cfg.schedule), "metric": "rmse_vs_exact",
-                            "num_samples": int(cfg.compare.num_samples), "results": results})
-    print(f"RMSE against the exact solution, model={cfg.model.name}, schedule={cfg.schedule.kind} "
-          f"rho={cfg.schedule.rho}, {cfg.compare.num_samples} samples (best per column in bold)\n{table}\n\nwritten: {out}")
-    best = min(r[n]["rmse"] for r in results.values() for n in nfes if r.get(n))
-    return best

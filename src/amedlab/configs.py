@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .schedules import check_schedule_args, make_sigmas
+from .schedules import check_schedule_args
 from .solvers import Solver, make_solver
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -71,6 +71,8 @@ def check_schedule_cfg(node: Mapping) -> None:
 
 def grid_for(solver: Solver, nfe: int, schedule: Mapping) -> torch.Tensor:
     """The sigma grid giving exactly ``nfe`` counted evaluations for ``solver`` on ``schedule``."""
-    check_schedule_cfg(schedule)
-    return make_sigmas(schedule["kind"], solver.num_points(int(nfe)), float(schedule["sigma_min"]),
-                       float(schedule["sigma_max"]), float(schedule["rho"]))
+    from .specs import ScheduleSpec  # specs builds on this module
+
+    spec = ScheduleSpec.from_cfg(schedule)
+    spec.check()
+    return spec.grid(solver.num_points(int(nfe)))

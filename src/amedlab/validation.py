@@ -7,8 +7,9 @@ kind, shape, what a predictor was trained for). Library errors raised while doin
 a :class:`ConfigError` that names the key, the value and what is accepted; the command line prints
 that one message and exits non-zero (no traceback unless ``HYDRA_FULL_ERROR=1``).
 
-The evaluate and distill checks return what they built (model, predictor, seeds, grid, ...), so
-the stage does not open a file twice.
+The evaluate, distill and compare checks return what they built (model, predictor, seeds, and the
+typed specs of :mod:`amedlab.specs`: the cell's ScheduleSpec and SolverSpec, the DistillSpec), so the
+stage neither opens a file twice nor translates a config node a second time.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .amed.solvers import AMED_SOLVERS
 from .configs import CONF_DIR, load_group
+from .specs import DistillSpec, ScheduleSpec, SolverSpec
 
 
 class UserError(CompactHydraException):
@@ -388,17 +390,12 @@ def check_common(cfg, stage: str) -> None:
         check_logger_cfg(_get(cfg, "logger") or {})
 
 
-def check_evaluate(cfg) -> SimpleNamespace:
-    """stage=evaluate: every key of the cell, its files opened; returns what was built."""
-    from .evaluation.extractors import check_extractor_weights, create_extractor, resolve_extractor_name
+def _check_cell_solver(cfg) -> tuple[dict, int, dict, int]:
+    """solver.*, nfe, schedule and eval.schedule_per_solver: (solver node, nfe, the cell's schedule, grid points)."""
     from .evaluation.evaluate import cell_schedule
-    from .evaluation.reference import DIGITS_SPLITS, plain, real_source_from_path
-    from .models.base import PRECISIONS
-    from .sampling import parse_seeds
-    from .schedules import make_sigmas
+    from .evaluation.reference import plain
+    from .solvers import available_solvers
 
-    check_common(cfg, "evaluate")
-    device = check_device(cfg)
     nfe = int_at(cfg, "nfe", 1)
     solver_node = plain(cfg.solver)
     predictor_path = solver_node.get("predictor")
@@ -409,8 +406,6 @@ def check_evaluate(cfg) -> SimpleNamespace:
     per_solver = _get(cfg, "eval.schedule_per_solver") or {}
     if not isinstance(per_solver, (dict, DictConfig)):
         raise fail("eval.schedule_per_solver", per_solver, "a mapping {solver name: {kind, rho, sigma_min, sigma_max}}")
-    from .solvers import available_solvers
-
     for name in per_solver:  # every entry, not only this cell's: a typo must not pass silently
         if name not in available_solvers():
             near = difflib.get_close_matches(str(name), available_solvers(), n=1)
@@ -421,6 +416,14 @@ def check_evaluate(cfg) -> SimpleNamespace:
     with user_errors(f"eval.schedule_per_solver.{solver_node.get('name')}"):
         schedule = cell_schedule(cfg.schedule, solver_node.get("name"), per_solver)
     _, num_points = check_solver_node(cfg.solver, "solver", nfe)
+    return solver_node, nfe, schedule, num_points
+
+
+def _check_eval_values(cfg) -> SimpleNamespace:
+    """eval.seeds and the plain eval.* values (batch, dtype, precision, KID, flags, bootstrap)."""
+    from .evaluation.uncertainty import settings as bootstrap_settings
+    from .models.base import PRECISIONS
+    from .sampling import parse_seeds
 
     e = "eval"
     seeds_value = _get(cfg, "eval.seeds")
@@ -440,12 +443,18 @@ def check_evaluate(cfg) -> SimpleNamespace:
     int_at(cfg, f"{e}.sample_grid", 0)
     for flag in ("save_samples", "skip_finished", "predictor_cache"):
         bool_at(cfg, f"{e}.{flag}")
-    from .evaluation.uncertainty import settings as bootstrap_settings
-
     with user_errors("eval.bootstrap"):
         bootstrap = bootstrap_settings(_get(cfg, "eval.bootstrap"))
+    return SimpleNamespace(seeds=seeds, batch_size=batch_size, precision=precision, kid=kid_on, bootstrap=bootstrap,
+                           dtype={"float32": torch.float32, "float64": torch.float64}[dtype_name])
 
-    # the real data and the feature extractor
+
+def _check_real_and_extractor(cfg) -> tuple[str, str | None, str]:
+    """eval.real.* and the feature extractor, its weights file opened: (extractor, weights, the value given)."""
+    from .evaluation.extractors import check_extractor_weights, create_extractor, resolve_extractor_name
+    from .evaluation.reference import DIGITS_SPLITS, real_source_from_path
+
+    e = "eval"
     source = choice_at(cfg, f"{e}.real.source", ("dataset", "path"))
     if source == "dataset":
         if _get(cfg, "dataset.name") != "digits":
@@ -462,8 +471,13 @@ def check_evaluate(cfg) -> SimpleNamespace:
     with user_errors(weights_key):
         weights = check_extractor_weights(extractor, _get(cfg, "eval.inception_weights"), _get(cfg, "eval.digits_classifier"))
         create_extractor(extractor, weights, "cpu")  # opens the weights file (tensors only) and loads it
+    return extractor, weights, fe_name
 
-    # the high-NFE reference
+
+def _check_ode_reference(cfg, schedule: Mapping) -> None:
+    """eval.ode_reference.*: its solver reaches its NFE, its schedule is valid between the cell's ends."""
+    from .evaluation.reference import plain
+
     ref = _get(cfg, "eval.ode_reference")
     int_at(cfg, "eval.ode_reference.nfe", 1)
     int_at(cfg, "eval.ode_reference.chunk_size", 1, null=True)
@@ -474,7 +488,9 @@ def check_evaluate(cfg) -> SimpleNamespace:
     check_schedule({**ref_sched, "sigma_min": schedule["sigma_min"], "sigma_max": schedule["sigma_max"]},
                    "eval.ode_reference.schedule")
 
-    # the model and, for AMED, the predictor
+
+def _check_image_model(cfg, extractor: str, fe_name):
+    """The model, built: an image model whose samples the extractor can read."""
     model = build_checked_model(cfg)
     shape = tuple(getattr(model, "sample_shape", ()))
     if len(shape) != 3 or shape[0] not in (1, 3):
@@ -483,22 +499,34 @@ def check_evaluate(cfg) -> SimpleNamespace:
     if extractor == DIGITS_NAME and (shape[0] != 1 or shape[1] % 8 or shape[2] % 8):
         raise fail("eval.feature_extractor", fe_name, "inception-v3-compat (with eval.inception_weights)",
                    f"the digits classifier reads 1-channel images of a multiple of 8 pixels; the model's are {list(shape)}")
-    predictor = None
-    if solver_node["name"] in AMED_SOLVERS:
-        sigmas = make_sigmas(schedule["kind"], num_points, schedule["sigma_min"], schedule["sigma_max"], schedule["rho"])
+    return model
+
+
+def check_evaluate(cfg) -> SimpleNamespace:
+    """stage=evaluate: every key of the cell, its files opened; returns what was built, the specs included."""
+    check_common(cfg, "evaluate")
+    device = check_device(cfg)
+    solver_node, nfe, schedule, num_points = _check_cell_solver(cfg)
+    values = _check_eval_values(cfg)
+    extractor, weights, fe_name = _check_real_and_extractor(cfg)
+    _check_ode_reference(cfg, schedule)
+    model = _check_image_model(cfg, extractor, fe_name)
+    predictor = distill = None
+    if solver_node["name"] in AMED_SOLVERS:  # the predictor file, or the settings to distill one
         if solver_node["predictor"]:
-            predictor = check_predictor_file(predictor_path, solver_node, nfe, sigmas, model)
+            sigmas = ScheduleSpec.from_cfg(schedule).grid(num_points)
+            predictor = check_predictor_file(_get(cfg, "solver.predictor"), solver_node, nfe, sigmas, model)
         else:
             check_distill_settings(cfg, model)
             check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
+            distill = DistillSpec.from_cfg(cfg, solver_node, schedule)  # also the predictor's cache key
     # where results and caches go (last: a bad value above leaves no directory behind)
     out_dir = check_writable("hydra.run.dir", _run_dir())
     cache_dir = check_writable("eval.cache_dir", _get(cfg, "eval.cache_dir"))
-    return SimpleNamespace(model=model, solver_node=solver_node, nfe=nfe, schedule=schedule, num_points=num_points,
-                           seeds=seeds, batch_size=batch_size, dtype={"float32": torch.float32, "float64": torch.float64}[dtype_name],
-                           precision=precision, extractor=extractor, weights=weights, device=device, kid=kid_on,
-                           out_dir=out_dir, cache_dir=cache_dir, predictor=predictor, bootstrap=bootstrap)
-
+    return SimpleNamespace(model=model, solver_node=solver_node, solver=SolverSpec.from_cfg(solver_node), nfe=nfe,
+                           schedule=schedule, schedule_spec=ScheduleSpec.from_cfg(schedule), num_points=num_points,
+                           extractor=extractor, weights=weights, device=device, out_dir=out_dir, cache_dir=cache_dir,
+                           predictor=predictor, distill=distill, **vars(values))
 
 
 def check_distill(cfg) -> SimpleNamespace:
@@ -515,12 +543,12 @@ def check_distill(cfg) -> SimpleNamespace:
     check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
     model = build_checked_model(cfg)
     check_features(cfg, model)
-    return SimpleNamespace(model=model, nfe=nfe, num_points=num_points)
+    return SimpleNamespace(model=model, nfe=nfe, num_points=num_points, distill=DistillSpec.from_cfg(cfg))
 
 
 def check_compare(cfg) -> SimpleNamespace:
     check_common(cfg, "compare")
-    check_schedule(cfg.schedule)
+    schedule = ScheduleSpec.from_cfg(check_schedule(cfg.schedule))
     solvers = list_at(cfg, "compare.solvers")
     nodes = {}
     for name in solvers:
@@ -538,7 +566,8 @@ def check_compare(cfg) -> SimpleNamespace:
     if not hasattr(model, "reference"):
         raise fail("model", _get(cfg, "model.name"), "gaussian, gaussian_mixture",
                    "stage=compare needs a model with an exact reference solution")
-    return SimpleNamespace(model=model, solvers=nodes, nfes=[int(n) for n in nfes])
+    return SimpleNamespace(model=model, solvers={name: SolverSpec.from_cfg(node) for name, node in nodes.items()},
+                           nfes=[int(n) for n in nfes], schedule=schedule)
 
 
 def check_table(cfg) -> None:

@@ -1,4 +1,5 @@
-"""``stage=analyze_trajectories``: how flat are sampling trajectories, and how good can one mean direction be?
+"""How flat are sampling trajectories, and how good can one mean direction be? The library of
+``stage=analyze_trajectories`` (:mod:`amedlab.stages.analyze_trajectories`; tables: :mod:`.report`).
 
 1. Fine trajectories: ``num_samples`` noises x_T = sigma_max z (seeded), solved with a fine solver
    (Heun, ~120 steps, collected through the driver's callback) on the run's schedule family. The fine
@@ -12,7 +13,7 @@
    - chained: the oracle applied interval after interval from its own output; final-sample RMSE
      against the fine trajectory's end, next to the classical solvers (``conf/solver/<name>.yaml``,
      each on its own grid for the same counted NFE) and AMED.
-Writes ``analysis.json`` and PNG figures to the run directory.
+The stage writes ``analysis.json`` and PNG figures to the run directory.
 """
 from __future__ import annotations
 
@@ -20,16 +21,15 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 
 import torch
 
 from amedlab.compare import final_errors
 from amedlab.evaluation.metrics import rmse
-from amedlab.configs import check_schedule_cfg, load_group, solver_from_cfg
-from amedlab.io import atomic_write_json, run_dir
 from amedlab.models.base import parse_dtype
-from amedlab.schedules import make_sigmas
 from amedlab.solvers import Solver, make_solver, num_points_for
+from amedlab.specs import DistillSpec, ScheduleSpec, SolverSpec
 
 from .oracle import MODES, OracleRule, OracleSearch, ratio_of_mid_time
 from .pca import distribution, summarize_geometry, trajectory_geometry
@@ -195,8 +195,9 @@ def amed_solvers(model, nfes, schedule: Mapping, acfg: Mapping, dtype) -> tuple[
                 made.append(f"nfe {nfe}: loaded {path}")
             else:
                 t0 = time.perf_counter()
-                predictor = distill(model, solver="amed", nfe=int(nfe), schedule=dict(schedule), afs=True,
-                                    dtype=dtype, **kwargs)
+                spec = DistillSpec.create(solver="amed", nfe=int(nfe), schedule=dict(schedule), afs=True, dtype=dtype,
+                                          **kwargs)
+                predictor = distill(model, spec)
                 made.append(f"nfe {nfe}: distilled in {time.perf_counter() - t0:.1f} s")
             out[int(nfe)] = make_solver("amed", afs=True, predictor=predictor)
         return out, "; ".join(made)
@@ -210,185 +211,108 @@ def amed_solvers(model, nfes, schedule: Mapping, acfg: Mapping, dtype) -> tuple[
 # ----------------------------------------------------------------------------------------------
 # the whole analysis
 # ----------------------------------------------------------------------------------------------
-def analyze(model, acfg: Mapping, schedule: Mapping, seed: int = 0, device: str = "cpu") -> tuple[dict, dict]:
-    """Run the analysis described in the module docstring. Returns (JSON-ready results, raw tensors)."""
-    check_schedule_cfg(schedule)
+def analysis_settings(acfg: Mapping, schedule: Mapping, model) -> SimpleNamespace:
+    """``analysis.*`` checked and built (solvers, grids, oracle options) before any compute; a bad value
+    is a ValueError naming the key and what is accepted."""
+    sched = ScheduleSpec.from_cfg(schedule)
+    sched.check()
     nfes = [int(n) for n in acfg["nfes"]]
     points = coarse_num_points(nfes)
-    fine_cfg = acfg["fine"]
-    fine_solver = make_solver(str(fine_cfg["solver"]))
+    fine_cfg, ocfg = acfg["fine"], acfg["oracle"]
     fine_steps = fine_steps_for(list(points.values()), int(fine_cfg["steps"]))
-    kind, smin, smax, rho = schedule["kind"], float(schedule["sigma_min"]), float(schedule["sigma_max"]), float(schedule["rho"])
-    fine_sigmas = make_sigmas(kind, fine_steps + 1, smin, smax, rho)
-    restart_names = list(acfg["oracle"].get("restart_solvers") or [])
-    restart = {name: make_solver(name, afs=True) for name in restart_names}
+    restart = {name: make_solver(name, afs=True) for name in list(ocfg.get("restart_solvers") or [])}
     for name, solver in restart.items():
         if solver.rule.history_size or solver.rule.nfe_per_step != 2:
             raise ValueError(f"analysis.oracle.restart_solvers: {name!r} is not a single-step 2-NFE rule; "
                              "accepted: heun, midpoint, dpm2")
-    classical = {name: solver_from_cfg(load_group("solver", name)) for name in acfg.get("solvers") or []}
-    chained = acfg["oracle"].get("chained", list(MODES))
+    classical = {name: SolverSpec.named(name).build() for name in acfg.get("solvers") or []}
+    chained = ocfg.get("chained", list(MODES))
     chained = list(MODES) if chained is True else [] if chained in (False, None) else [str(m) for m in chained]
     if set(chained) - set(MODES):
         raise ValueError(f"analysis.oracle.chained={chained!r}; accepted: true, false or a list of {', '.join(MODES)}")
-    c_bounds = acfg["oracle"].get("c_bounds")
+    c_bounds = ocfg.get("c_bounds")
     if c_bounds is not None and (len(c_bounds) != 2 or not float(c_bounds[0]) < float(c_bounds[1])):
         raise ValueError(f"analysis.oracle.c_bounds={c_bounds!r}: null or [low, high] with low < high")
     amed_mode(acfg.get("amed") or {})
-    dtype = parse_dtype(acfg.get("dtype", "auto"), "analysis.dtype", model)
-    model = model.to(device=device, dtype=dtype).eval()
-    timings = {}
+    search = OracleSearch(int(ocfg.get("grid_points", 9)), int(ocfg.get("iters", 8)),
+                          None if c_bounds is None else [float(c) for c in c_bounds], bool(ocfg.get("joint_rc", False)))
+    return SimpleNamespace(schedule=sched, nfes=nfes, points=points, fine_solver=make_solver(str(fine_cfg["solver"])),
+                           fine_steps=fine_steps, fine_sigmas=sched.grid(fine_steps + 1), restart=restart,
+                           classical=classical, search=search, chained=chained,
+                           dtype=parse_dtype(acfg.get("dtype", "auto"), "analysis.dtype", model),
+                           check_half_steps=fine_cfg.get("check_half_steps", True), num_samples=int(acfg["num_samples"]),
+                           max_components=int(acfg.get("max_components", 4)))
 
-    t0 = time.perf_counter()
+
+def fine_trajectories(model, st: SimpleNamespace, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_T = sigma_max z, seeded by ``seed``; the fine trajectories from it, [B, steps + 1, ...])."""
     g = torch.Generator().manual_seed(int(seed))
-    n = int(acfg["num_samples"])
-    x_T = (torch.randn(n, *model.sample_shape, generator=g, dtype=torch.float64) * smax).to(device=device, dtype=dtype)
-    traj = sample_trajectories(model, fine_solver, x_T, fine_sigmas)
-    timings["fine_trajectories"] = time.perf_counter() - t0
-    fine = {"solver": fine_solver.name, "steps": fine_steps, "nfe": fine_solver.nfe(fine_steps + 1),
-            "schedule": dict(schedule)}
-    t0 = time.perf_counter()
+    x_T = (torch.randn(st.num_samples, *model.sample_shape, generator=g, dtype=torch.float64)
+           * float(st.schedule.sigma_max)).to(device=device, dtype=st.dtype)
+    return x_T, sample_trajectories(model, st.fine_solver, x_T, st.fine_sigmas)
+
+
+def fine_check(model, st: SimpleNamespace, x_T: torch.Tensor, traj: torch.Tensor) -> dict:
+    """The fine run's own error: against the exact solution if the model has one, else against the
+    same solver with half the steps."""
+    smin, smax = float(st.schedule.sigma_min), float(st.schedule.sigma_max)
     if hasattr(model, "reference"):
-        fine["rmse_vs_reference"] = rmse(traj[:, -1], model.reference(x_T, smax, smin))
-    elif fine_cfg.get("check_half_steps", True):
-        half = make_sigmas(kind, fine_steps // 2 + 1, smin, smax, rho)
+        return {"rmse_vs_reference": rmse(traj[:, -1], model.reference(x_T, smax, smin))}
+    if st.check_half_steps:
         with torch.no_grad():
-            x_half = fine_solver.sample(model, x_T, half)
+            x_half = st.fine_solver.sample(model, x_T, st.schedule.grid(st.fine_steps // 2 + 1))
         # for a 2nd-order solver the fine run's own error is about a third of this difference
-        fine["rmse_vs_half_steps"] = rmse(traj[:, -1], x_half)
+        return {"rmse_vs_half_steps": rmse(traj[:, -1], x_half)}
+    return {}
+
+
+def final_rmse(model, st: SimpleNamespace, amed: dict, oracle: dict, x_T: torch.Tensor, traj: torch.Tensor) -> dict:
+    """Final-sample RMSE against the fine trajectory's end: the classical solvers, AMED, the chained oracle."""
+    smin = float(st.schedule.sigma_min)
+    finals = final_errors(model, st.classical, st.nfes, st.schedule, x_T, traj[:, -1], smin)
+    if amed:
+        finals["amed"] = {nfe: final_errors(model, {"amed": amed[nfe]}, [nfe], st.schedule, x_T, traj[:, -1], smin)["amed"][nfe]
+                          for nfe in st.nfes if nfe in amed}
+    for mode, label in ORACLE_NAMES.items():
+        if mode in st.chained:
+            finals[label] = {nfe: {"rmse": oracle[nfe]["chained"]["final_rmse"][label], "nfe_counted": nfe,
+                                   "num_points": st.points[nfe]} for nfe in st.nfes}
+    return finals
+
+
+def analyze(model, acfg: Mapping, schedule: Mapping, seed: int = 0, device: str = "cpu") -> tuple[dict, dict]:
+    """Run the analysis described in the module docstring. Returns (JSON-ready results, raw tensors)."""
+    st = analysis_settings(acfg, schedule, model)
+    model = model.to(device=device, dtype=st.dtype).eval()
+    timings, t0 = {}, time.perf_counter()
+    x_T, traj = fine_trajectories(model, st, seed, device)
+    timings["fine_trajectories"], t0 = time.perf_counter() - t0, time.perf_counter()
+    fine = {"solver": st.fine_solver.name, "steps": st.fine_steps, "nfe": st.fine_solver.nfe(st.fine_steps + 1),
+            "schedule": dict(schedule), **fine_check(model, st, x_T, traj)}
     timings["fine_check"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    geom = trajectory_geometry(traj, int(acfg.get("max_components", 4)))
-    pca = summarize_geometry(geom, fine_sigmas)
-    timings["pca"] = time.perf_counter() - t0
+    geom = trajectory_geometry(traj, st.max_components)
+    pca = summarize_geometry(geom, st.fine_sigmas)
+    timings["pca"], t0 = time.perf_counter() - t0, time.perf_counter()
+    amed, amed_status = amed_solvers(model, st.nfes, st.schedule.as_dict(), acfg.get("amed") or {}, st.dtype)
+    timings["amed_distill"], t0 = time.perf_counter() - t0, time.perf_counter()
 
-    t0 = time.perf_counter()
-    amed, amed_status = amed_solvers(model, nfes, schedule, acfg.get("amed") or {}, dtype)
-    timings["amed_distill"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     oracle, raw_oracle = {}, {}
-    ocfg = acfg["oracle"]
-    search = OracleSearch(int(ocfg.get("grid_points", 9)), int(ocfg.get("iters", 8)),
-                          None if c_bounds is None else [float(c) for c in c_bounds], bool(ocfg.get("joint_rc", False)))
-    for nfe in nfes:
-        stride = fine_steps // (points[nfe] - 1)
-        rules = dict(restart)
-        if nfe in amed:
-            rules["amed"] = amed[nfe]
-        oracle[nfe], raw_oracle[nfe] = oracle_on_grid(model, traj, fine_sigmas, stride, rules, search, chained)
+    for nfe in st.nfes:
+        rules = {**st.restart, **({"amed": amed[nfe]} if nfe in amed else {})}
+        oracle[nfe], raw_oracle[nfe] = oracle_on_grid(
+            model, traj, st.fine_sigmas, st.fine_steps // (st.points[nfe] - 1), rules, st.search, st.chained)
         oracle[nfe]["nfe"] = nfe
-    timings["oracle"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    finals = final_errors(model, classical, nfes, schedule, x_T, traj[:, -1], smin)
-    if amed:
-        finals["amed"] = {nfe: final_errors(model, {"amed": amed[nfe]}, [nfe], schedule, x_T, traj[:, -1], smin)["amed"][nfe]
-                          for nfe in nfes if nfe in amed}
-    for mode, label in ORACLE_NAMES.items():
-        if mode in chained:
-            finals[label] = {nfe: {"rmse": oracle[nfe]["chained"]["final_rmse"][label], "nfe_counted": nfe,
-                                   "num_points": points[nfe]} for nfe in nfes}
+    timings["oracle"], t0 = time.perf_counter() - t0, time.perf_counter()
+    finals = final_rmse(model, st, amed, oracle, x_T, traj)
     timings["final_errors"] = time.perf_counter() - t0
 
     results = {
-        "model": None, "schedule": dict(schedule), "num_samples": n, "dtype": str(dtype).replace("torch.", ""),
+        "model": None, "schedule": dict(schedule), "num_samples": st.num_samples, "dtype": str(st.dtype).replace("torch.", ""),
         "sample_shape": list(model.sample_shape), "seed": int(seed), "fine": fine, "pca": pca,
-        "oracle": {"search": {"grid_points": search.grid_points, "iters": search.iters, "c_bounds": search.c_bounds,
-                              "joint_rc": search.joint_rc, "chained": chained},
-                   "nfe": oracle},
-        "final_rmse": finals, "amed": amed_status, "seconds": timings,
+        "oracle": {"search": {"grid_points": st.search.grid_points, "iters": st.search.iters,
+                              "c_bounds": st.search.c_bounds, "joint_rc": st.search.joint_rc, "chained": st.chained},
+                   "nfe": oracle}, "final_rmse": finals, "amed": amed_status, "seconds": timings,
     }
-    raw = {"geometry": geom, "fine_sigmas": fine_sigmas, "oracle": raw_oracle}
-    return results, raw
-
-
-# ----------------------------------------------------------------------------------------------
-# tables and the stage
-# ----------------------------------------------------------------------------------------------
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}"
-
-
-def format_report(results: dict) -> str:
-    """Markdown tables: PCA per k, deviations, restart per interval, chained/final per NFE."""
-    pca = results["pca"]
-    lines = ["PCA of each fine trajectory (median [p05, p95] over trajectories)", "",
-             "| k | explained variance | 1 - explained | rel. error of rebuilt trajectory | max point rel. error |",
-             "|---|---|---|---|---|"]
-    for k, d in pca["components"].items():
-        cells = [f"{_fmt(d[m]['median'])} [{_fmt(d[m]['p05'])}, {_fmt(d[m]['p95'])}]"
-                 for m in ("explained_variance", "unexplained_variance", "rel_error", "max_point_rel_error")]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    lines += ["", "| deviation (max over the trajectory, / chord length) | median | p95 | max |", "|---|---|---|---|"]
-    for key, label in (("max_line_deviation", "from the straight line x_T -> x_0"),
-                       ("max_plane_deviation", "from the top-2 PCA plane"), ("arc_to_chord", "arc length / chord")):
-        d = pca[key]
-        lines.append(f"| {label} | {_fmt(d['median'])} | {_fmt(d['p95'])} | {_fmt(d['max'])} |")
-    lines += ["", "Restart convention (each interval from the fine state, AFS on the first): RMSE per interval"]
-    for nfe, o in results["oracle"]["nfe"].items():
-        names = list(o["restart"][0]["rmse"])
-        amed = "amed_r" in o["restart"][0]
-        lines += ["", f"NFE {nfe} ({o['num_points']} points)", "",
-                  "| interval | " + " | ".join(names) + " | r* median [p05, p95] | shared r | c* median |"
-                  + (" AMED r median |" if amed else ""), "|---" * (len(names) + 4 + amed) + "|"]
-        for e in o["restart"]:
-            r = e["r_star"]
-            lines.append(f"| {e['t_cur']:.4g} -> {e['t_next']:.4g} | " + " | ".join(_fmt(e["rmse"][n]) for n in names)
-                         + f" | {r['median']:.3f} [{r['p05']:.3f}, {r['p95']:.3f}] | {e['r_shared']:.3f} | {e['c_star']['median']:.4f} |"
-                         + (f" {e['amed_r']['median']:.3f} |" if amed else ""))
-    finals = results["final_rmse"]
-    nfes = list(results["oracle"]["nfe"])
-    lines += ["", "Final sample RMSE against the fine trajectory's end (oracle chained from its own output)", "",
-              "| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
-    for name, res in finals.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(res[n]["rmse"]) if res.get(n) else "n/a" for n in nfes) + " |")
-    return "\n".join(lines)
-
-
-def analysis_config(cfg) -> Mapping:
-    """``cfg.analysis``, or ``conf/analysis/default.yaml`` when the defaults list does not hold it."""
-    node = cfg.get("analysis") if hasattr(cfg, "get") else None
-    if node is None:
-        log.info("no `analysis` config group in the defaults list: using conf/analysis/default.yaml "
-                 "(add `- analysis: default` to conf/config.yaml or pass +analysis=default to override keys)")
-        node = load_group("analysis", "default")
-    return node
-
-
-def run(cfg):
-    from amedlab.models import build_model
-
-    from .plots import plot_oracle, plot_pca
-
-    from amedlab.validation import check_stage, user_errors
-
-    check_stage(cfg, "analyze_trajectories")
-    acfg = analysis_config(cfg)
-    with user_errors("analysis.nfes"):
-        coarse_num_points(acfg["nfes"])  # unreachable NFEs fail here, before any compute
-    for name in acfg.get("solvers") or []:
-        with user_errors("analysis.solvers"):
-            solver_from_cfg(load_group("solver", name))
-    threads = acfg.get("num_threads")
-    if threads is not None:
-        if int(threads) < 1:
-            raise ValueError(f"analysis.num_threads={threads!r} must be null or >= 1")
-        torch.set_num_threads(int(threads))
-    t0 = time.perf_counter()
-    model = build_model(cfg.model)
-    results, raw = analyze(model, acfg, cfg.schedule, int(cfg.seed), str(cfg.get("device", "cpu")))
-    results["model"] = dict(cfg.model)
-    out = run_dir()
-    if acfg.get("plots", True):
-        results["figures"] = [str(plot_pca(results, raw, out / "trajectory_pca.png")),
-                              str(plot_oracle(results, raw, out / "oracle.png"))]
-    results["seconds"]["total"] = time.perf_counter() - t0
-    path = atomic_write_json(out / "analysis.json", results)
-    report = format_report(results)
-    print(f"model={cfg.model.name}, schedule={cfg.schedule.kind} rho={cfg.schedule.rho}, {results['num_samples']} "
-          f"trajectories, fine {results['fine']['solver']} {results['fine']['steps']} steps; AMED: {results['amed']}\n\n"
-          f"{report}\n\nwritten: {path}\ntotal {results['seconds']['total']:.1f} s")
-    k2 = results["pca"]["components"].get("2")
-    return k2["explained_variance"]["mean"] if k2 else results["pca"]["components"]["1"]["explained_variance"]["mean"]
+    return results, {"geometry": geom, "fine_sigmas": st.fine_sigmas, "oracle": raw_oracle}

@@ -16,18 +16,17 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ..cache import digest, load_verified, save_verified, seeds_spec
-from ..configs import check_schedule_cfg, solver_from_cfg
+from ..configs import solver_from_cfg
 from ..models.base import device_of
 from ..sampling import seeded_noise
-from ..schedules import make_sigmas
+from ..specs import ScheduleSpec
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 
 
 def student_grid(schedule: Mapping, num_points: int) -> torch.Tensor:
-    check_schedule_cfg(schedule)
-    return make_sigmas(schedule["kind"], num_points, float(schedule["sigma_min"]), float(schedule["sigma_max"]), float(schedule["rho"]))
+    return ScheduleSpec.from_cfg(schedule).grid(num_points)
 
 
 def teacher_grid(schedule: Mapping, num_points: int, M: int) -> torch.Tensor:

@@ -1,19 +1,18 @@
-"""``stage=compare_cells sweep_dir=... compare_cells.rows=[A,B]``: is row A better than row B, at each NFE?
+"""Is row A of a sweep better than row B, at each NFE? The library of ``stage=compare_cells sweep_dir=...
+compare_cells.rows=[A,B]`` (:mod:`amedlab.stages.compare_cells`).
 
 Two rows of a sweep's table (by label, e.g. ``"AMED-Plugin (on iPNDM)"``, or by solver name when it
 names one row, e.g. ``amed_plugin``) are compared cell by cell: the paired difference A - B of each
 metric at every NFE, with its interval (``table.significance``: level and source), from the
 per-sample data the cells stored (:mod:`.uncertainty`; same seeds, so the comparison is paired).
-Prints a table per metric and writes ``compare_<A>_vs_<B>.md`` and ``.json`` next to the table.
+The stage prints a table per metric and writes ``compare_<A>_vs_<B>.md`` and ``.json`` next to the table.
 """
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from ..io import atomic_write_json, atomic_write_text
 from . import uncertainty as U
-from .table import METRICS, _value, build_rows, collect, fmt, load_cell_data, significance_settings
+from .table import METRICS, _value, build_rows, collect, fmt, load_cell_data
 
 
 def _choices(cell: dict) -> set[str]:
@@ -104,27 +103,6 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower() or "row"
 
 
-def run(cfg):
-    if cfg.get("sweep_dir") in (None, ""):
-        raise ValueError("stage=compare_cells needs sweep_dir=<a sweep directory> (e.g. sweep_dir=outputs/table2_digits)")
-    sweep = Path(str(cfg.sweep_dir))
-    if not sweep.is_dir():
-        raise FileNotFoundError(f"sweep_dir={str(sweep)!r}: no such directory")
-    ccfg = cfg.get("compare_cells") or {}
-    rows = list(ccfg.get("rows") or [])
-    if len(rows) != 2:
-        raise ValueError(f"compare_cells.rows={rows!r}; accepted: two rows, by label or solver name, "
-                         "e.g. compare_cells.rows=[ipndm,amed_plugin]")
-    metrics = [str(m) for m in (ccfg.get("metrics") or ["fid", "rmse"])]
-    for m in metrics:
-        if m not in METRICS:
-            raise ValueError(f"compare_cells.metrics contains {m!r}; accepted: {', '.join(METRICS)}")
-    level, source = significance_settings(cfg.get("table") or {})
-    result = compare_rows(sweep, rows[0], rows[1], metrics, level, source)
-    md = to_markdown(result)
-    out = Path(str(ccfg.get("out_dir") or sweep))
-    stem = f"compare_{_slug(result['a'])}_vs_{_slug(result['b'])}"
-    paths = [atomic_write_text(out / f"{stem}.md", md), atomic_write_json(out / f"{stem}.json", result)]
-    print(md)
-    print("written:\n" + "\n".join(f"  {p}" for p in paths))
-    return result
+def output_stem(result: dict) -> str:
+    """``compare_<A>_vs_<B>``: the file name (without suffix) of a comparison's markdown and JSON."""
+    return f"compare_{_slug(result['a'])}_vs_{_slug(result['b'])}"

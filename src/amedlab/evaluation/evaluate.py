@@ -1,6 +1,7 @@
-"""``stage=evaluate``: one cell of Table 2 (a model, a solver, an NFE, a schedule).
+"""One cell of Table 2 (a model, a solver, an NFE, a schedule): the library of ``stage=evaluate``
+(:mod:`amedlab.stages.evaluate`).
 
-Samples ``eval.seeds`` (one generator per seed), quantises them as the paper does, and writes to the
+The stage samples ``eval.seeds`` (one generator per seed), quantises them as the paper does, and writes to the
 run directory ``metrics.json`` (FID and KID through torch-fidelity against cached real-data
 statistics, the RMSE against a cached high-NFE solution from the same noise, the schedule and grid
 actually used, the counted NFE, timings) and ``samples.png``. An AMED cell first loads its predictor
@@ -24,17 +25,15 @@ from pathlib import Path
 import torch
 
 from ..amed.solvers import AMED_SOLVERS
-from ..configs import check_schedule_cfg, solver_from_cfg
+from ..configs import check_schedule_cfg
 from ..io import atomic_write_json
-from ..models.base import with_precision
-from ..schedules import make_sigmas
+from ..solvers import Solver
+from ..specs import DistillSpec
 from .extractors import create_extractor, extract_features
-from .distributed import generate_sharded, world
-from .metrics import feature_statistics, fid_from_statistics, kid, quantize, rmse
+from .metrics import feature_statistics, fid_from_statistics, kid, rmse
 from .plots import sample_grid_png
-from .reference import digest, locked, ode_reference, plain, real_reference, seeds_spec
+from .reference import locked, ode_reference, plain, real_reference, seeds_spec
 from . import uncertainty
-from .wandb_logger import make_logger
 
 log = logging.getLogger(__name__)
 
@@ -60,54 +59,6 @@ def cell_schedule(schedule: Mapping, solver_name: str, per_solver: Mapping | Non
     return out
 
 
-def solver_label(node: Mapping) -> str:
-    """The paper's row name for a solver config (Table 2)."""
-    name, afs = node["name"], node.get("afs", False)
-    options = dict(node.get("options") or {})
-    names = {"euler": "DDIM (Euler)", "heun": "EDM (Heun)", "midpoint": "Midpoint", "dpm2": "DPM-Solver-2",
-             "dpmpp2m": "DPM-Solver++(2M)", "dpmpp3m": "DPM-Solver++(3M)", "dpmpp": "DPM-Solver++",
-             "unipc": "UniPC", "ipndm": "iPNDM", "amed": "AMED-Solver"}
-    if name == "amed_plugin":
-        base = str(options.get("base", "ipndm"))
-        base_name = {"euler": "DDIM", "dpm2": "DPM-Solver-2", "ipndm": "iPNDM", "dpmpp": "DPM-Solver++"}.get(base, base)
-        return f"AMED-Plugin (on {base_name}{''.join(', ' + t for t in _variant_tags(node))})"
-    label = names.get(name, name)
-    if name == "amed" and _variant_tags(node):
-        return f"{label} ({', '.join(_variant_tags(node))})"
-    if dict(node.get("options") or {}).get("variable_step"):
-        label += " (variable-step)"
-    if afs and name != "amed":
-        tag = "AFS-mean" if afs == "mean" else "AFS"
-        label = label[:-1] + f", {tag})" if label.endswith(")") else label + f" ({tag})"
-    return label
-
-
-def _variant_tags(node: Mapping) -> list[str]:
-    """What an AMED row does differently from the paper's recipe (variable-step base, AFS, objective)."""
-    options, sdist = dict(node.get("options") or {}), dict(node.get("distill") or {})
-    tags = ["variable-step"] if options.get("variable_step") else []
-    if node.get("afs") == "mean":
-        tags.append("AFS-mean")
-    if sdist.get("objective", "interval") != "interval":
-        tags.append(f"{sdist['objective']} objective")
-    return tags
-
-
-def distill_settings(cfg, solver_node: Mapping, schedule: Mapping) -> dict:
-    """The arguments of :func:`amedlab.amed.distill` for this cell (also the predictor's cache key)."""
-    sdist = plain(dict(cfg.solver.get("distill") or {}))
-    dcfg = cfg.distill
-    return {
-        "solver": solver_node["name"], "nfe": int(cfg.nfe), "schedule": schedule, "afs": solver_node.get("afs", True),
-        "solver_options": dict(solver_node.get("options") or {}), "teacher": sdist.get("teacher"), "M": sdist.get("M"),
-        "s_dir": sdist.get("s_dir"), "s_time": sdist.get("s_time"), "num_trajectories": int(dcfg.num_trajectories),
-        "batch_size": int(dcfg.batch_size), "lr": float(dcfg.lr), "epochs": int(dcfg.epochs),
-        "predictor_sizes": plain(dict(cfg.get("predictor") or {})), "seed": int(cfg.seed),
-        # only when set, so the paper's default keeps its cache key
-        **{k: sdist[k] for k in ("objective", "intermediate_weight") if k in sdist},
-    }
-
-
 def input_files(cfg, solver_node: Mapping, weights: str | None, memo_dir=None) -> dict:
     """Content digests of the files a cell reads (model, predictor, extractor weights, real data):
     replacing a file at the same path makes another cell, never a skipped one."""
@@ -122,22 +73,22 @@ def input_files(cfg, solver_node: Mapping, weights: str | None, memo_dir=None) -
             "extractor_weights": file_digest(weights, memo_dir), "real": file_digest(real_path, memo_dir)}
 
 
-def cell_spec(cfg, solver_node: Mapping, schedule: Mapping, seeds, extractor: str, weights: str | None,
-              files: dict) -> dict:
-    """Everything that determines a cell's numbers (not the batch size, threads or logger), files by content."""
+def cell_spec(cfg, plan, files: dict) -> dict:
+    """Everything that determines a cell's numbers (not the batch size, threads or logger), files by
+    content (:func:`input_files`); ``plan`` is what :func:`amedlab.validation.check_stage` built."""
     e = cfg.eval
     spec = {
         "files": files,  # input_files(): the inputs by content
-        "format": METRICS_FORMAT, "model": plain(cfg.model), "solver": solver_node, "nfe": int(cfg.nfe),
-        "schedule": schedule, "seeds": seeds_spec(seeds), "dtype": str(e.dtype), "precision": str(e.get("precision", "fp32")),
-        "extractor": extractor, "extractor_weights": weights, "real": plain(e.real),
-        "dataset": plain(cfg.dataset) if e.real.source == "dataset" else None,
+        "format": METRICS_FORMAT, "model": plain(cfg.model), "solver": plan.solver_node, "nfe": int(plan.nfe),
+        "schedule": plan.schedule, "seeds": seeds_spec(plan.seeds), "dtype": str(e.dtype),
+        "precision": str(e.get("precision", "fp32")), "extractor": plan.extractor, "extractor_weights": plan.weights,
+        "real": plain(e.real), "dataset": plain(cfg.dataset) if e.real.source == "dataset" else None,
         "kid": [bool(e.kid), int(e.kid_subsets), int(e.kid_subset_size)], "ode_reference": {k: v for k, v in plain(e.ode_reference).items() if k != "chunk_size"},
     }
     boot = uncertainty.settings(e.get("bootstrap"))  # the intervals' settings (not what is kept on disk)
     spec["bootstrap"] = {"format": uncertainty.FORMAT, **{k: boot[k] for k in uncertainty.NUMERIC_KEYS}}
-    if solver_node["name"] in AMED_SOLVERS and not solver_node.get("predictor"):
-        spec["distill"] = distill_settings(cfg, solver_node, schedule)
+    if plan.distill is not None:  # an AMED cell that distils its predictor: the distillation's settings
+        spec["distill"] = plan.distill.settings()
     return spec
 
 
@@ -182,17 +133,15 @@ def finished_metrics(out_dir: Path, key: str) -> dict | None:
 # AMED: the predictor of a cell
 # ------------------------------------------------------------------------------------------------
 
-def cell_predictor(model, cfg, solver_node: Mapping, schedule: Mapping, cache_dir: Path, use_cache: bool):
-    """(predictor, info): a cached predictor with the same settings, or a new one (a predictor file
-    given as ``solver.predictor`` is opened and checked by the validation, not here)."""
+def cell_predictor(model, spec: DistillSpec, cache_dir: Path, use_cache: bool):
+    """(predictor, info): a cached predictor distilled with the same ``spec`` for the same model, or a
+    new one (a predictor file given as ``solver.predictor`` is opened and checked by the validation)."""
     from ..amed.distill import distill
     from ..amed.predictor import AMEDPredictor
     from ..cache import load_verified
 
-    settings = distill_settings(cfg, solver_node, schedule)
-    identity = model.identity()
-    key = digest({"model_identity": identity, **settings})
-    path = cache_dir / "predictors" / f"{solver_node['name']}-nfe{int(cfg.nfe)}-{key}.pt"
+    key = spec.key(model.identity())
+    path = cache_dir / "predictors" / f"{spec.solver}-nfe{int(spec.nfe)}-{key}.pt"
     records_path = path.with_suffix(".json")
     with locked(path):
         # a cached predictor is used only if its digest matches (a corrupt one is logged, removed, re-distilled)
@@ -201,22 +150,11 @@ def cell_predictor(model, cfg, solver_node: Mapping, schedule: Mapping, cache_di
             predictor = AMEDPredictor.from_blob(blob, path)
             records = json.loads(records_path.read_text()).get("records", []) if records_path.is_file() else []
             return predictor, {"source": "cache", "path": str(path), "records": records, "distill_seconds": 0.0}
-        import inspect
-
-        accepted = inspect.signature(distill).parameters
-        lightning = {k: cfg.distill[k] for k in ("accelerator", "devices", "strategy") if k in cfg.distill and k in accepted}
         t0 = time.perf_counter()
-        predictor = distill(
-            model, solver=settings["solver"], nfe=settings["nfe"], schedule=schedule, afs=settings["afs"],
-            solver_options=settings["solver_options"], teacher=settings["teacher"], M=settings["M"],
-            s_dir=settings["s_dir"], s_time=settings["s_time"], num_trajectories=settings["num_trajectories"],
-            batch_size=settings["batch_size"], lr=settings["lr"], epochs=settings["epochs"],
-            predictor_sizes=settings["predictor_sizes"], cache_dir=cfg.distill.cache_dir,
-            gen_batch_size=int(cfg.distill.gen_batch_size), seed=settings["seed"], model_name=cfg.model.name, **lightning,
-            **{k: settings[k] for k in ("objective", "intermediate_weight") if k in settings})
+        predictor = distill(model, spec)
         seconds = time.perf_counter() - t0
         predictor.save(path)
-        atomic_write_json(records_path, {"settings": settings, "meta": predictor.meta, "records": predictor.records})
+        atomic_write_json(records_path, {"settings": spec.settings(), "meta": predictor.meta, "records": predictor.records})
     return predictor, {"source": "distilled", "path": str(path), "records": predictor.records, "distill_seconds": seconds}
 
 
@@ -224,134 +162,70 @@ def cell_predictor(model, cfg, solver_node: Mapping, schedule: Mapping, cache_di
 # The stage
 # ------------------------------------------------------------------------------------------------
 
-def _hydra_context() -> tuple[list[str], str | None, str]:
-    """(task overrides, sweep group or None, a run name) of the current Hydra job."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        overrides = list(hc.overrides.task)
-        multirun = hc.mode == RunMode.MULTIRUN
-        group = Path(hc.sweep.dir).name if multirun else None
-        return overrides, group, (hc.job.override_dirname or hc.job.name)
-    except ValueError:
-        return [], None, "evaluate"
+def cell_solver(plan, model, files: Mapping, use_cache: bool) -> tuple[Solver, dict | None]:
+    """The cell's solver; an AMED solver with its predictor (``solver.predictor``, opened by the
+    validation; else a cached or newly distilled one) and a record of where that came from."""
+    if plan.solver.name not in AMED_SOLVERS:
+        return plan.solver.build(), None
+    if plan.predictor is not None:
+        predictor, info = plan.predictor, {"source": "file", "path": plan.solver.predictor, "sha256": files["predictor"],
+                                           "records": []}
+    else:
+        predictor, info = cell_predictor(model, plan.distill, plan.cache_dir, use_cache)
+    return plan.solver.build(predictor=predictor.to(plan.device)), info
 
 
-def run(cfg):
-    from ..validation import check_stage
+def save_samples(out_dir: Path, images: torch.Tensor, seeds, grid_size: int, keep: bool) -> Path | None:
+    """``samples.png`` (the first ``grid_size`` images) and, if ``keep``, ``samples.npz`` (uint8 images
+    and seeds); returns the PNG's path."""
+    grid_path = sample_grid_png(images[:grid_size], out_dir / "samples.png") if grid_size > 0 else None
+    if keep:
+        import io
 
-    plan = check_stage(cfg, "evaluate")  # every check and every file opened, before any compute
-    e = cfg.eval
-    solver_node, nfe, schedule, num_points, seeds = plan.solver_node, plan.nfe, plan.schedule, plan.num_points, plan.seeds
-    dtype, extractor, weights, out_dir, boot = plan.dtype, plan.extractor, plan.weights, plan.out_dir, plan.bootstrap
-    files = input_files(cfg, solver_node, weights, memo_dir=plan.cache_dir / "file_digests")
-    spec = cell_spec(cfg, solver_node, schedule, seeds, extractor, weights, files)
-    key = digest(spec)
-    if bool(e.skip_finished):
-        done = finished_metrics(out_dir, key)
-        if done is not None:
-            print(f"{done['label']} NFE {done['nfe']}: finished already ({out_dir / METRICS_FILE}); skipped. "
-                  f"FID {done['fid']:.4g}, RMSE {done['rmse']:.4g}")
-            return done["fid"]
+        import numpy as np
 
-    overrides, group, run_name = _hydra_context()
-    t_start = time.perf_counter()
-    if e.get("num_threads"):
-        torch.set_num_threads(int(e.num_threads))
-    device, precision, cache_dir = plan.device, plan.precision, plan.cache_dir
-    label = solver_label(solver_node)
-    model = plan.model.to(device).eval()
-    with make_logger(cfg.get("logger"), run_name, group, "evaluate", out_dir) as logger:
-        logger.log_config(cfg)
-        predictor_info = None
-        extra = {}
-        if solver_node["name"] in AMED_SOLVERS:
-            if plan.predictor is not None:  # solver.predictor, opened and checked by the validation
-                predictor, predictor_info = plan.predictor, {"source": "file", "path": solver_node["predictor"],
-                                                             "sha256": files["predictor"], "records": []}
-            else:
-                predictor, predictor_info = cell_predictor(model, cfg, solver_node, schedule, cache_dir, bool(e.predictor_cache))
-            extra["predictor"] = predictor.to(device)
-            logger.log_distillation(predictor_info.pop("records"))
-        node = {k: v for k, v in solver_node.items() if k in ("name", "afs", "final_step", "options")}
-        solver = solver_from_cfg(node, **extra)
-        sigmas = make_sigmas(schedule["kind"], num_points, float(schedule["sigma_min"]), float(schedule["sigma_max"]),
-                             float(schedule["rho"]))
+        from ..io import atomic_write_bytes
 
-        t0 = time.perf_counter()
-        # seeds sharded over processes when a torch.distributed group is up (torchrun / SLURM tasks)
-        samples, counted = generate_sharded(with_precision(model, precision), solver, sigmas, seeds, int(e.batch_size),
-                                            dtype, device, progress=f"{label} NFE {nfe}")
-        sampling_seconds = time.perf_counter() - t0
-        if counted != nfe:
-            raise RuntimeError(f"{label}: {counted} model calls counted, nfe={nfe} asked")
-        images = quantize(samples)
-        grid_path = None
-        if int(e.sample_grid) > 0:
-            grid_path = sample_grid_png(images[: int(e.sample_grid)], out_dir / "samples.png")
-        if bool(e.get("save_samples", False)):
-            import io
+        buf = io.BytesIO()
+        np.savez_compressed(buf, images=images.numpy(), seeds=np.asarray(seeds))
+        atomic_write_bytes(out_dir / "samples.npz", buf.getvalue())
+    return grid_path
 
-            import numpy as np
 
-            from ..io import atomic_write_bytes
+def feature_metrics(cfg, plan, images: torch.Tensor) -> dict:
+    """FID and KID of ``images`` against the real data in the extractor's feature space (torch-fidelity
+    features; cached real statistics); also the features and the real reference, for the intervals."""
+    e, boot = cfg.eval, plan.bootstrap
+    real = real_reference(e.real, cfg.dataset, plan.extractor, plan.weights, plan.cache_dir, plan.device,
+                          int(e.batch_size), need_features=bool(e.kid) or (boot["enabled"] and boot["real"]))
+    fe = create_extractor(plan.extractor, plan.weights, plan.device)
+    features = extract_features(fe, images, int(e.batch_size))
+    out = {"fid": fid_from_statistics(feature_statistics(features), real), "features": features, "real": real,
+           "kid": {"kid_mean": None, "kid_std": None, "kid_subset_size": None, "kid_subsets": None}}
+    if bool(e.kid) and real["features"] is not None:
+        out["kid"] = kid(features, real["features"], int(e.kid_subsets), int(e.kid_subset_size), seed=int(cfg.seed))
+    return out
 
-            buf = io.BytesIO()
-            np.savez_compressed(buf, images=images.numpy(), seeds=np.asarray(seeds))
-            atomic_write_bytes(out_dir / "samples.npz", buf.getvalue())
 
-        # -- FID / KID against the real data (torch-fidelity) --
-        t0 = time.perf_counter()
-        real = real_reference(e.real, cfg.dataset, extractor, weights, cache_dir, device, int(e.batch_size),
-                              need_features=bool(e.kid) or (boot["enabled"] and boot["real"]))
-        fe = create_extractor(extractor, weights, device)
-        features = extract_features(fe, images, int(e.batch_size))
-        fid = fid_from_statistics(feature_statistics(features), real)
-        kid_out = {"kid_mean": None, "kid_std": None, "kid_subset_size": None, "kid_subsets": None}
-        if bool(e.kid) and real["features"] is not None:
-            kid_out = kid(features, real["features"], int(e.kid_subsets), int(e.kid_subset_size), seed=int(cfg.seed))
-        metric_seconds = time.perf_counter() - t0
+def trajectory_error(cfg, plan, model, solver: Solver, samples: torch.Tensor) -> tuple[float, torch.Tensor, dict]:
+    """(RMSE, reference, its description): the samples against the high-NFE solution from the same noise."""
+    e, batch = cfg.eval, int(cfg.eval.batch_size)
+    smin, smax = float(plan.schedule["sigma_min"]), float(plan.schedule["sigma_max"])
+    reference, ref_info = ode_reference(model, e.ode_reference, smin, smax, plan.seeds, plan.cache_dir, batch,
+                                        plan.dtype, plan.device)
+    if solver.final_step == "denoise":  # the cell ends on D(x, sigma_min): compare like with like
+        with torch.no_grad():
+            reference = torch.cat([model(r.to(plan.device), smin).cpu() for r in reference.split(batch)])
+    return rmse(samples, reference), reference, ref_info
 
-        # -- trajectory error against the high-NFE solution from the same noise --
-        t0 = time.perf_counter()
-        reference, ref_info = ode_reference(model, e.ode_reference, float(schedule["sigma_min"]), float(schedule["sigma_max"]),
-                                            seeds, cache_dir, int(e.batch_size), dtype, device)
-        if solver.final_step == "denoise":  # the cell ends on D(x, sigma_min): compare like with like
-            with torch.no_grad():
-                reference = torch.cat([model(r.to(device), float(schedule["sigma_min"])).cpu()
-                                       for r in reference.split(int(e.batch_size))])
-        traj_rmse = rmse(samples, reference)
-        reference_seconds = time.perf_counter() - t0
-        # -- intervals (bootstrap over seeds and over the real set) and the per-sample data for paired comparisons --
-        unc = uncertainty.evaluate_cell(out_dir, seeds, seeds_spec(seeds), features, real, samples.cpu(), reference.cpu(),
-                                        boot, device)
 
-        metrics = {
-            "complete": True, "cell_key": key, "label": label, "solver": solver_node["name"],
-            "nfe": nfe, "nfe_counted": counted, "num_points": num_points, "fid": fid, **kid_out, "rmse": traj_rmse,
-            "num_samples": len(seeds), "seeds": seeds_spec(seeds),
-            "schedule": schedule, "sigmas": sigmas.tolist(), "solver_config": solver_node,
-            "model": {"name": cfg.model.name, "identity": model.identity() if hasattr(model, "identity") else None},
-            "feature_extractor": extractor, "feature_extractor_weights": weights or "shipped",
-            "real_data": real["description"], "ode_reference": ref_info,
-            "uncertainty": unc, "predictor": predictor_info, "overrides": overrides, "sample_grid": str(grid_path) if grid_path else None,
-            "timing": {"sampling_s": sampling_seconds, "metrics_s": metric_seconds, "reference_s": reference_seconds,
-                       "distill_s": (predictor_info or {}).get("distill_seconds", 0.0), "uncertainty_s": (unc or {}).get("seconds", 0.0),
-                       "total_s": time.perf_counter() - t_start},
-            "device": device, "torch_threads": torch.get_num_threads(), "batch_size": int(e.batch_size),
-            "precision": precision, "world_size": world()[1],
-        }
-        check_finite(metrics, f"{label} NFE {nfe}")
-        path = atomic_write_json(out_dir / METRICS_FILE, metrics)
-        logger.log_metrics({"fid": fid, "kid_mean": kid_out["kid_mean"], "rmse": traj_rmse, "nfe": nfe,
-                            "timing": metrics["timing"]}, summary=True)
-        logger.log_image("samples", grid_path, caption=f"{label}, NFE {nfe}")
-    kid_text = f", KID {kid_out['kid_mean']:.4g}" if kid_out["kid_mean"] is not None else ""
+def summary_line(metrics: Mapping, unc: Mapping | None, path: Path) -> str:
+    """The line the stage prints: FID (KID) and RMSE with their intervals, the time, the file."""
+    kid_text = f", KID {metrics['kid_mean']:.4g}" if metrics["kid_mean"] is not None else ""
     pm = {k: "" for k in ("fid", "rmse")}
     if unc:
         pm = {"fid": f" ± {unc['z'] * unc['fid']['samples']['se']:.2g}", "rmse": f" ± {unc['z'] * unc['rmse']['se']:.2g}"}
-    print(f"{label} NFE {nfe} ({schedule['kind']} rho={schedule['rho']}, {len(seeds)} samples): FID {fid:.4g}{pm['fid']}{kid_text}, "
-          f"RMSE vs high-NFE {traj_rmse:.4g}{pm['rmse']}  [{metrics['timing']['total_s']:.1f} s]\nwritten: {path}")
-    return fid
+    s = metrics["schedule"]
+    return (f"{metrics['label']} NFE {metrics['nfe']} ({s['kind']} rho={s['rho']}, {metrics['num_samples']} samples): "
+            f"FID {metrics['fid']:.4g}{pm['fid']}{kid_text}, RMSE vs high-NFE {metrics['rmse']:.4g}{pm['rmse']}  "
+            f"[{metrics['timing']['total_s']:.1f} s]\nwritten: {path}")

@@ -25,7 +25,7 @@ import torch
 from ..cache import digest, load_verified, locked, save_verified, seeds_spec, sha256_file
 from ..io import plain
 from ..configs import solver_from_cfg
-from ..schedules import make_sigmas
+from ..specs import ScheduleSpec
 from .extractors import DIGITS, create_extractor, extract_features
 from .generate import generate
 from .metrics import feature_statistics, quantize
@@ -176,7 +176,7 @@ def ode_reference(denoiser, ref_cfg: Mapping, sigma_min: float, sigma_max: float
     schedule = {"kind": str(ref_cfg["schedule"]["kind"]), "rho": float(ref_cfg["schedule"]["rho"]),
                 "sigma_min": float(sigma_min), "sigma_max": float(sigma_max)}
     nfe = int(ref_cfg["nfe"])
-    sigmas = make_sigmas(schedule["kind"], solver.num_points(nfe), schedule["sigma_min"], schedule["sigma_max"], schedule["rho"])
+    sigmas = ScheduleSpec.from_cfg(schedule).grid(solver.num_points(nfe))
     identity = denoiser.identity() if hasattr(denoiser, "identity") else type(denoiser).__name__
     base = {"format": CACHE_FORMAT, "model_identity": identity, "solver": solver_node, "nfe": nfe,
             "schedule": schedule, "dtype": str(dtype)}

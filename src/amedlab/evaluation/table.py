@@ -1,6 +1,7 @@
-"""``stage=table sweep_dir=...``: the paper's Table 2 from a sweep's ``metrics.json`` files.
+"""The paper's Table 2 from a sweep's ``metrics.json`` files: the library of ``stage=table sweep_dir=...``
+(:mod:`amedlab.stages.table`).
 
-Writes, into ``table.out_dir`` (default: the sweep directory):
+The stage writes, into ``table.out_dir`` (default: the sweep directory):
 - ``table2.md``: one markdown table per metric in ``table.metrics`` (rows: solvers in the paper's
   order; columns: NFE; each value with its interval over seeds, ``value ± half-width``), then a
   legend: the lowest cell of a column is in bold only if it is significantly lower than every other
@@ -27,7 +28,6 @@ from ..io import atomic_write_text
 from . import uncertainty as U
 from .evaluate import METRICS_FILE
 from .plots import metric_vs_nfe_png
-from .wandb_logger import make_logger
 
 log = logging.getLogger(__name__)
 
@@ -394,28 +394,3 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
                                                title=f"{METRICS[m]} vs NFE ({sweep_dir.name})", errors=errors,
                                                error_label=f"{100 * level:g}% interval over seeds")
     return {"markdown": markdown, "paths": paths, "rows": rows, "nfes": nfes, "cells": cells, "marks": marks}
-
-
-def run(cfg):
-    from ..validation import check_stage
-
-    check_stage(cfg, "table")
-    if cfg.get("sweep_dir") in (None, ""):
-        raise ValueError("stage=table needs sweep_dir=<a sweep directory> (e.g. sweep_dir=outputs/table2_digits)")
-    tcfg = cfg.get("table") or {}
-    level, source = significance_settings(tcfg)
-    result = write_tables(cfg.sweep_dir, tcfg.get("out_dir"), list(tcfg.get("metrics") or ["fid", "rmse"]), level, source)
-    rows, nfes = result["rows"], result["nfes"]
-    main = list(tcfg.get("metrics") or ["fid"])[0]
-    sweep_name = Path(str(cfg.sweep_dir)).resolve().name
-    out_dir = Path(tcfg.get("out_dir") or cfg.sweep_dir)
-    with make_logger(cfg.get("logger"), f"table-{sweep_name}", sweep_name, "table", out_dir) as logger:
-        columns = ["solver"] + [f"NFE {n}" for n in nfes]
-        for m in tcfg.get("metrics") or ["fid"]:
-            logger.log_table(f"table2/{m}", columns, [[label] + [_value(cells.get(n), m) for n in nfes]
-                                                      for label, cells in rows.items()])
-            logger.log_image(f"table2/{m}_vs_nfe", result["paths"].get(f"{m}_plot"))
-    print(result["markdown"])
-    print("written:\n" + "\n".join(f"  {kind}: {p}" for kind, p in result["paths"].items()))
-    best = [v for r in rows.values() for n in nfes if (v := _value(r.get(n), main)) is not None]
-    return min(best) if best else None

@@ -1,29 +1,18 @@
-"""``stage=train_features``: train the digits classifier whose penultimate layer is the FID space.
+"""The digits classifier whose penultimate layer is the FID space: the library of ``stage=train_features``
+(:mod:`amedlab.stages.train_features`).
 
-Trains on the fixed train split (with random translations), measures accuracy on the held-out split,
+The stage trains on the fixed train split (with random translations), measures accuracy on the held-out split,
 writes ``digits_classifier.safetensors``, ``metrics.json`` and ``recipe.json`` into the run directory.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from amedlab.data.digits import DigitsDataModule
-from amedlab.evaluation.digits_features import DigitsClassifier, save_classifier
-from amedlab.io import plain
-from amedlab.training.teacher import (
-    check_dataset_is_digits,
-    check_positive,
-    hydra_command,
-    make_trainer,
-    output_dir,
-    set_threads,
-    write_json,
-)
+from amedlab.evaluation.digits_features import DigitsClassifier
 
 
 def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -76,36 +65,3 @@ def module_from_config(fcfg: Mapping) -> ClassifierModule:
 def accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
     return float((model(images).argmax(1) == labels).float().mean())
-
-
-def run(cfg) -> float:
-    """Train the classifier; returns its held-out accuracy."""
-    from amedlab.validation import check_stage
-
-    check_stage(cfg, "train_features")
-    check_dataset_is_digits(cfg, "train_features")
-    fcfg = cfg.train.features
-    for key in ("steps", "batch_size", "lr", "channels", "feature_dim", "val_every_steps"):
-        check_positive(fcfg, key, "train.features")
-    out = output_dir()
-    set_threads(fcfg)
-    pl.seed_everything(int(cfg.seed), workers=True)
-    datamodule = DigitsDataModule.from_config(cfg.dataset, batch_size=int(fcfg.batch_size))
-    module = module_from_config(fcfg)
-    trainer = make_trainer(cfg, fcfg, out, datamodule)
-    start = time.time()
-    trainer.fit(module, datamodule=datamodule)
-    wall = time.time() - start
-    model = module.model.cpu().eval()
-    held_out = datamodule.held_out_set.tensors
-    acc = accuracy(model, *held_out)
-    recipe = {"command": hydra_command(), "seed": int(cfg.seed), "steps": int(trainer.global_step),
-              "wall_time_s": round(wall, 1), "held_out_accuracy": acc, "num_held_out": len(held_out[1]),
-              "num_params": sum(p.numel() for p in model.parameters()),
-              "train": plain(fcfg), "dataset": plain(cfg.dataset)}
-    ckpt = save_classifier(model, out / "digits_classifier.safetensors",
-                           metadata={"held_out_accuracy": f"{acc:.4f}", "command": recipe["command"]})
-    write_json(out / "recipe.json", {**recipe, "checkpoint": ckpt.name})
-    write_json(out / "metrics.json", {"held_out_accuracy": acc, "wall_time_s": round(wall, 1),
-                                      "steps": int(trainer.global_step)})
-    return acc

@@ -1,14 +1,13 @@
-"""``stage=train_teacher``: train the digits U-Net with EDM's loss (Karras et al. 2022) and EMA weights.
+"""Training the digits U-Net with EDM's loss (Karras et al. 2022) and EMA weights: the library of
+``stage=train_teacher`` (:mod:`amedlab.stages.train_teacher`), and the helpers both training stages share.
 
-Writes into the run directory: ``digits_teacher.safetensors`` (EMA weights + the config that rebuilds
+The stage writes into the run directory: ``digits_teacher.safetensors`` (EMA weights + the config that rebuilds
 the network), ``metrics.json`` and ``recipe.json`` (command, seed, steps, wall time).
 """
 from __future__ import annotations
 
 import json
-import math
 import sys
-import time
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -16,10 +15,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from amedlab.data.digits import DigitsDataModule
 from amedlab.evaluation.wandb_logger import lightning_loggers
-from amedlab.io import atomic_write_text, plain, run_dir
-from amedlab.models.digits import make_digits_denoiser, save_denoiser
+from amedlab.io import atomic_write_text, run_dir
+from amedlab.models.digits import make_digits_denoiser
 from amedlab.models.precond import edm_loss
 from amedlab.training.ema import EMA
 
@@ -160,48 +158,6 @@ def check_teacher_config(cfg) -> None:
                          f"for dataset.image_size={res}; accepted: a lowest resolution of at least 2x2")
 
 
-def run(cfg) -> float:
-    """Train the teacher; returns the final held-out EDM loss of the EMA weights."""
-    from amedlab.validation import check_stage, user_errors
-
-    check_stage(cfg, "train_teacher")
-    with user_errors("train.teacher.net"):
-        check_teacher_config(cfg)
-    tcfg = cfg.train.teacher
-    out = output_dir()
-    set_threads(tcfg)
-    pl.seed_everything(int(cfg.seed), workers=True)
-    datamodule = DigitsDataModule.from_config(cfg.dataset, batch_size=int(tcfg.batch_size))
-    net_cfg = {**dict(tcfg.net), "img_resolution": int(cfg.dataset.image_size), "in_channels": 1, "out_channels": 1}
-    module = module_from_config({**dict(tcfg), "net": net_cfg})
-    trainer = make_trainer(cfg, tcfg, out, datamodule)
-    start = time.time()
-    trainer.fit(module, datamodule=datamodule)
-    wall = time.time() - start
-    final_train_loss = float(trainer.callback_metrics.get("train/loss", math.nan))
-    val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/ema_loss"]
-    num_params = sum(p.numel() for p in module.model.net.parameters())
-    recipe = {
-        "command": hydra_command(),
-        "seed": int(cfg.seed),
-        "steps": int(trainer.global_step),
-        "batch_size": int(tcfg.batch_size),
-        "wall_time_s": round(wall, 1),
-        "device": str(cfg.device),
-        "torch_threads": torch.get_num_threads(),
-        "num_params": num_params,
-        "final_train_loss": final_train_loss,
-        "held_out_ema_loss": float(val),
-        "train": plain(tcfg),
-        "dataset": plain(cfg.dataset),
-    }
-    ckpt = save_denoiser(module.ema.module, out / "digits_teacher.safetensors",
-                         metadata={"recipe": _json(recipe)})
-    write_json(out / "recipe.json", {**recipe, "checkpoint": ckpt.name})
-    write_json(out / "metrics.json", {"held_out_ema_loss": float(val), "wall_time_s": round(wall, 1),
-                                      "steps": int(trainer.global_step), "num_params": num_params})
-    return float(val)
-
-
-def _json(obj) -> str:
+def json_text(obj) -> str:
+    """Canonical JSON (keys sorted), e.g. the recipe stored in the checkpoint's metadata."""
     return json.dumps(obj, sort_keys=True)

@@ -1,0 +1,28 @@
+"""``stage=compare``: every solver at every NFE on an analytic model, error against the exact solution.
+
+Writes ``compare.json`` (and prints the table) in the run directory. Each solver keeps its own
+settings from ``conf/solver/<name>.yaml`` (AFS, options); the schedule is the run's ``schedule``.
+The library part is :mod:`amedlab.compare`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..compare import compare, format_table
+from ..io import atomic_write_json, run_dir
+from ..validation import check_stage
+
+
+def run(cfg):
+    plan = check_stage(cfg, "compare")  # every check before any compute
+    dtype = getattr(torch, str(cfg.compare.dtype))
+    nfes = [int(n) for n in cfg.compare.nfes]
+    num_samples = int(cfg.compare.num_samples)
+    results = compare(plan.model, plan.solvers, nfes, plan.schedule, num_samples, int(cfg.seed), dtype)
+    table = format_table(results, nfes)
+    out = run_dir() / "compare.json"
+    atomic_write_json(out, {"model": cfg.model.name, "schedule": dict(cfg.schedule), "metric": "rmse_vs_exact",
+                            "num_samples": num_samples, "results": results})
+    print(f"RMSE against the exact solution, model={cfg.model.name}, schedule={cfg.schedule.kind} "
+          f"rho={cfg.schedule.rho}, {cfg.compare.num_samples} samples (best per column in bold)\n{table}\n\nwritten: {out}")
+    return min(r[n]["rmse"] for r in results.values() for n in nfes if r.get(n))

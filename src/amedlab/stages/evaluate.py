@@ -1,0 +1,106 @@
+"""``stage=evaluate``: one cell of Table 2 (a model, a solver, an NFE, a schedule).
+
+Samples ``eval.seeds`` (one generator per seed), quantises them as the paper does, and writes to the
+run directory ``metrics.json`` (FID and KID against cached real-data statistics, the RMSE against a
+cached high-NFE solution from the same noise, the schedule and grid used, the counted NFE, timings)
+and ``samples.png``. A run directory holding a complete ``metrics.json`` for the same cell key is
+skipped. The library part is :mod:`amedlab.evaluation.evaluate`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..evaluation import uncertainty
+from ..evaluation.distributed import generate_sharded, world
+from ..evaluation.evaluate import (METRICS_FILE, cell_solver, cell_spec, check_finite, feature_metrics, finished_metrics,
+                                   input_files, save_samples, summary_line, trajectory_error)
+from ..evaluation.metrics import quantize
+from ..evaluation.reference import digest, seeds_spec
+from ..evaluation.wandb_logger import make_logger
+from ..io import atomic_write_json
+from ..models.base import with_precision
+from ..validation import check_stage
+
+
+def _hydra_context() -> tuple[list[str], str | None, str]:
+    """(task overrides, sweep group or None, a run name) of the current Hydra job."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        overrides = list(hc.overrides.task)
+        multirun = hc.mode == RunMode.MULTIRUN
+        group = Path(hc.sweep.dir).name if multirun else None
+        return overrides, group, (hc.job.override_dirname or hc.job.name)
+    except ValueError:
+        return [], None, "evaluate"
+
+
+def _skip(out_dir: Path, key: str) -> dict | None:
+    done = finished_metrics(out_dir, key)
+    if done is not None:
+        print(f"{done['label']} NFE {done['nfe']}: finished already ({out_dir / METRICS_FILE}); skipped. "
+              f"FID {done['fid']:.4g}, RMSE {done['rmse']:.4g}")
+    return done
+
+
+def run(cfg):
+    plan = check_stage(cfg, "evaluate")  # every check, every file opened and the specs built, before any compute
+    e, nfe, seeds, out_dir = cfg.eval, plan.nfe, plan.seeds, plan.out_dir
+    files = input_files(cfg, plan.solver_node, plan.weights, memo_dir=plan.cache_dir / "file_digests")
+    key = digest(cell_spec(cfg, plan, files))
+    if bool(e.skip_finished) and (done := _skip(out_dir, key)) is not None:
+        return done["fid"]
+    overrides, group, run_name = _hydra_context()
+    t_start, timing = time.perf_counter(), {}
+    if e.get("num_threads"):
+        torch.set_num_threads(int(e.num_threads))
+    label, model = plan.solver.label, plan.model.to(plan.device).eval()
+    with make_logger(cfg.get("logger"), run_name, group, "evaluate", out_dir) as logger:
+        logger.log_config(cfg)
+        solver, predictor_info = cell_solver(plan, model, files, bool(e.predictor_cache))
+        if predictor_info is not None:
+            logger.log_distillation(predictor_info.pop("records"))
+        sigmas = plan.schedule_spec.grid(plan.num_points)
+        t0 = time.perf_counter()
+        # seeds sharded over processes when a torch.distributed group is up (torchrun / SLURM tasks)
+        samples, counted = generate_sharded(with_precision(model, plan.precision), solver, sigmas, seeds, int(e.batch_size),
+                                            plan.dtype, plan.device, progress=f"{label} NFE {nfe}")
+        timing["sampling_s"] = time.perf_counter() - t0
+        if counted != nfe:
+            raise RuntimeError(f"{label}: {counted} model calls counted, nfe={nfe} asked")
+        images = quantize(samples)
+        grid_path = save_samples(out_dir, images, seeds, int(e.sample_grid), bool(e.get("save_samples", False)))
+        t0 = time.perf_counter()
+        fm = feature_metrics(cfg, plan, images)  # FID / KID against the real data
+        timing["metrics_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+        traj_rmse, reference, ref_info = trajectory_error(cfg, plan, model, solver, samples)
+        timing["reference_s"] = time.perf_counter() - t0
+        # intervals (bootstrap over seeds and over the real set) and the per-sample data for paired comparisons
+        unc = uncertainty.evaluate_cell(out_dir, seeds, seeds_spec(seeds), fm["features"], fm["real"], samples.cpu(),
+                                        reference.cpu(), plan.bootstrap, plan.device)
+        timing.update(distill_s=(predictor_info or {}).get("distill_seconds", 0.0),
+                      uncertainty_s=(unc or {}).get("seconds", 0.0), total_s=time.perf_counter() - t_start)
+        metrics = {
+            "complete": True, "cell_key": key, "label": label, "solver": plan.solver.name,
+            "nfe": nfe, "nfe_counted": counted, "num_points": plan.num_points, "fid": fm["fid"], **fm["kid"],
+            "rmse": traj_rmse, "num_samples": len(seeds), "seeds": seeds_spec(seeds),
+            "schedule": plan.schedule, "sigmas": sigmas.tolist(), "solver_config": plan.solver_node,
+            "model": {"name": cfg.model.name, "identity": model.identity() if hasattr(model, "identity") else None},
+            "feature_extractor": plan.extractor, "feature_extractor_weights": plan.weights or "shipped",
+            "real_data": fm["real"]["description"], "ode_reference": ref_info, "uncertainty": unc,
+            "predictor": predictor_info, "overrides": overrides, "sample_grid": str(grid_path) if grid_path else None,
+            "timing": timing, "device": plan.device, "torch_threads": torch.get_num_threads(),
+            "batch_size": int(e.batch_size), "precision": plan.precision, "world_size": world()[1],
+        }
+        check_finite(metrics, f"{label} NFE {nfe}")
+        path = atomic_write_json(out_dir / METRICS_FILE, metrics)
+        logger.log_metrics({"fid": fm["fid"], "kid_mean": metrics["kid_mean"], "rmse": traj_rmse, "nfe": nfe,
+                            "timing": timing}, summary=True)
+        logger.log_image("samples", grid_path, caption=f"{label}, NFE {nfe}")
+    print(summary_line(metrics, unc, path))
+    return fm["fid"]
