@@ -22,10 +22,10 @@ import torch
 from omegaconf import OmegaConf
 
 from amedlab.amed.distill import distill
-from amedlab.configs import grid_for, load_group, solver_from_cfg
+from amedlab.configs import load_group, solver_from_cfg
+from amedlab.specs import grid_for
 from amedlab.data.trajectories import cached_trajectories
 from amedlab.models import build_model
-from amedlab.sampling import seeded_noise
 
 CLASSICAL = ["euler", "heun", "dpm2", "ipndm", "dpmpp3m", "unipc"]
 AMED = "amed,amed_plugin,amed_plugin_vs,amed_plugin_vs_traj"

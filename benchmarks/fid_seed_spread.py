@@ -33,7 +33,8 @@ from amedlab.evaluation import uncertainty as U
 from amedlab.evaluation.extractors import DIGITS, create_extractor, extract_features
 from amedlab.evaluation.generate import generate
 from amedlab.evaluation.metrics import feature_statistics, fid_from_statistics, quantize
-from amedlab.evaluation.reference import plain, real_reference
+from amedlab.evaluation.reference import real_reference
+from amedlab.io import plain
 from amedlab.io import atomic_write_json
 from amedlab.models import build_model
 from amedlab.schedules import make_sigmas

@@ -14,7 +14,8 @@ import time
 import torch
 
 from amedlab.amed import AMEDPredictor
-from amedlab.configs import grid_for, load_group, solver_from_cfg
+from amedlab.configs import load_group, solver_from_cfg
+from amedlab.specs import grid_for
 from amedlab.models.base import Denoiser
 from amedlab.models.digits import SHIPPED_TEACHER, load_denoiser, make_digits_denoiser
 

@@ -12,7 +12,8 @@ import time
 import torch
 
 from amedlab.amed import AMEDPredictor
-from amedlab.configs import grid_for, load_group, solver_from_cfg
+from amedlab.configs import load_group, solver_from_cfg
+from amedlab.specs import grid_for
 from amedlab.models.base import PRECISIONS, with_precision
 from amedlab.models.digits import SHIPPED_TEACHER, load_denoiser
 from amedlab.sampling import seeded_noise

@@ -31,7 +31,8 @@ from amedlab.stages import evaluate as evaluate_stage
 from amedlab.models.base import Denoiser
 from amedlab.models.digits import SHIPPED_TEACHER, load_denoiser, make_digits_denoiser, save_denoiser
 from amedlab.schedules import make_sigmas
-from amedlab.validation import ResultError, UserError, check_stage
+from amedlab.errors import ResultError, UserError
+from amedlab.validation import check_stage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_NET = dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])

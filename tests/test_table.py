@@ -90,7 +90,7 @@ def test_rows_split_by_differing_overrides_and_missing_cells_show_na(tmp_path):
     for rho in (5, 7):
         for nfe, fid in ((3, 40.0 + rho), (5, 10.0 + rho)):
             write_cell(root / f"rho{rho}", "ipndm", "iPNDM", nfe, fid, 0.1,
-                       overrides=[f"solver=ipndm", f"nfe={nfe}", f"schedule.rho={rho}", "eval.batch_size=100"])
+                       overrides=["solver=ipndm", f"nfe={nfe}", f"schedule.rho={rho}", "eval.batch_size=100"])
     write_cell(root / "euler", "euler", "DDIM (Euler)", 3, 90.0, 0.5,
                overrides=["solver=euler", "nfe=3", "schedule.rho=7", "eval.batch_size=100"])
     md = write_tables(root, metrics=["fid"])["markdown"]

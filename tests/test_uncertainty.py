@@ -111,7 +111,7 @@ def _write_cell(root, solver, label, nfe, gen, real, sq_err=None, with_data=True
                "rmse": (sq.double() ** 2).mean().sqrt().item(), "model": {"name": "test"},
                "overrides": [f"solver={solver}", f"nfe={nfe}"]}
     if with_data:
-        unc = U.evaluate_cell(cell, range(n), seeds, gen, {"mu": stats["mu"], "sigma": stats["sigma"], "features": real},
+        unc = U.evaluate_cell(cell, range(n), gen, {"mu": stats["mu"], "sigma": stats["sigma"], "features": real},
                               sq, torch.zeros_like(sq), {"resamples": 200, "seed": 0})
         metrics["uncertainty"] = unc
     (cell / "metrics.json").write_text(json.dumps(metrics))

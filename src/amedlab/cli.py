@@ -32,7 +32,7 @@ STAGES = {name: f"amedlab.stages.{name}:run" for name in STAGE_NAMES}
 
 def resolve_stage(name: str):
     if name not in STAGES:
-        from .validation import ConfigError
+        from .errors import ConfigError
 
         raise ConfigError(f"stage={name!r} is not a known stage; accepted: {', '.join(STAGES)}", "stage")
     module, func = STAGES[name].split(":")
@@ -55,7 +55,7 @@ def _multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig):
-    from .validation import UserError
+    from .errors import UserError
 
     try:
         return resolve_stage(cfg.stage)(cfg)
@@ -68,7 +68,7 @@ def hydra_main(cfg: DictConfig):
 
 def user_error_message(err: BaseException) -> str | None:
     """The message to print for a user error, or None for anything else (a bug: keep its traceback)."""
-    from .validation import UserError
+    from .errors import UserError
 
     if isinstance(err, UserError):
         return f"error: {err}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from .schedules import check_schedule_args
@@ -67,12 +66,3 @@ def solver_from_cfg(node: Mapping, **extra) -> Solver:
 
 def check_schedule_cfg(node: Mapping) -> None:
     check_schedule_args(node["kind"], 2, float(node["sigma_min"]), float(node["sigma_max"]), float(node["rho"]))
-
-
-def grid_for(solver: Solver, nfe: int, schedule: Mapping) -> torch.Tensor:
-    """The sigma grid giving exactly ``nfe`` counted evaluations for ``solver`` on ``schedule``."""
-    from .specs import ScheduleSpec  # specs builds on this module
-
-    spec = ScheduleSpec.from_cfg(schedule)
-    spec.check()
-    return spec.grid(solver.num_points(int(nfe)))

@@ -260,7 +260,7 @@ class DistillSpec:
 
     def key(self, model_identity) -> str:
         """The predictor cache key: a digest of the model identity and :meth:`settings`."""
-        from .evaluation.reference import digest
+        from .cache import digest
 
         return digest({"model_identity": model_identity, **self.settings()})
 
@@ -284,3 +284,10 @@ class DistillSpec:
     @property
     def solver_spec(self) -> SolverSpec:
         return SolverSpec(self.solver, self.afs, "sigma_min", dict(self.solver_options or {}))
+
+
+def grid_for(solver: Solver, nfe: int, schedule: Mapping) -> torch.Tensor:
+    """The sigma grid giving exactly ``nfe`` counted evaluations for ``solver`` on ``schedule`` (a config node)."""
+    spec = ScheduleSpec.from_cfg(schedule)
+    spec.check()
+    return spec.grid(solver.num_points(int(nfe)))

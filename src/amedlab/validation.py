@@ -23,33 +23,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .amed.solvers import AMED_SOLVERS
 from .configs import CONF_DIR, load_group
+from .errors import ConfigError, MissingFileError, UserError
+from .models.base import DTYPES
 from .specs import DistillSpec, ScheduleSpec, SolverSpec
-
-
-class UserError(CompactHydraException):
-    """Base of the errors the command line prints as their message alone (no traceback)."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(" ".join(str(message).split()))  # one line
-        self.key = key
-
-
-class ConfigError(UserError, ValueError):
-    """A user error, raised before any compute; its message names the key, the value and what is
-    accepted."""
-
-
-class MissingFileError(UserError, FileNotFoundError):
-    """A ConfigError's twin for a path that does not exist (a FileNotFoundError to callers)."""
-
-
-class ResultError(UserError, RuntimeError):
-    """A result that must not be recorded (a NaN or infinite metric); nothing is written."""
+from .stages import STAGE_NAMES
 
 
 def _fmt(value) -> str:
@@ -378,10 +359,8 @@ def check_predictor_file(path_value, solver_node: Mapping, nfe: int, sigmas: tor
 # ------------------------------------------------------------------------------------------------
 
 def check_common(cfg, stage: str) -> None:
-    from .cli import STAGES
-
-    if stage not in STAGES:
-        raise fail("stage", stage, ", ".join(STAGES))
+    if stage not in STAGE_NAMES:
+        raise fail("stage", stage, ", ".join(STAGE_NAMES))
     check_known_keys(cfg)
     int_at(cfg, "seed", 0)
     from .evaluation.wandb_logger import check_logger_cfg
@@ -393,7 +372,7 @@ def check_common(cfg, stage: str) -> None:
 def _check_cell_solver(cfg) -> tuple[dict, int, dict, int]:
     """solver.*, nfe, schedule and eval.schedule_per_solver: (solver node, nfe, the cell's schedule, grid points)."""
     from .evaluation.evaluate import cell_schedule
-    from .evaluation.reference import plain
+    from .io import plain
     from .solvers import available_solvers
 
     nfe = int_at(cfg, "nfe", 1)
@@ -435,7 +414,7 @@ def _check_eval_values(cfg) -> SimpleNamespace:
         raise fail("eval.seeds", seeds_value, "non-negative integer seeds (a range like 0-1999)")
     batch_size = int_at(cfg, f"{e}.batch_size", 1)
     int_at(cfg, f"{e}.num_threads", 1, null=True)
-    dtype_name = choice_at(cfg, f"{e}.dtype", ("float32", "float64"))
+    dtype_name = choice_at(cfg, f"{e}.dtype", tuple(DTYPES))
     precision = choice_at(cfg, f"{e}.precision", tuple(PRECISIONS))
     kid_on = bool_at(cfg, f"{e}.kid")
     int_at(cfg, f"{e}.kid_subsets", 1)
@@ -446,7 +425,7 @@ def _check_eval_values(cfg) -> SimpleNamespace:
     with user_errors("eval.bootstrap"):
         bootstrap = bootstrap_settings(_get(cfg, "eval.bootstrap"))
     return SimpleNamespace(seeds=seeds, batch_size=batch_size, precision=precision, kid=kid_on, bootstrap=bootstrap,
-                           dtype={"float32": torch.float32, "float64": torch.float64}[dtype_name])
+                           dtype=DTYPES[dtype_name])
 
 
 def _check_real_and_extractor(cfg) -> tuple[str, str | None, str]:
@@ -476,7 +455,7 @@ def _check_real_and_extractor(cfg) -> tuple[str, str | None, str]:
 
 def _check_ode_reference(cfg, schedule: Mapping) -> None:
     """eval.ode_reference.*: its solver reaches its NFE, its schedule is valid between the cell's ends."""
-    from .evaluation.reference import plain
+    from .io import plain
 
     ref = _get(cfg, "eval.ode_reference")
     int_at(cfg, "eval.ode_reference.nfe", 1)
@@ -560,7 +539,7 @@ def check_compare(cfg) -> SimpleNamespace:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise fail("compare.nfes", _get(cfg, "compare.nfes"), "a list of integers >= 1")
     int_at(cfg, "compare.num_samples", 1)
-    choice_at(cfg, "compare.dtype", ("float32", "float64"))
+    choice_at(cfg, "compare.dtype", tuple(DTYPES))
     check_writable("hydra.run.dir", _run_dir())
     model = build_checked_model(cfg)
     if not hasattr(model, "reference"):
@@ -619,7 +598,7 @@ def check_analyze(cfg) -> None:
     check_schedule(cfg.schedule)
     int_at(cfg, "analysis.num_samples", 2)
     int_at(cfg, "analysis.max_components", 1)
-    choice_at(cfg, "analysis.dtype", ("auto", "float32", "float64"))
+    choice_at(cfg, "analysis.dtype", ("auto", *DTYPES))
     for n in list_at(cfg, "analysis.nfes"):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise fail("analysis.nfes", _get(cfg, "analysis.nfes"), "a list of odd integers >= 3 (NFE of a 2-NFE-per-step solver with AFS)")
@@ -646,7 +625,5 @@ CHECKS = {"evaluate": check_evaluate, "distill": check_distill, "compare": check
 def check_stage(cfg, stage: str):
     """Run ``stage``'s checks (the first call of its ``run``); returns what they built, if anything."""
     if stage not in CHECKS:
-        from .cli import STAGES
-
-        raise fail("stage", stage, ", ".join(STAGES))
+        raise fail("stage", stage, ", ".join(STAGE_NAMES))
     return CHECKS[stage](cfg)

@@ -23,7 +23,7 @@ def _choices(cell: dict) -> set[str]:
 def pick_row(rows, name: str) -> str:
     """The row label that ``name`` means: an exact label, else the only row of that solver config
     (``amed_plugin_vs``), else the only row of that solver kind (``amed_plugin``)."""
-    from ..validation import ConfigError
+    from ..errors import ConfigError
 
     if name in rows:
         return name

@@ -32,7 +32,9 @@ from ..specs import DistillSpec
 from .extractors import create_extractor, extract_features
 from .metrics import feature_statistics, fid_from_statistics, kid, rmse
 from .plots import sample_grid_png
-from .reference import locked, ode_reference, plain, real_reference, seeds_spec
+from ..cache import locked, seeds_spec
+from ..io import plain
+from .reference import ode_reference, real_reference
 from . import uncertainty
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ def cell_spec(cfg, plan, files: dict) -> dict:
 def check_finite(metrics: Mapping, what: str) -> None:
     """A complete metrics.json never holds NaN or inf (anywhere in it): such a result is an error,
     and nothing is written."""
-    from ..validation import ResultError
+    from ..errors import ResultError
 
     bad = {}
 
@@ -212,7 +214,7 @@ def trajectory_error(cfg, plan, model, solver: Solver, samples: torch.Tensor) ->
     e, batch = cfg.eval, int(cfg.eval.batch_size)
     smin, smax = float(plan.schedule["sigma_min"]), float(plan.schedule["sigma_max"])
     reference, ref_info = ode_reference(model, e.ode_reference, smin, smax, plan.seeds, plan.cache_dir, batch,
-                                        plan.dtype, plan.device)
+                                        plan.dtype)
     if solver.final_step == "denoise":  # the cell ends on D(x, sigma_min): compare like with like
         with torch.no_grad():
             reference = torch.cat([model(r.to(plan.device), smin).cpu() for r in reference.split(batch)])

@@ -24,6 +24,7 @@ import torch
 
 from ..cache import digest, load_verified, locked, save_verified, seeds_spec, sha256_file
 from ..io import plain
+from ..models.base import device_of
 from ..configs import solver_from_cfg
 from ..specs import ScheduleSpec
 from .extractors import DIGITS, create_extractor, extract_features
@@ -163,12 +164,13 @@ def real_reference(real_cfg: Mapping, dataset_cfg: Mapping, extractor: str, weig
 # ------------------------------------------------------------------------------------------------
 
 def ode_reference(denoiser, ref_cfg: Mapping, sigma_min: float, sigma_max: float, seeds, cache_dir,
-                  batch_size: int = 500, dtype=torch.float32, device: str = "cpu") -> tuple[torch.Tensor, dict]:
+                  batch_size: int = 500, dtype=torch.float32) -> tuple[torch.Tensor, dict]:
     """The high-NFE solution x(sigma_min) from x_T = sigma_max * z(seed), cached per chunk of seeds.
 
     ``ref_cfg``: {solver: {name, afs, final_step, options}, nfe, schedule: {kind, rho}, chunk_size}.
     Chunks (``chunk_size`` seeds each, default 250) are cached separately; processes running side by
-    side (a parallel launcher) each take chunks nobody holds, then wait for the rest.
+    side (a parallel launcher) each take chunks nobody holds, then wait for the rest. It is computed on
+    the denoiser's device.
     """
     solver_node = plain(dict(ref_cfg["solver"]))
     solver_node["final_step"] = "sigma_min"  # the reference is the ODE solution at sigma_min
@@ -192,7 +194,7 @@ def ode_reference(denoiser, ref_cfg: Mapping, sigma_min: float, sigma_max: float
         nonlocal computed
         blob = load_verified(paths[k], specs[k], what="cache file")
         if blob is None:
-            samples, counted = generate(denoiser, solver, sigmas, chunks[k], batch_size, dtype, device)
+            samples, counted = generate(denoiser, solver, sigmas, chunks[k], batch_size, dtype, str(device_of(denoiser)))
             if counted != nfe:
                 raise RuntimeError(f"reference solver made {counted} calls, expected {nfe}")
             save_verified(paths[k], {"spec": specs[k], "samples": samples})

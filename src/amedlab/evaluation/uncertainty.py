@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache import digest
+from ..cache import digest, seeds_spec
 from ..io import atomic_write_bytes
 from .fid import frechet, psd_root
 from .metrics import per_sample_mse
@@ -274,16 +274,16 @@ def cell_bootstrap(gen_features: torch.Tensor, real_mu, real_sigma, real_feature
     return summary, arrays
 
 
-def pairing_key(seeds_spec: str, n: int, real_id: str, m: int | None, cfg: Mapping) -> str:
+def pairing_key(seeds_key: str, n: int, real_id: str, m: int | None, cfg: Mapping) -> str:
     """Cells with equal keys drew the same indices in every replicate: their replicates pair."""
     cfg = settings(cfg)
-    blob = {"format": FORMAT, "seeds": seeds_spec, "n": n, "real": real_id, "m": m,
+    blob = {"format": FORMAT, "seeds": seeds_key, "n": n, "real": real_id, "m": m,
             **{k: cfg[k] for k in NUMERIC_KEYS}}
     return digest(blob)
 
 
-def evaluate_cell(out_dir, seeds, seeds_spec: str, gen_features, real: Mapping, samples, reference,
-                  cfg: Mapping | None, device: str = "cpu") -> dict | None:
+def evaluate_cell(out_dir, seeds, gen_features, real: Mapping, samples, reference, cfg: Mapping | None,
+                  device: str = "cpu") -> dict | None:
     """What ``stage=evaluate`` stores: the bootstrap, the RMSE interval, and ``uncertainty.npz`` (per-sample
     squared errors and the replicates by seed, the features when small). Returns the ``uncertainty``
     entry of ``metrics.json`` (None when ``eval.bootstrap.enabled`` is false)."""
@@ -298,8 +298,9 @@ def evaluate_cell(out_dir, seeds, seeds_spec: str, gen_features, real: Mapping, 
     feats = gen_features.detach().cpu().float().numpy()
     size_mb = feats.nbytes / 2**20
     keep = cfg["keep_features"] is True or (cfg["keep_features"] == "auto" and size_mb <= float(cfg["max_feature_mb"]))
-    key = pairing_key(seeds_spec, len(sq_err), real_id, summary["num_real"], cfg)
-    meta = {"format": FORMAT, "pairing_key": key, "seeds": seeds_spec, "settings": {k: cfg[k] for k in NUMERIC_KEYS},
+    spec = seeds_spec(seeds)
+    key = pairing_key(spec, len(sq_err), real_id, summary["num_real"], cfg)
+    meta = {"format": FORMAT, "pairing_key": key, "seeds": spec, "settings": {k: cfg[k] for k in NUMERIC_KEYS},
             "fid_estimate": summary["fid_estimate"], "kid_full": summary["kid_full"], "rmse": rm["estimate"]}
     buf = io.BytesIO()
     np.savez_compressed(buf, seeds=np.asarray(list(seeds), np.int64), sq_err=sq_err,

@@ -18,7 +18,7 @@ from ..evaluation.distributed import generate_sharded, world
 from ..evaluation.evaluate import (METRICS_FILE, cell_solver, cell_spec, check_finite, feature_metrics, finished_metrics,
                                    input_files, save_samples, summary_line, trajectory_error)
 from ..evaluation.metrics import quantize
-from ..evaluation.reference import digest, seeds_spec
+from ..cache import digest, seeds_spec
 from ..evaluation.wandb_logger import make_logger
 from ..io import atomic_write_json
 from ..models.base import with_precision
@@ -81,7 +81,7 @@ def run(cfg):
         traj_rmse, reference, ref_info = trajectory_error(cfg, plan, model, solver, samples)
         timing["reference_s"] = time.perf_counter() - t0
         # intervals (bootstrap over seeds and over the real set) and the per-sample data for paired comparisons
-        unc = uncertainty.evaluate_cell(out_dir, seeds, seeds_spec(seeds), fm["features"], fm["real"], samples.cpu(),
+        unc = uncertainty.evaluate_cell(out_dir, seeds, fm["features"], fm["real"], samples.cpu(),
                                         reference.cpu(), plan.bootstrap, plan.device)
         timing.update(distill_s=(predictor_info or {}).get("distill_seconds", 0.0),
                       uncertainty_s=(unc or {}).get("seconds", 0.0), total_s=time.perf_counter() - t_start)

@@ -1,0 +1,29 @@
+"""The user errors: what the command line prints as one line (no traceback) with exit status 2.
+
+Raised by the checks of :mod:`amedlab.validation` before any compute, and by the library where a
+result must not be recorded. Kept apart so any module can raise them without importing the checks.
+"""
+from __future__ import annotations
+
+from hydra.errors import CompactHydraException
+
+
+class UserError(CompactHydraException):
+    """Base of the errors the command line prints as their message alone (no traceback)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(" ".join(str(message).split()))  # one line
+        self.key = key
+
+
+class ConfigError(UserError, ValueError):
+    """A user error, raised before any compute; its message names the key, the value and what is
+    accepted."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A ConfigError's twin for a path that does not exist (a FileNotFoundError to callers)."""
+
+
+class ResultError(UserError, RuntimeError):
+    """A result that must not be recorded (a NaN or infinite metric); nothing is written."""
