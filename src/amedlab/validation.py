@@ -430,6 +430,11 @@ def check_evaluate(cfg) -> SimpleNamespace:
         seeds = parse_seeds(OmegaConf.to_container(seeds_value) if OmegaConf.is_config(seeds_value) else seeds_value)
     if not seeds or any(s < 0 or s >= 2**63 for s in seeds):
         raise fail("eval.seeds", seeds_value, "non-negative integer seeds (a range like 0-1999)")
+    if solver_node["name"] == "learned":  # its training settings, and seeds disjoint from the evaluation's
+        from .learned.train import check_learned_settings
+
+        with user_errors("solver.distill"):
+            check_learned_settings(solver_node.get("distill"), seeds)
     batch_size = int_at(cfg, f"{e}.batch_size", 1)
     int_at(cfg, f"{e}.num_threads", 1, null=True)
     dtype_name = choice_at(cfg, f"{e}.dtype", ("float32", "float64"))

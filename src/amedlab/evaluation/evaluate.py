@@ -71,6 +71,10 @@ def solver_label(node: Mapping) -> str:
         base = str(options.get("base", "ipndm"))
         base_name = {"euler": "DDIM", "dpm2": "DPM-Solver-2", "ipndm": "iPNDM", "dpmpp": "DPM-Solver++"}.get(base, base)
         return f"AMED-Plugin (on {base_name}{''.join(', ' + t for t in _variant_tags(node))})"
+    if name == "learned":  # what is learned (amedlab.learned)
+        from ..learned.train import label as learned_label
+
+        return learned_label(node)
     label = names.get(name, name)
     if name == "amed" and _variant_tags(node):
         return f"{label} ({', '.join(_variant_tags(node))})"
@@ -138,6 +142,10 @@ def cell_spec(cfg, solver_node: Mapping, schedule: Mapping, seeds, extractor: st
     spec["bootstrap"] = {"format": uncertainty.FORMAT, **{k: boot[k] for k in uncertainty.NUMERIC_KEYS}}
     if solver_node["name"] in AMED_SOLVERS and not solver_node.get("predictor"):
         spec["distill"] = distill_settings(cfg, solver_node, schedule)
+    if solver_node["name"] == "learned":  # its training settings (defaults filled) and teacher
+        from ..learned.train import learned_settings
+
+        spec["learned"] = learned_settings(cfg, solver_node, schedule)
     return spec
 
 
@@ -275,10 +283,17 @@ def run(cfg):
                 predictor, predictor_info = cell_predictor(model, cfg, solver_node, schedule, cache_dir, bool(e.predictor_cache))
             extra["predictor"] = predictor.to(device)
             logger.log_distillation(predictor_info.pop("records"))
+        elif solver_node["name"] == "learned":  # learned grid + coefficients: trained or from the cache
+            from ..learned.train import cell_learned
+
+            extra["params"], predictor_info = cell_learned(model, cfg, solver_node, schedule, cache_dir, bool(e.predictor_cache))
+            logger.log_distillation(predictor_info.pop("records"), prefix="learned")
         node = {k: v for k, v in solver_node.items() if k in ("name", "afs", "final_step", "options")}
         solver = solver_from_cfg(node, **extra)
         sigmas = make_sigmas(schedule["kind"], num_points, float(schedule["sigma_min"]), float(schedule["sigma_max"]),
                              float(schedule["rho"]))
+        if "params" in extra:  # the learned grid, recorded in metrics.json as the grid used
+            sigmas = extra["params"].sigmas().detach()
 
         t0 = time.perf_counter()
         # seeds sharded over processes when a torch.distributed group is up (torchrun / SLURM tasks)

@@ -64,11 +64,12 @@ def num_points_for(name: str, nfe: int, afs: bool | None = None, final_step: str
 
 def _load_plugins() -> None:
     # AMED registers itself on import; imported lazily so the classical solvers have no torch.nn deps.
-    try:
-        import amedlab.amed.solvers  # noqa: F401
-    except ModuleNotFoundError as err:
-        if err.name != "amedlab.amed.solvers":
-            raise
+    for module in ("amedlab.amed.solvers", "amedlab.learned.solver"):  # AMED; the learned grid + coefficients
+        try:
+            __import__(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
 
 
 __all__ = [
