@@ -210,13 +210,14 @@ def map_to_num_points(params: LearnedSolverParams, num_points: int) -> LearnedSo
     the ends stay sigma_max / sigma_min. The per-step corrections do not transfer (the steps differ),
     so the mapped solver is variable-step iPNDM on the mapped grid.
     """
-    src = params.sigmas().detach().log()
+    own = params.sigmas().detach()
+    src = own.log()
     u_src = torch.linspace(0, 1, len(src), dtype=torch.float64)
     u = torch.linspace(0, 1, int(num_points), dtype=torch.float64)
     idx = torch.clamp(torch.searchsorted(u_src, u, right=True) - 1, 0, len(src) - 2)
     frac = (u - u_src[idx]) / (u_src[idx + 1] - u_src[idx])
     logs = src[idx] + frac * (src[idx + 1] - src[idx])
-    grid = torch.cat([src[:1], logs[1:-1], src[-1:]]).exp()
+    grid = torch.cat([own[:1], logs[1:-1].exp(), own[-1:]])
     meta = {**params.meta, "mapped_from_num_points": params.num_points, "num_points": int(num_points)}
     return LearnedSolverParams(grid, params.max_order, params.learn_grid, False, meta)
 
