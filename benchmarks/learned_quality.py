@@ -3,7 +3,7 @@
 Same reference and metric as ``amed_quality.py`` (Heun on a fine polynomial grid from the same noise,
 seeds 0..N-1; mean per-sample RMSE), so the learned solver's numbers sit beside that script's saved
 classical and AMED rows (``--against``, its JSON). Trained per NFE with ``solver=learned``'s settings
-(conf/solver/learned.yaml: 256 trajectories, batch 64, 15 epochs, lr 0.02, AFS) on seeds
+(conf/solver/learned.yaml: 256 trajectories, batch 32, 6 epochs, lr 0.02, AFS) on seeds
 200000.. (disjoint), teacher = that same reference.
 
     PYTHONPATH=src python benchmarks/learned_quality.py --model gaussian_mixture \

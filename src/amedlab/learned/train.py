@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("final", "denoised")
 #: solver.distill defaults for solver=learned (conf/solver/learned.yaml repeats them)
-DEFAULTS = {"num_trajectories": 256, "first_seed": 200000, "batch_size": 64, "epochs": 15, "lr": 0.02,
+DEFAULTS = {"num_trajectories": 256, "first_seed": 200000, "batch_size": 32, "epochs": 6, "lr": 0.02,
             "loss": "final", "learn_grid": True, "learn_coefficients": True}
 
 
@@ -119,7 +119,7 @@ class LearnedDistillation(pl.LightningModule):
 
 
 def train_learned(denoiser, noise: torch.Tensor, target: torch.Tensor, base_sigmas: torch.Tensor, afs=False,
-                  max_order: int = 4, batch_size: int = 64, epochs: int = 15, lr: float = 0.02, loss: str = "final",
+                  max_order: int = 4, batch_size: int = 32, epochs: int = 6, lr: float = 0.02, loss: str = "final",
                   learn_grid: bool = True, learn_coefficients: bool = True, seed: int = 0, meta: Mapping | None = None,
                   logger=False) -> LearnedSolverParams:
     """Train the grid + coefficients starting from ``base_sigmas`` (the schedule's grid) so that the
