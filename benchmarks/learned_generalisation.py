@@ -89,12 +89,60 @@ def fmt(r: dict) -> str:
     return f"RMSE {r['rmse']:.4f}" + (f", FID {r['fid']:.2f}" if "fid" in r else "")
 
 
+def plot(results: dict, path: Path) -> None:
+    """Left: learned grids relative to the polynomial (rho 7) grids they start from, over the normalised index.
+    Right: RMSE and FID at NFE 5 against the number of teacher trajectories."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for k, (nfe, g) in enumerate(sorted(results["grids"].items(), key=lambda kv: int(kv[0]))):
+        u = [i / (len(g["learned"]) - 1) for i in range(len(g["learned"]))]
+        a.plot(u, [x / y for x, y in zip(g["learned"], g["polynomial"])], "o-", color=f"C{k}",
+               label=f"NFE {nfe} ({len(g['learned'])} points)")
+    a.axhline(1.0, color="k", linewidth=0.8)
+    a.set_yscale("log")
+    a.set_xlabel("grid index / (N - 1)")
+    a.set_ylabel("learned sigma / polynomial (rho 7) sigma")
+    a.set_title("digits: where the learned grids move the time steps")
+    a.grid(True, which="both", alpha=0.3)
+    a.legend(fontsize=7)
+    traj = sorted((int(n), r) for n, r in results["trajectories"].items())
+    ns = [n for n, _ in traj]
+    b.plot(ns, [r["rmse"] for _, r in traj], "o-", color="C0", label="learned, RMSE")
+    ipndm = results["seeds"]["eval 0-1999"]["iPNDM"]
+    b.axhline(ipndm["rmse"], color="C0", linestyle=":", label=f"iPNDM RMSE {ipndm['rmse']:.3f}")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("teacher trajectories")
+    b.set_ylabel("RMSE vs high-NFE (seeds 0-1999)")
+    b2 = b.twinx()
+    b2.plot(ns, [r["fid"] for _, r in traj], "s--", color="C3", label="learned, FID")
+    b2.axhline(ipndm["fid"], color="C3", linestyle=":", label=f"iPNDM FID {ipndm['fid']:.2f}")
+    b2.set_ylabel("FID (digits features)")
+    lines = b.get_legend_handles_labels()
+    lines2 = b2.get_legend_handles_labels()
+    b.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7)
+    b.set_title("NFE 5 vs number of teacher trajectories")
+    b.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trajectories", default="16,32,64,128,256,512,1024")
     ap.add_argument("--updates", type=int, default=60, help="updates per training in the trajectory sweep")
     ap.add_argument("--out", default=str(RESULTS / "learned_generalisation_digits.json"))
+    ap.add_argument("--plot", default=str(RESULTS / "learned_grid_digits.png"))
+    ap.add_argument("--grid-nfes", default="3,5,7,9")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        return plot(json.loads(Path(args.out).read_text()), Path(args.plot))
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -144,6 +192,13 @@ def main() -> None:
         results["trajectories"][n] = r
         print(f"  n={n:5d} (batch {batch}, {epochs} epochs, {m['updates']} updates, {m['train_cpu_seconds']:.0f} CPU s "
               f"training): {fmt(r)}", flush=True)
+    # the learned grids of the Table 2 cells (the same cache) beside the schedule's, for the plot
+    results["grids"] = {}
+    for nfe in [int(v) for v in args.grid_nfes.split(",")]:
+        params, _ = learned_for(meas, nfe)
+        results["grids"][nfe] = {"learned": params.sigmas().tolist(), "polynomial": params.base_sigmas.tolist(),
+                                 "weights": params.meta["weights"]}
+    plot(results, Path(args.plot))
     results["seconds"] = time.perf_counter() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
