@@ -96,6 +96,14 @@ def test_training_on_the_mixture_lowers_the_error_on_held_out_seeds(mixture):
     assert params.meta["train_cpu_seconds"] > 0
 
 
+def test_the_denoised_loss_trains_too(mixture):
+    base = make_sigmas("polynomial", 5, 0.002, 80.0, 7.0)
+    x = _noise(range(100000, 100064))
+    params = train_learned(mixture, x, mixture.reference(x, 80.0, 0.002), base, afs=True, batch_size=32, epochs=10,
+                           lr=0.05, loss="denoised")
+    assert params.meta["loss"] == "denoised" and params.meta["loss_end"] < 0.7 * params.meta["loss_first"]
+
+
 @pytest.mark.parametrize("nfe,afs", [(3, False), (5, False), (5, True), (7, True), (9, False)])
 def test_nfe_is_counted(mixture, nfe, afs):
     solver = make_solver("learned", afs=afs)
@@ -155,6 +163,10 @@ def test_cell_training_is_cached_and_verified(compose_cfg, tmp_path, mixture):
     assert meta["num_points"] == 5
     assert meta["num_trajectories"] == 32 and meta["seeds"] == "200000-200031" and meta["teacher"]["nfe"] == 20
     assert meta["schedule"]["kind"] == "polynomial" and meta["sigmas"] == first.sigmas().tolist()
+    # the file itself is a solver's parameters: make_solver("learned", params=<path>) samples the same
+    x = _noise(range(8))
+    from_file = make_solver("learned", afs=True, params=info2["path"]).sample(mixture, x, second.sigmas())
+    torch.testing.assert_close(from_file, make_solver("learned", afs=True, params=first).sample(mixture, x, first.sigmas()))
     sidecar = json.loads(open(info1["path"].replace(".pt", ".json")).read())
     assert sidecar["settings"]["num_trajectories"] == 32 and len(sidecar["records"]) == 4
     # a corrupted file is detected by its digest, removed and retrained

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..amed.objectives import squared_error, trajectory_loss
 from ..amed.placement import held_teacher, lightning_placement, teacher_to
+from ..models.base import device_of
 from ..solvers.base import Solver
 from .solver import LearnedIPNDM, LearnedSolverParams
 
@@ -112,7 +113,8 @@ class LearnedDistillation(pl.LightningModule):
             loss, _ = trajectory_loss(solver, self.denoiser, torch.stack([noise, target], 1), sigmas)
         else:
             x = solver.sample(self.denoiser, noise, sigmas)
-            loss = squared_error(self.denoiser(x, sigmas[-1].to(x.dtype) * torch.ones(len(x), dtype=x.dtype)), target)
+            smin = sigmas[-1].to(dtype=x.dtype, device=x.device) * torch.ones(len(x), dtype=x.dtype, device=x.device)
+            loss = squared_error(self.denoiser(x, smin), target)
         self.records.append({"interval": 0, "loss": loss.item()})
         self.log("learned/loss", loss.detach(), on_step=True, batch_size=len(noise))
         return loss
@@ -133,7 +135,8 @@ def train_learned(denoiser, noise: torch.Tensor, target: torch.Tensor, base_sigm
     if loss == "denoised":
         with torch.no_grad():
             smin = float(base_sigmas[-1])
-            target = torch.cat([denoiser(t, smin * torch.ones(len(t), dtype=t.dtype)) for t in target.split(500)])
+            target = torch.cat([denoiser(t, torch.full((len(t),), smin, dtype=t.dtype, device=t.device))
+                                for t in target.split(500)])
     module = LearnedDistillation(denoiser, params, afs, lr, loss)
     order = torch.randperm(len(noise), generator=torch.Generator().manual_seed(int(seed)))
     loader = DataLoader(TensorDataset(noise[order], target[order]), batch_size=int(batch_size), shuffle=False, drop_last=True)
@@ -217,7 +220,7 @@ def cell_learned(model, cfg, solver_node: Mapping, schedule: Mapping, cache_dir,
                            float(schedule["rho"]))
         seeds = list(range(settings["first_seed"], settings["first_seed"] + settings["num_trajectories"]))
         dtype = {"float32": torch.float32, "float64": torch.float64}[settings["dtype"]]
-        device = str(next(iter(model.parameters())).device) if any(True for _ in model.parameters()) else "cpu"
+        device = str(device_of(model))
         noise, target, tinfo = teacher_solutions(model, cfg.eval.ode_reference, float(schedule["sigma_min"]),
                                                  float(schedule["sigma_max"]), seeds, cache_dir,
                                                  int(cfg.eval.batch_size), dtype, device)
