@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from amed_quality import CLASSICAL, SCHEDULES, reference  # noqa: E402  (the same reference, same cache)
+from amed_quality import CLASSICAL, reference  # noqa: E402  (the same reference, same cache)
 
 from amedlab.configs import load_group  # noqa: E402
 from amedlab.learned.train import train_learned  # noqa: E402

@@ -46,7 +46,8 @@ def label(node: Mapping) -> str:
     """The Table 2 row name: what is learned, over which base."""
     sdist = {**DEFAULTS, **dict(node.get("distill") or {})}
     what = " + ".join(w for w, on in (("grid", sdist["learn_grid"]), ("coefficients", sdist["learn_coefficients"])) if on)
-    tags = ["iPNDM base"] + (["AFS"] if node.get("afs") else []) + ([f"{sdist['loss']} loss"] if sdist["loss"] != "final" else [])
+    afs = node.get("afs")
+    tags = ["iPNDM base"] + ([("AFS-mean" if afs == "mean" else "AFS")] if afs else []) + ([f"{sdist['loss']} loss"] if sdist["loss"] != "final" else [])
     return f"Learned {what or 'nothing'} ({', '.join(tags)})"
 
 
