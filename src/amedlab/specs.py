@@ -98,6 +98,10 @@ def solver_label(node: Mapping) -> str:
         base = str(options.get("base", "ipndm"))
         base_name = PLUGIN_BASE_NAMES.get(base, base)
         return f"AMED-Plugin (on {base_name}{''.join(', ' + t for t in _variant_tags(node))})"
+    if name == "learned":  # what is learned (amedlab.learned)
+        from .learned.settings import label as learned_label
+
+        return learned_label(node)
     label = ROW_NAMES.get(name, name)
     if name == "amed" and _variant_tags(node):
         return f"{label} ({', '.join(_variant_tags(node))})"

@@ -487,6 +487,11 @@ def check_evaluate(cfg) -> SimpleNamespace:
     device = check_device(cfg)
     solver_node, nfe, schedule, num_points = _check_cell_solver(cfg)
     values = _check_eval_values(cfg)
+    if solver_node["name"] == "learned":  # its training settings, and seeds disjoint from the evaluation's
+        from .learned.settings import check_learned_settings
+
+        with user_errors("solver.distill"):
+            check_learned_settings(solver_node.get("distill"), values.seeds)
     extractor, weights, fe_name = _check_real_and_extractor(cfg)
     _check_ode_reference(cfg, schedule)
     model = _check_image_model(cfg, extractor, fe_name)

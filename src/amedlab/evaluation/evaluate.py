@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..amed.solvers import AMED_SOLVERS
-from ..configs import check_schedule_cfg
+from ..configs import check_schedule_cfg, solver_from_cfg
 from ..io import atomic_write_json
 from ..solvers import Solver
 from ..specs import DistillSpec
@@ -91,6 +91,10 @@ def cell_spec(cfg, plan, files: dict) -> dict:
     spec["bootstrap"] = {"format": uncertainty.FORMAT, **{k: boot[k] for k in uncertainty.NUMERIC_KEYS}}
     if plan.distill is not None:  # an AMED cell that distils its predictor: the distillation's settings
         spec["distill"] = plan.distill.settings()
+    if plan.solver.name == "learned":  # its training settings (defaults filled) and teacher
+        from ..learned.train import learned_settings
+
+        spec["learned"] = learned_settings(cfg, plan.solver_node, plan.schedule)
     return spec
 
 
@@ -164,9 +168,15 @@ def cell_predictor(model, spec: DistillSpec, cache_dir: Path, use_cache: bool):
 # The stage
 # ------------------------------------------------------------------------------------------------
 
-def cell_solver(plan, model, files: Mapping, use_cache: bool) -> tuple[Solver, dict | None]:
-    """The cell's solver; an AMED solver with its predictor (``solver.predictor``, opened by the
-    validation; else a cached or newly distilled one) and a record of where that came from."""
+def cell_solver(cfg, plan, model, files: Mapping, use_cache: bool) -> tuple[Solver, dict | None]:
+    """The cell's solver and a record of where its trained part came from: an AMED solver with its
+    predictor (``solver.predictor``, opened by the validation; else a cached or newly distilled one);
+    the learned solver with its grid + coefficients (cached or trained now, :mod:`amedlab.learned`)."""
+    if plan.solver.name == "learned":
+        from ..learned.train import cell_learned
+
+        params, info = cell_learned(model, cfg, plan.solver_node, plan.schedule, plan.cache_dir, use_cache)
+        return solver_from_cfg(plan.solver.node(), params=params), info
     if plan.solver.name not in AMED_SOLVERS:
         return plan.solver.build(), None
     if plan.predictor is not None:
@@ -175,6 +185,12 @@ def cell_solver(plan, model, files: Mapping, use_cache: bool) -> tuple[Solver, d
     else:
         predictor, info = cell_predictor(model, plan.distill, plan.cache_dir, use_cache)
     return plan.solver.build(predictor=predictor.to(plan.device)), info
+
+
+def cell_grid(plan, solver: Solver) -> torch.Tensor:
+    """The grid the cell samples on (and records): the schedule's, or the one the solver learned."""
+    own = solver.rule.own_grid()
+    return plan.schedule_spec.grid(plan.num_points) if own is None else own
 
 
 def save_samples(out_dir: Path, images: torch.Tensor, seeds, grid_size: int, keep: bool) -> Path | None:

@@ -32,7 +32,7 @@ from .plots import metric_vs_nfe_png
 log = logging.getLogger(__name__)
 
 #: rows in the paper's order (Table 2); other solvers follow alphabetically
-SOLVER_ORDER = ("euler", "heun", "midpoint", "dpm2", "dpmpp2m", "dpmpp3m", "dpmpp", "unipc", "ipndm", "amed", "amed_plugin")
+SOLVER_ORDER = ("euler", "heun", "midpoint", "dpm2", "dpmpp2m", "dpmpp3m", "dpmpp", "unipc", "ipndm", "amed", "amed_plugin", "learned")
 METRICS = {"fid": "FID", "kid_mean": "KID", "rmse": "RMSE vs high-NFE solution"}
 #: overrides that do not make a different row (they name the cell, the sweep or how it ran)
 NEUTRAL_KEYS = ("nfe", "solver", "experiments", "stage", "sweep_dir", "seed")

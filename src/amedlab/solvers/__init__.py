@@ -28,6 +28,7 @@ _RULES: dict[str, Callable[..., StepRule]] = {
 _PLUGINS: dict[str, str] = {
     "amed": "amedlab.amed.solvers:amed",
     "amed_plugin": "amedlab.amed.solvers:amed_plugin",
+    "learned": "amedlab.learned.solver:learned",
 }
 
 

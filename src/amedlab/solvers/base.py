@@ -130,6 +130,11 @@ class StepRule:
     def prepare(self, denoiser, sigmas: torch.Tensor, afs) -> None:
         """Called once before sampling; rules trained for one setting (AMED) check it here."""
 
+    def own_grid(self) -> torch.Tensor | None:
+        """The grid this rule was trained on, if it learned one (the learned solver); else None: the
+        caller's schedule decides the grid."""
+        return None
+
 
 def check_grid(sigmas: torch.Tensor) -> None:
     if sigmas.ndim != 1 or len(sigmas) < 2:

@@ -15,7 +15,7 @@ import torch
 
 from ..evaluation import uncertainty
 from ..evaluation.distributed import generate_sharded, world
-from ..evaluation.evaluate import (METRICS_FILE, cell_solver, cell_spec, check_finite, feature_metrics, finished_metrics,
+from ..evaluation.evaluate import (METRICS_FILE, cell_grid, cell_solver, cell_spec, check_finite, feature_metrics, finished_metrics,
                                    input_files, save_samples, summary_line, trajectory_error)
 from ..evaluation.metrics import quantize
 from ..cache import digest, seeds_spec
@@ -62,10 +62,10 @@ def run(cfg):
     label, model = plan.solver.label, plan.model.to(plan.device).eval()
     with make_logger(cfg.get("logger"), run_name, group, "evaluate", out_dir) as logger:
         logger.log_config(cfg)
-        solver, predictor_info = cell_solver(plan, model, files, bool(e.predictor_cache))
+        solver, predictor_info = cell_solver(cfg, plan, model, files, bool(e.predictor_cache))
         if predictor_info is not None:
-            logger.log_distillation(predictor_info.pop("records"))
-        sigmas = plan.schedule_spec.grid(plan.num_points)
+            logger.log_distillation(predictor_info.pop("records"), "learned" if plan.solver.name == "learned" else "distill")
+        sigmas = cell_grid(plan, solver)  # the learned solver's own grid is the one recorded
         t0 = time.perf_counter()
         # seeds sharded over processes when a torch.distributed group is up (torchrun / SLURM tasks)
         samples, counted = generate_sharded(with_precision(model, plan.precision), solver, sigmas, seeds, int(e.batch_size),

@@ -1,0 +1,99 @@
+"""The learned grid + coefficients on the other models of the AMED comparison (benchmarks/amed_quality.py).
+
+Same reference and metric as ``amed_quality.py`` (Heun on a fine polynomial grid from the same noise,
+seeds 0..N-1; mean per-sample RMSE), so the learned solver's numbers sit beside that script's saved
+classical and AMED rows (``--against``, its JSON). Trained per NFE with ``solver=learned``'s settings
+(conf/solver/learned.yaml: 256 trajectories, batch 32, 6 epochs, lr 0.02, AFS) on seeds
+200000.. (disjoint), teacher = that same reference.
+
+    PYTHONPATH=src python benchmarks/learned_quality.py --model gaussian_mixture \
+        --against benchmarks/results/amed_variants_mixture2d.json
+    PYTHONPATH=src python benchmarks/learned_quality.py --model gaussian_mixture --model-opt dim=64 \
+        --against benchmarks/results/amed_variants_mixture64d.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from amed_quality import CLASSICAL, reference  # noqa: E402  (the same reference, same cache)
+
+from amedlab.configs import load_group  # noqa: E402
+from amedlab.learned.train import TRAINING_KEYS, train_learned  # noqa: E402
+from amedlab.models import build_model  # noqa: E402
+from amedlab.schedules import make_sigmas  # noqa: E402
+from amedlab.solvers import make_solver  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gaussian_mixture")
+    ap.add_argument("--model-opt", action="append", default=[])
+    ap.add_argument("--model-path", default=None)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--nfes", default="3,5,7,9")
+    ap.add_argument("--reference-points", type=int, default=129)
+    ap.add_argument("--against", required=True, help="amed_quality.py's JSON for this model (classical and AMED rows)")
+    ap.add_argument("--cache", default=".cache/amedlab/trajectories")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    mcfg = OmegaConf.load(f"conf/model/{args.model}.yaml")
+    for kv in args.model_opt:
+        key, value = kv.split("=", 1)
+        OmegaConf.update(mcfg, key, __import__("yaml").safe_load(value))
+    if args.model_path:
+        mcfg.path = args.model_path
+    model = build_model(mcfg).float()
+    node = load_group("solver", "learned")
+    s = OmegaConf.to_container(node.distill)
+    noise, ref, _ = reference(model, list(range(args.samples)), args.reference_points, args.cache, 500)
+    first = s["first_seed"]
+    t_noise, t_ref, _ = reference(model, list(range(first, first + s["num_trajectories"])), args.reference_points, args.cache, 500)
+    against = json.loads(Path(args.against).read_text())
+
+    def rmse(x):  # amed_quality.py's metric: the mean over samples of each sample's RMSE
+        return (x - ref).pow(2).flatten(1).mean(1).sqrt().mean().item()
+
+    results = {}
+    for nfe in [int(n) for n in args.nfes.split(",")]:
+        n = make_solver("learned", afs=node.afs).num_points(nfe)
+        base = make_sigmas("polynomial", n, 0.002, 80.0, 7.0)
+        t0 = time.process_time()
+        params = train_learned(model, t_noise, t_ref, base, afs=node.afs, max_order=node.options.max_order,
+                               **{k: s[k] for k in TRAINING_KEYS})
+        cpu = time.process_time() - t0
+        with torch.no_grad():
+            learned = rmse(make_solver("learned", afs=node.afs, params=params).sample(model, noise, params.sigmas()))
+            untrained = rmse(make_solver("learned", afs=node.afs).sample(model, noise, base))
+        row = against[str(nfe)]
+        classical = {k: row[k]["rmse"] for k in CLASSICAL if k in row}
+        amed = {k: v["rmse"] for k, v in row.items() if k.startswith("amed") and isinstance(v, dict) and "rmse" in v}
+        bc, ba = min(classical, key=classical.get), min(amed, key=amed.get)
+        results[nfe] = {"learned": learned, "untrained_vs_ipndm_afs": untrained, "train_cpu_seconds": cpu,
+                        "updates": params.meta["updates"], "sigmas": params.sigmas().tolist(),
+                        "best_classical": [bc, classical[bc]], "best_amed": [ba, amed[ba]], "ipndm": classical.get("ipndm"),
+                        "learned_over_best_classical": learned / classical[bc], "learned_over_best_amed": learned / amed[ba],
+                        "learned_over_ipndm": learned / classical["ipndm"]}
+        r = results[nfe]
+        print(f"NFE {nfe}: learned {learned:.4f} (untrained {untrained:.4f}, {cpu:.1f} CPU s) | best classical "
+              f"{bc} {classical[bc]:.4f} -> ratio {r['learned_over_best_classical']:.2f} | best AMED {ba} {amed[ba]:.4f} "
+              f"-> ratio {r['learned_over_best_amed']:.2f} | / iPNDM {r['learned_over_ipndm']:.2f}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

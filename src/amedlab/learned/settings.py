@@ -1,0 +1,64 @@
+"""The settings of solver=learned (``solver.distill``): defaults, checks and the Table 2 row label.
+
+Kept apart from the training (:mod:`.train`, which needs Lightning) so the checks and the label are
+cheap to import (:mod:`amedlab.validation`, :mod:`amedlab.specs`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from omegaconf import OmegaConf
+
+from ..configs import CONF_DIR
+from ..io import plain
+
+LOSSES = ("final", "denoised")
+#: solver.distill defaults for solver=learned: the package's own conf/solver/learned.yaml (one source;
+#: a user's --config-dir cannot change what the Python API assumes)
+DEFAULTS = plain(OmegaConf.load(CONF_DIR / "solver" / "learned.yaml"))["distill"]
+
+
+def label(node: Mapping) -> str:
+    """The Table 2 row name: what is learned, over which base."""
+    sdist = {**DEFAULTS, **dict(node.get("distill") or {})}
+    what = " + ".join(w for w, on in (("grid", sdist["learn_grid"]), ("coefficients", sdist["learn_coefficients"])) if on)
+    afs = node.get("afs")
+    tags = ["iPNDM base"] + ([("AFS-mean" if afs == "mean" else "AFS")] if afs else []) + ([f"{sdist['loss']} loss"] if sdist["loss"] != "final" else [])
+    return f"Learned {what or 'nothing'} ({', '.join(tags)})"
+
+
+def check_learned_settings(sdist: Mapping | None, eval_seeds=None) -> dict:
+    """``solver.distill`` of solver=learned, filled with the defaults; a bad value is a ValueError
+    naming the key, the value and what is accepted (before any compute)."""
+    sdist = dict(sdist or {})
+    unknown = sorted(set(sdist) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"solver.distill has unknown keys {unknown} for solver=learned; accepted: {', '.join(DEFAULTS)}")
+    out = {**DEFAULTS, **{k: v for k, v in sdist.items() if v is not None}}
+
+    def integer(key, lo):
+        v = out[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"solver.distill.{key}={v!r}; accepted: an integer >= {lo}")
+
+    for key, lo in (("num_trajectories", 1), ("first_seed", 0), ("batch_size", 1), ("epochs", 1)):
+        integer(key, lo)
+    if out["batch_size"] > out["num_trajectories"]:
+        raise ValueError(f"solver.distill.batch_size={out['batch_size']}; accepted: at most solver.distill.num_trajectories="
+                         f"{out['num_trajectories']} (no update would be made)")
+    lr = out["lr"]
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (lr > 0 and lr < float("inf")):
+        raise ValueError(f"solver.distill.lr={lr!r}; accepted: a finite number > 0")
+    out["lr"] = float(lr)
+    if out["loss"] not in LOSSES:
+        raise ValueError(f"solver.distill.loss={out['loss']!r}; accepted: {', '.join(LOSSES)}")
+    for key in ("learn_grid", "learn_coefficients"):
+        if not isinstance(out[key], bool):
+            raise ValueError(f"solver.distill.{key}={out[key]!r}; accepted: true, false")
+    if eval_seeds is not None:
+        train = range(out["first_seed"], out["first_seed"] + out["num_trajectories"])
+        overlap = sorted(set(train).intersection(eval_seeds))
+        if overlap:
+            raise ValueError(f"solver.distill.first_seed={out['first_seed']}: the training seeds {train.start}-{train.stop - 1} "
+                             f"overlap the evaluation seeds (e.g. {overlap[0]}); accepted: a range disjoint from eval.seeds")
+    return out

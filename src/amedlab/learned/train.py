@@ -1,0 +1,203 @@
+"""Training the learned grid + coefficients (:mod:`.solver`) against a high-accuracy teacher.
+
+The objective is the trajectory objective of :mod:`amedlab.amed.objectives` (``trajectory_loss``):
+the whole student run from the noise through the one driver loop, backpropagated into every grid
+time and coefficient; the loss is the squared error of the final sample against the teacher's
+solution of the ODE from the same noise (as in LD3, Tong et al., ICLR 2025, Sec. 3). The teacher is
+the project's cached high-NFE reference (:func:`amedlab.evaluation.reference.ode_reference`, the
+solution every cell's RMSE is measured against), on a seed range disjoint from the evaluation seeds.
+Intermediate terms are not offered: the student's grid moves, so the teacher has no state there.
+
+``loss``: ``final`` (x at sigma_min) or ``denoised`` (D(x, sigma_min) against D(teacher, sigma_min);
+one more model call per training batch, none at sampling).
+
+``cell_learned`` is what ``stage=evaluate`` calls: the parameters for a cell's settings from the
+digest-verified cache (``<eval.cache_dir>/learned/``), or trained and stored there with what they
+were trained for (model identity, nfe, schedule, afs, teacher, trajectories, seeds).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..amed.objectives import squared_error, trajectory_loss
+from ..amed.placement import held_teacher, lightning_placement, teacher_to
+from ..models.base import device_of
+from ..solvers.base import Solver
+from .settings import DEFAULTS, LOSSES, check_learned_settings
+from .solver import LearnedIPNDM, LearnedSolverParams
+
+log = logging.getLogger(__name__)
+
+class LearnedDistillation(pl.LightningModule):
+    """Trains ``params`` (grid logits, coefficient corrections); the denoiser is frozen and held, not
+    registered (as :class:`amedlab.amed.distill.AMEDDistillation`)."""
+
+    def __init__(self, denoiser, params: LearnedSolverParams, afs, lr: float, loss: str = "final") -> None:
+        super().__init__()
+        object.__setattr__(self, "denoiser", denoiser)
+        self.params, self.afs, self.lr, self.loss_kind = params, afs, float(lr), loss
+        self.rule = LearnedIPNDM(params, params.max_order)
+        self.records: list[dict] = []
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.params.parameters() if p.requires_grad], lr=self.lr)
+
+    def on_fit_start(self):
+        teacher_to(self.denoiser, self.device)
+
+    def training_step(self, batch, batch_idx):
+        noise, target = batch
+        sigmas = self.params.sigmas()
+        solver = Solver(self.rule, afs=self.afs)
+        if self.loss_kind == "final":
+            # the trajectory objective with the two ends only: the loss on the final sample
+            loss, _ = trajectory_loss(solver, self.denoiser, torch.stack([noise, target], 1), sigmas)
+        else:
+            x = solver.sample(self.denoiser, noise, sigmas)
+            smin = sigmas[-1].to(dtype=x.dtype, device=x.device) * torch.ones(len(x), dtype=x.dtype, device=x.device)
+            loss = squared_error(self.denoiser(x, smin), target)
+        self.records.append({"interval": 0, "loss": loss.item()})
+        self.log("learned/loss", loss.detach(), on_step=True, batch_size=len(noise))
+        return loss
+
+
+#: train_learned's settings: the solver's own options, the shuffling seed, and solver.distill's training
+#: keys (the number and first seed of the teacher trajectories are the caller's: it passes them in)
+SOLVER_SETTINGS = {"afs": False, "max_order": 4, "seed": 0}
+TRAINING_KEYS = ("batch_size", "epochs", "lr", "loss", "learn_grid", "learn_coefficients")
+
+
+def train_learned(denoiser, noise: torch.Tensor, target: torch.Tensor, base_sigmas: torch.Tensor,
+                  meta: Mapping | None = None, logger=False, **settings) -> LearnedSolverParams:
+    """Train the grid + coefficients starting from ``base_sigmas`` (the schedule's grid) so that the
+    run from ``noise`` lands on ``target`` (the teacher's solution at sigma_min); returns the
+    parameters with their training record in ``meta`` (seconds, CPU seconds, losses).
+
+    ``settings``: ``afs``, ``max_order``, ``seed`` and the ``solver.distill`` keys of solver=learned
+    (batch_size, epochs, lr, loss, learn_grid, learn_coefficients); unset ones take their defaults.
+    """
+    unknown = sorted(set(settings) - {*SOLVER_SETTINGS, *TRAINING_KEYS})
+    if unknown:
+        raise ValueError(f"train_learned: unknown settings {unknown}; accepted: {', '.join([*SOLVER_SETTINGS, *TRAINING_KEYS])}")
+    s = {**SOLVER_SETTINGS, **{k: DEFAULTS[k] for k in TRAINING_KEYS}, **settings}
+    afs, max_order, batch_size, epochs, lr, loss = s["afs"], s["max_order"], s["batch_size"], s["epochs"], s["lr"], s["loss"]
+    learn_grid, learn_coefficients, seed = s["learn_grid"], s["learn_coefficients"], s["seed"]
+    if loss not in LOSSES:
+        raise ValueError(f"solver.distill.loss={loss!r}; accepted: {', '.join(LOSSES)}")
+    if len(noise) != len(target) or len(noise) < int(batch_size):
+        raise ValueError(f"{len(noise)} noise / {len(target)} target trajectories for batches of {batch_size}")
+    params = LearnedSolverParams(base_sigmas, max_order, learn_grid, learn_coefficients)
+    if loss == "denoised":
+        with torch.no_grad():
+            smin = float(base_sigmas[-1])
+            target = torch.cat([denoiser(t, torch.full((len(t),), smin, dtype=t.dtype, device=t.device))
+                                for t in target.split(500)])
+    module = LearnedDistillation(denoiser, params, afs, lr, loss)
+    order = torch.randperm(len(noise), generator=torch.Generator().manual_seed(int(seed)))
+    loader = DataLoader(TensorDataset(noise[order], target[order]), batch_size=int(batch_size), shuffle=False, drop_last=True)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # the driver's callback reads float(sigma) of the differentiable grid: harmless here
+    warnings.filterwarnings("ignore", message=".*Converting a tensor with requires_grad=True to a scalar.*")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    accelerator, devices = lightning_placement(denoiser)
+    trainer = pl.Trainer(max_epochs=int(epochs), logger=logger, enable_checkpointing=False, enable_model_summary=False,
+                         enable_progress_bar=False, accelerator=accelerator, devices=devices)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with held_teacher(denoiser):
+        trainer.fit(module, train_dataloaders=loader)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    params = params.cpu()
+    losses = [r["loss"] for r in module.records]
+    tail = max(1, len(losses) // 10)
+    params.meta = {**dict(meta or {}), "afs": afs, "max_order": int(max_order), "num_trajectories": len(noise),
+                   "batch_size": int(batch_size), "epochs": int(epochs), "lr": float(lr), "loss": loss,
+                   "learn_grid": bool(learn_grid), "learn_coefficients": bool(learn_coefficients), "seed": int(seed),
+                   "updates": len(losses), "loss_first": losses[0], "loss_end": sum(losses[-tail:]) / tail,
+                   "train_seconds": seconds, "train_cpu_seconds": cpu_seconds,
+                   "base_sigmas": [float(s) for s in base_sigmas], **params.summary()}
+    params.records = module.records
+    return params
+
+
+def teacher_solutions(model, ref_cfg: Mapping, sigma_min: float, sigma_max: float, seeds, cache_dir,
+                      batch_size: int = 500, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(noise, the teacher's x(sigma_min), info) for ``seeds``: the high-NFE reference of
+    :func:`amedlab.evaluation.reference.ode_reference`, cached per chunk of seeds like every cell's."""
+    from ..evaluation.reference import ode_reference
+    from ..sampling import seeded_noise
+
+    t0 = time.perf_counter()
+    target, info = ode_reference(model, ref_cfg, sigma_min, sigma_max, seeds, cache_dir, batch_size, dtype)  # on the model's device
+    noise = seeded_noise(list(seeds), tuple(model.sample_shape), float(sigma_max), dtype=dtype)
+    return noise, target, {**info, "seconds": time.perf_counter() - t0}
+
+
+def learned_settings(cfg, solver_node: Mapping, schedule: Mapping) -> dict:
+    """Everything the cell's learned parameters depend on (their cache key, with the model identity)."""
+    from ..io import plain
+    from ..sampling import parse_seeds
+
+    seeds_value = cfg.eval.seeds
+    eval_seeds = parse_seeds(plain(seeds_value) if not isinstance(seeds_value, (str, int)) else seeds_value)
+    settings = check_learned_settings(plain(solver_node.get("distill") or {}), eval_seeds)
+    ref = {k: v for k, v in plain(cfg.eval.ode_reference).items() if k != "chunk_size"}
+    return {"nfe": int(cfg.nfe), "schedule": plain(dict(schedule)), "afs": solver_node.get("afs", False),
+            "max_order": int((solver_node.get("options") or {}).get("max_order", 4)), "teacher": ref,
+            "dtype": str(cfg.eval.dtype), "seed": int(cfg.seed), **settings}
+
+
+def cell_learned(model, cfg, solver_node: Mapping, schedule: Mapping, cache_dir, use_cache: bool = True):
+    """(params, info) for a ``stage=evaluate`` cell: cached parameters trained for the same settings
+    and model, or new ones (teacher solutions from the cached high-NFE reference), stored."""
+    from ..cache import digest, load_verified, locked
+    from ..io import atomic_write_json
+    from ..models.base import DTYPES
+    from ..solvers import make_solver
+    from ..specs import ScheduleSpec
+
+    settings = learned_settings(cfg, solver_node, schedule)
+    identity = model.identity() if hasattr(model, "identity") else type(model).__name__
+    key = digest({"model_identity": identity, **settings})
+    path = Path(cache_dir) / "learned" / f"learned-nfe{settings['nfe']}-{key}.pt"
+    sidecar = path.with_suffix(".json")
+    with locked(path):
+        blob = load_verified(path, what="cached learned solver") if use_cache else None
+        if blob is not None:
+            params = LearnedSolverParams.from_blob(blob, path)
+            records = json.loads(sidecar.read_text()).get("records", []) if sidecar.is_file() else []
+            return params, {"source": "cache", "path": str(path), "records": records, "distill_seconds": 0.0,
+                            "meta": params.meta}
+        rule_solver = make_solver("learned", afs=settings["afs"], max_order=settings["max_order"])
+        num_points = rule_solver.num_points(settings["nfe"])
+        base = ScheduleSpec.from_cfg(schedule).grid(num_points)
+        seeds = list(range(settings["first_seed"], settings["first_seed"] + settings["num_trajectories"]))
+        dtype = DTYPES[settings["dtype"]]
+        device = str(device_of(model))
+        noise, target, tinfo = teacher_solutions(model, cfg.eval.ode_reference, float(schedule["sigma_min"]),
+                                                 float(schedule["sigma_max"]), seeds, cache_dir,
+                                                 int(cfg.eval.batch_size), dtype)
+        meta = {"solver": "learned", "model_identity": identity, "model_name": cfg.model.name, "nfe": settings["nfe"],
+                "num_points": num_points, "schedule": settings["schedule"], "teacher": settings["teacher"],
+                "seeds": f"{seeds[0]}-{seeds[-1]}", "teacher_cached": tinfo["cached"], "teacher_seconds": tinfo["seconds"]}
+        t0 = time.perf_counter()
+        params = train_learned(model, noise.to(device), target.to(device), base, meta,
+                               **{k: settings[k] for k in (*SOLVER_SETTINGS, *TRAINING_KEYS)})
+        seconds = time.perf_counter() - t0
+        params.save(path)
+        atomic_write_json(sidecar, {"settings": settings, "meta": params.meta, "records": params.records})
+    log.info("learned solver for nfe=%d: %d trajectories, %d updates, %.1f s (%.1f CPU s); grid %s",
+             settings["nfe"], settings["num_trajectories"], params.meta["updates"], params.meta["train_seconds"],
+             params.meta["train_cpu_seconds"], [round(s, 4) for s in params.meta["sigmas"]])
+    return params, {"source": "trained", "path": str(path), "records": params.records, "distill_seconds": seconds,
+                    "meta": params.meta}
