@@ -472,3 +472,16 @@ def test_float64_evaluate_cell_on_a_digits_unet(tmp_path, monkeypatch):
     m64 = _evaluate(overrides + ["eval.dtype=float64"], tmp_path)
     assert m64["complete"] and m64["nfe_counted"] == 3
     assert m64["rmse"] == pytest.approx(m32["rmse"], rel=1e-2)
+
+
+def test_every_amed_solver_accepts_the_shared_distillation_keys(files, tmp_path, monkeypatch, model_calls):
+    """solver=amed reads solver.distill.objective like the plug-in does (one DistillSpec): added with
+    ``+`` it passes the unknown-key check, a misspelling of it does not."""
+    monkeypatch.chdir(tmp_path)
+    plan = check_stage(_compose(_overrides("evaluate", ["solver=amed", "+solver.distill.objective=trajectory"], files,
+                                           tmp_path)), "evaluate")
+    assert plan.distill.objective == "trajectory"
+    with pytest.raises(UserError, match="solver.distill.objectve"):
+        check_stage(_compose(_overrides("evaluate", ["solver=amed", "+solver.distill.objectve=trajectory"], files,
+                                        tmp_path)), "evaluate")
+    assert model_calls["n"] == 0

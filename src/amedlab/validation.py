@@ -145,7 +145,10 @@ def _known_config(cfg) -> DictConfig:
     for group, field in GROUPS.items():
         options = [OmegaConf.load(f) for f in sorted((CONF_DIR / group).glob("*.yaml"))]
         if field is not None:  # the options that configure the same thing (e.g. every solver file with name: amed)
-            same = [o for o in options if o.get(field) == _get(cfg, f"{group}.{field}")]
+            chosen = _get(cfg, f"{group}.{field}")
+            # the AMED solvers share one distillation (DistillSpec reads the same keys for each)
+            kin = AMED_SOLVERS if group == "solver" and chosen in AMED_SOLVERS else (chosen,)
+            same = [o for o in options if o.get(field) in kin]
             options = same or options
         elif group != "logger" and (CONF_DIR / group / "default.yaml").is_file():
             options = [OmegaConf.load(CONF_DIR / group / "default.yaml")]
