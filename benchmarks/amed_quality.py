@@ -21,11 +21,12 @@ import warnings
 import torch
 from omegaconf import OmegaConf
 
+from _models import add_model_args, model_from_args
+
 from amedlab.amed.distill import distill
 from amedlab.configs import load_group, solver_from_cfg
 from amedlab.specs import grid_for
 from amedlab.data.trajectories import cached_trajectories
-from amedlab.models import build_model
 
 CLASSICAL = ["euler", "heun", "dpm2", "ipndm", "dpmpp3m", "unipc"]
 AMED = "amed,amed_plugin,amed_plugin_vs,amed_plugin_vs_traj"
@@ -51,15 +52,13 @@ def with_afs(node, mode):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="digits_unet")
+    add_model_args(ap, "digits_unet")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--nfes", default="3,5,7,9")
     ap.add_argument("--trajectories", type=int, default=10000, help="distillation trajectories per predictor")
     ap.add_argument("--amed", default=AMED, help="AMED configs (conf/solver names) to distill and evaluate")
     ap.add_argument("--batch-size", type=int, default=128, help="distillation batch size")
     ap.add_argument("--epochs", type=int, default=1, help="distillation epochs")
-    ap.add_argument("--model-opt", action="append", default=[], help="model config override key=value (e.g. dim=64)")
-    ap.add_argument("--model-path", default=None, help="model.path (another digits teacher)")
     ap.add_argument("--reference-points", type=int, default=129)
     ap.add_argument("--teacher-M", type=int, default=None, help="override the paper's M (1 for AMED, 2 for the plug-in)")
     ap.add_argument("--batch", type=int, default=500)
@@ -74,13 +73,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 
-    mcfg = OmegaConf.load(f"conf/model/{args.model}.yaml")
-    for kv in args.model_opt:
-        key, value = kv.split("=", 1)
-        OmegaConf.update(mcfg, key, __import__("yaml").safe_load(value))
-    if args.model_path:
-        mcfg.path = args.model_path
-    model = build_model(mcfg).float()
+    model = model_from_args(args)
     seeds = list(range(args.samples))
     t = time.perf_counter()
     noise, ref, cached = reference(model, seeds, args.reference_points, args.cache, args.batch)

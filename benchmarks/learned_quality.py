@@ -25,20 +25,18 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import add_model_args, model_from_args  # noqa: E402
 from amed_quality import CLASSICAL, reference  # noqa: E402  (the same reference, same cache)
 
 from amedlab.configs import load_group  # noqa: E402
 from amedlab.learned.train import TRAINING_KEYS, train_learned  # noqa: E402
-from amedlab.models import build_model  # noqa: E402
 from amedlab.schedules import make_sigmas  # noqa: E402
 from amedlab.solvers import make_solver  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="gaussian_mixture")
-    ap.add_argument("--model-opt", action="append", default=[])
-    ap.add_argument("--model-path", default=None)
+    add_model_args(ap, "gaussian_mixture")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--nfes", default="3,5,7,9")
     ap.add_argument("--reference-points", type=int, default=129)
@@ -49,13 +47,7 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    mcfg = OmegaConf.load(f"conf/model/{args.model}.yaml")
-    for kv in args.model_opt:
-        key, value = kv.split("=", 1)
-        OmegaConf.update(mcfg, key, __import__("yaml").safe_load(value))
-    if args.model_path:
-        mcfg.path = args.model_path
-    model = build_model(mcfg).float()
+    model = model_from_args(args)
     node = load_group("solver", "learned")
     s = OmegaConf.to_container(node.distill)
     noise, ref, _ = reference(model, list(range(args.samples)), args.reference_points, args.cache, 500)

@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -201,3 +202,29 @@ def file_digest(path: str | os.PathLike | None, memo_dir: str | os.PathLike | No
             h.update(f"{f.relative_to(p)}:{_file_digest(f, memo_dir)};".encode())
         return h.hexdigest()[:24]
     return _file_digest(p, memo_dir)[:24]
+
+
+def trained_once(path: Path, what: str, from_blob, train, use_cache: bool = True, new_source: str = "trained"):
+    """(object, info): a trained object (an AMED predictor, a learned solver) cached at ``path``.
+
+    Under the lock of ``path``: if a digest-verified blob is there (``use_cache``), ``from_blob(blob,
+    path)`` and the records of its JSON sidecar; else ``train()`` -> (object, sidecar dict), stored with
+    ``object.save(path)`` and the sidecar written atomically. ``info``: source ("cache" or
+    ``new_source``), path, the per-update records and the training's wall seconds (0 from the cache).
+    """
+    from .io import atomic_write_json
+
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    with locked(path):
+        # used only if its digest matches (a corrupt one is logged, removed and trained again)
+        blob = load_verified(path, what=what) if use_cache else None
+        if blob is not None:
+            records = json.loads(sidecar.read_text()).get("records", []) if sidecar.is_file() else []
+            return from_blob(blob, path), {"source": "cache", "path": str(path), "records": records, "distill_seconds": 0.0}
+        t0 = time.perf_counter()
+        obj, side = train()
+        seconds = time.perf_counter() - t0
+        obj.save(path)
+        atomic_write_json(sidecar, side)
+    return obj, {"source": new_source, "path": str(path), "records": side.get("records", []), "distill_seconds": seconds}

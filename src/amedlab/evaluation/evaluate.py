@@ -18,24 +18,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from ..amed.solvers import AMED_SOLVERS
+from ..cache import seeds_spec
 from ..configs import check_schedule_cfg, solver_from_cfg
-from ..io import atomic_write_json
+from ..io import plain
 from ..solvers import Solver
 from ..specs import DistillSpec
+from . import uncertainty
 from .extractors import create_extractor, extract_features
 from .metrics import feature_statistics, fid_from_statistics, kid, rmse
 from .plots import sample_grid_png
-from ..cache import locked, seeds_spec
-from ..io import plain
 from .reference import ode_reference, real_reference
-from . import uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -144,24 +142,14 @@ def cell_predictor(model, spec: DistillSpec, cache_dir: Path, use_cache: bool):
     new one (a predictor file given as ``solver.predictor`` is opened and checked by the validation)."""
     from ..amed.distill import distill
     from ..amed.predictor import AMEDPredictor
-    from ..cache import load_verified
+    from ..cache import trained_once
 
-    key = spec.key(model.identity())
-    path = cache_dir / "predictors" / f"{spec.solver}-nfe{int(spec.nfe)}-{key}.pt"
-    records_path = path.with_suffix(".json")
-    with locked(path):
-        # a cached predictor is used only if its digest matches (a corrupt one is logged, removed, re-distilled)
-        blob = load_verified(path, what="cached predictor") if use_cache else None
-        if blob is not None:
-            predictor = AMEDPredictor.from_blob(blob, path)
-            records = json.loads(records_path.read_text()).get("records", []) if records_path.is_file() else []
-            return predictor, {"source": "cache", "path": str(path), "records": records, "distill_seconds": 0.0}
-        t0 = time.perf_counter()
+    def train():
         predictor = distill(model, spec)
-        seconds = time.perf_counter() - t0
-        predictor.save(path)
-        atomic_write_json(records_path, {"settings": spec.settings(), "meta": predictor.meta, "records": predictor.records})
-    return predictor, {"source": "distilled", "path": str(path), "records": predictor.records, "distill_seconds": seconds}
+        return predictor, {"settings": spec.settings(), "meta": predictor.meta, "records": predictor.records}
+
+    path = cache_dir / "predictors" / f"{spec.solver}-nfe{int(spec.nfe)}-{spec.key(model.identity())}.pt"
+    return trained_once(path, "cached predictor", AMEDPredictor.from_blob, train, use_cache, new_source="distilled")
 
 
 # ------------------------------------------------------------------------------------------------

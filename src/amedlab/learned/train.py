@@ -17,7 +17,6 @@ were trained for (model identity, nfe, schedule, afs, teacher, trajectories, see
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -160,8 +159,7 @@ def learned_settings(cfg, solver_node: Mapping, schedule: Mapping) -> dict:
 def cell_learned(model, cfg, solver_node: Mapping, schedule: Mapping, cache_dir, use_cache: bool = True):
     """(params, info) for a ``stage=evaluate`` cell: cached parameters trained for the same settings
     and model, or new ones (teacher solutions from the cached high-NFE reference), stored."""
-    from ..cache import digest, load_verified, locked
-    from ..io import atomic_write_json
+    from ..cache import digest, trained_once
     from ..models.base import DTYPES
     from ..solvers import make_solver
     from ..specs import ScheduleSpec
@@ -170,14 +168,8 @@ def cell_learned(model, cfg, solver_node: Mapping, schedule: Mapping, cache_dir,
     identity = model.identity() if hasattr(model, "identity") else type(model).__name__
     key = digest({"model_identity": identity, **settings})
     path = Path(cache_dir) / "learned" / f"learned-nfe{settings['nfe']}-{key}.pt"
-    sidecar = path.with_suffix(".json")
-    with locked(path):
-        blob = load_verified(path, what="cached learned solver") if use_cache else None
-        if blob is not None:
-            params = LearnedSolverParams.from_blob(blob, path)
-            records = json.loads(sidecar.read_text()).get("records", []) if sidecar.is_file() else []
-            return params, {"source": "cache", "path": str(path), "records": records, "distill_seconds": 0.0,
-                            "meta": params.meta}
+
+    def train():
         rule_solver = make_solver("learned", afs=settings["afs"], max_order=settings["max_order"])
         num_points = rule_solver.num_points(settings["nfe"])
         base = ScheduleSpec.from_cfg(schedule).grid(num_points)
@@ -190,14 +182,12 @@ def cell_learned(model, cfg, solver_node: Mapping, schedule: Mapping, cache_dir,
         meta = {"solver": "learned", "model_identity": identity, "model_name": cfg.model.name, "nfe": settings["nfe"],
                 "num_points": num_points, "schedule": settings["schedule"], "teacher": settings["teacher"],
                 "seeds": f"{seeds[0]}-{seeds[-1]}", "teacher_cached": tinfo["cached"], "teacher_seconds": tinfo["seconds"]}
-        t0 = time.perf_counter()
         params = train_learned(model, noise.to(device), target.to(device), base, meta,
                                **{k: settings[k] for k in (*SOLVER_SETTINGS, *TRAINING_KEYS)})
-        seconds = time.perf_counter() - t0
-        params.save(path)
-        atomic_write_json(sidecar, {"settings": settings, "meta": params.meta, "records": params.records})
-    log.info("learned solver for nfe=%d: %d trajectories, %d updates, %.1f s (%.1f CPU s); grid %s",
-             settings["nfe"], settings["num_trajectories"], params.meta["updates"], params.meta["train_seconds"],
-             params.meta["train_cpu_seconds"], [round(s, 4) for s in params.meta["sigmas"]])
-    return params, {"source": "trained", "path": str(path), "records": params.records, "distill_seconds": seconds,
-                    "meta": params.meta}
+        log.info("learned solver for nfe=%d: %d trajectories, %d updates, %.1f s (%.1f CPU s); grid %s",
+                 settings["nfe"], settings["num_trajectories"], params.meta["updates"], params.meta["train_seconds"],
+                 params.meta["train_cpu_seconds"], [round(s, 4) for s in params.meta["sigmas"]])
+        return params, {"settings": settings, "meta": params.meta, "records": params.records}
+
+    params, info = trained_once(path, "cached learned solver", LearnedSolverParams.from_blob, train, use_cache)
+    return params, {**info, "meta": params.meta}
