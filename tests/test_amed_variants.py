@@ -228,6 +228,11 @@ def test_distillation_with_learn_grid_samples_on_its_own_grid_only(tmp_path):
         assert torch.isfinite(solver.sample(model, x, own)).all()
         with pytest.raises(ValueError, match="learned its own"):
             solver.sample(model, x, start)
+    # a saved one, given as solver.predictor, is checked against its own grid (the cell samples on it)
+    from amedlab.validation import check_predictor_file
+
+    path = trained.save(tmp_path / "predictor.pt")
+    assert check_predictor_file(path, {"name": "amed", "afs": True}, 5, start, model).meta["sigmas"] == m["sigmas"]
     # an ordinary predictor reports no grid of its own: the schedule decides, as before
     assert make_solver("amed", predictor=AMEDPredictor(feature_dim=4)).rule.own_grid() is None
 
@@ -258,3 +263,20 @@ def test_labels_and_cache_keys_of_the_learned_grid_variants():
     assert spec(grid).settings()["learn_grid"] is True
     off = dict(traj, distill={**traj["distill"], "learn_grid": False})  # false: the same predictor as unset
     assert spec(off).key("m") == spec(traj).key("m") != spec(vs_grid).key("m")
+
+
+@pytest.mark.parametrize("sdist, message", [
+    ({"learn_grid": True}, "solver.distill.learn_grid=true needs solver.distill.objective=trajectory, not 'interval'"),
+    ({"learn_grid": True, "objective": "trajectory", "intermediate_weight": 1.0}, "intermediate_weight=0"),
+    ({"learn_grid": 1, "objective": "trajectory"}, "solver.distill.learn_grid=1; accepted: true, false"),
+])
+def test_learn_grid_config_errors_before_any_compute(sdist, message):
+    from amedlab.errors import ConfigError
+    from amedlab.validation import check_distill_settings
+
+    cfg = OmegaConf.create({"solver": {"name": "amed", "distill": sdist}, "predictor": {},
+                            "distill": {"num_trajectories": 8, "batch_size": 4, "lr": 1e-3, "epochs": 1, "gen_batch_size": 8}})
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        check_distill_settings(cfg)
+    check_distill_settings(OmegaConf.merge(cfg, {"solver": {"distill": {"learn_grid": True, "objective": "trajectory",
+                                                                          "intermediate_weight": 0.0}}}))

@@ -244,5 +244,5 @@ class Solver:
             if callback is not None:
                 callback(State(steps, 0.0, x, x))
         elif callback is not None:
-            callback(State(steps, float(sigmas[-1]), x, None))
+            callback(State(steps, float(sigmas[-1].detach()), x, None))
         return x
