@@ -201,7 +201,8 @@ def test_learn_grid_gradient_reaches_the_grid_logits_and_the_predictor():
     sigmas = make_sigmas("time_uniform", 4, rho=1.0)
     data, _ = cached_trajectories(model, {"name": "heun"}, {"kind": "time_uniform", "sigma_min": 0.002, "sigma_max": 80.0,
                                                             "rho": 1.0}, 4, 1, range(16), None)
-    module = AMEDDistillation(model, solver.rule, sigmas, True, objective="trajectory", learn_grid=True)
+    module = AMEDDistillation(model, solver.rule, sigmas, True, objective="trajectory", learn_grid=True, grid_lr=0.05)
+    assert [g["lr"] for g in module.configure_optimizers().param_groups] == [5e-3, 0.05]  # predictor, grid
     assert {id(p) for p in module.trained_parameters()} >= {id(module.grid.grid_logits), id(predictor.head_r.weight)}
     loss, _ = trajectory_loss(solver, model, data["states"], module.current_sigmas())
     loss.backward()
@@ -222,6 +223,8 @@ def test_distillation_with_learn_grid_samples_on_its_own_grid_only(tmp_path):
     assert torch.allclose(torch.tensor(m["schedule_sigmas"], dtype=torch.float64), start)
     assert own[0] == start[0] and own[-1] == start[-1] and bool((own[1:] < own[:-1]).all())
     assert (own - start).abs().max() > 1e-6  # the inner times moved
+    # the inner teacher states are on the schedule's grid: every interval records the final error
+    assert len(set(m["final_interval_loss"])) == 1 and len(m["final_interval_loss"]) == 3
     x = 80.0 * torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
     solver = make_solver("amed", predictor=trained)
     with torch.no_grad():
@@ -269,6 +272,8 @@ def test_labels_and_cache_keys_of_the_learned_grid_variants():
     ({"learn_grid": True}, "solver.distill.learn_grid=true needs solver.distill.objective=trajectory, not 'interval'"),
     ({"learn_grid": True, "objective": "trajectory", "intermediate_weight": 1.0}, "intermediate_weight=0"),
     ({"learn_grid": 1, "objective": "trajectory"}, "solver.distill.learn_grid=1; accepted: true, false"),
+    ({"grid_lr": 0.01}, "solver.distill.grid_lr=0.01 needs solver.distill.learn_grid=true"),
+    ({"learn_grid": True, "objective": "trajectory", "grid_lr": -1}, "solver.distill.grid_lr=-1; accepted: null or a finite number > 0"),
 ])
 def test_learn_grid_config_errors_before_any_compute(sdist, message):
     from amedlab.errors import ConfigError
@@ -279,4 +284,4 @@ def test_learn_grid_config_errors_before_any_compute(sdist, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         check_distill_settings(cfg)
     check_distill_settings(OmegaConf.merge(cfg, {"solver": {"distill": {"learn_grid": True, "objective": "trajectory",
-                                                                          "intermediate_weight": 0.0}}}))
+                                                                          "intermediate_weight": 0.0, "grid_lr": 0.02}}}))

@@ -213,6 +213,7 @@ class DistillSpec:
     objective: str | None = None            # None: "interval", the paper's; left out of the key
     intermediate_weight: float | None = None
     learn_grid: bool | None = None          # None/false: the schedule's grid; left out of the key
+    grid_lr: float | None = None            # None: lr; the learned grid's learning rate
     # -- how, not what: not part of the key --
     seeds: Any = None                       # None: 100000.. (disjoint from evaluation seeds 0..)
     cache_dir: Any = None                   # teacher trajectories (None: the default cache)
@@ -224,7 +225,7 @@ class DistillSpec:
     strategy: str = "auto"
 
     #: set only when given, so that the paper's default keeps its cache key
-    OPTIONAL_KEYS = ("objective", "intermediate_weight", "learn_grid")
+    OPTIONAL_KEYS = ("objective", "intermediate_weight", "learn_grid", "grid_lr")
 
     @classmethod
     def create(cls, **fields) -> DistillSpec:
@@ -250,7 +251,7 @@ class DistillSpec:
             num_trajectories=int(dcfg.num_trajectories), batch_size=int(dcfg.batch_size), lr=float(dcfg.lr),
             epochs=int(dcfg.epochs), predictor_sizes=plain(dict(cfg.get("predictor") or {})), seed=int(cfg.seed),
             objective=sdist.get("objective"), intermediate_weight=sdist.get("intermediate_weight"),
-            learn_grid=sdist.get("learn_grid"),
+            learn_grid=sdist.get("learn_grid"), grid_lr=sdist.get("grid_lr"),
             cache_dir=dcfg.get("cache_dir"), gen_batch_size=int(dcfg.get("gen_batch_size", 500)),
             model_name=cfg.model.get("name") if cfg.get("model") is not None else None,
             accelerator=dcfg.get("accelerator", "auto"), devices=dcfg.get("devices", 1),

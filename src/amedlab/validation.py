@@ -308,7 +308,7 @@ def check_distill_settings(cfg, model=None) -> None:
             raise fail(f"solver.distill.{name}", v, "a number in [0, 1)")
     if _get(sdist, "teacher") is not None:
         check_solver_node(_get(sdist, "teacher"), "solver.distill.teacher")
-    from .amed.objectives import check_learn_grid, check_objective
+    from .amed.objectives import check_grid_lr, check_learn_grid, check_objective
 
     objective, weight = _get(sdist, "objective") or "interval", _get(sdist, "intermediate_weight") or 0.0
     with user_errors("solver.distill.objective"):  # before the model is built (distill() checks it for API callers)
@@ -316,6 +316,8 @@ def check_distill_settings(cfg, model=None) -> None:
     learn_grid = _get(sdist, "learn_grid")
     with user_errors("solver.distill.learn_grid"):
         check_learn_grid(False if learn_grid is None else learn_grid, objective, weight)
+    with user_errors("solver.distill.grid_lr"):
+        check_grid_lr(_get(sdist, "grid_lr"), bool(learn_grid))
     for name in ("hidden_dim", "bottleneck_dim", "time_dim"):
         if _get(cfg, f"predictor.{name}") is not None:
             int_at(cfg, f"predictor.{name}", 2 if name == "time_dim" else 1)

@@ -21,7 +21,7 @@ from ..sampling import parse_seeds
 from ..specs import DistillSpec
 from ..solvers.base import Solver, check_afs
 from ..learned.grid import LearnedGrid
-from .objectives import check_learn_grid, check_objective, convergence, trajectory_loss, warn_if_unconverged
+from .objectives import check_grid_lr, check_learn_grid, check_objective, convergence, trajectory_loss, warn_if_unconverged
 from .placement import held_teacher, lightning_placement, teacher_to
 from .predictor import AMEDPredictor
 from .solvers import AMED_SOLVERS, AMEDPlugin
@@ -70,9 +70,11 @@ class AMEDDistillation(pl.LightningModule):
     """
 
     def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs, lr: float = 5e-3,
-                 objective: str = "interval", intermediate_weight: float = 0.0, learn_grid: bool = False) -> None:
+                 objective: str = "interval", intermediate_weight: float = 0.0, learn_grid: bool = False,
+                 grid_lr: float | None = None) -> None:
         super().__init__()
         check_learn_grid(learn_grid, objective, intermediate_weight)
+        check_grid_lr(grid_lr, learn_grid)
         object.__setattr__(self, "denoiser", denoiser)  # bypasses nn.Module's registration
         self.objective, self.intermediate_weight = objective, float(intermediate_weight)
         self.rule, self.predictor = rule, rule.predictor
@@ -80,6 +82,7 @@ class AMEDDistillation(pl.LightningModule):
         # learn_grid: the coarse grid's inner times are trained with the predictor (ends fixed, monotone)
         self.grid = LearnedGrid(sigmas) if learn_grid else None
         self.afs, self.lr = afs, float(lr)
+        self.grid_lr = self.lr if grid_lr is None else float(grid_lr)
         self.automatic_optimization = False
         self.records: list[dict] = []  # per interval and batch: loss and r/c/a statistics
 
@@ -91,7 +94,10 @@ class AMEDDistillation(pl.LightningModule):
         return self.sigmas if self.grid is None else self.grid.sigmas()
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.trained_parameters(), lr=self.lr)
+        groups = [{"params": list(self.predictor.parameters()), "lr": self.lr}]
+        if self.grid is not None:
+            groups.append({"params": list(self.grid.parameters()), "lr": self.grid_lr})
+        return torch.optim.Adam(groups)
 
     def on_fit_start(self):
         teacher_to(self.denoiser, self.device)  # a DDP rank's own GPU; held_teacher moves it back
@@ -122,7 +128,9 @@ class AMEDDistillation(pl.LightningModule):
             _average_gradients(self)
             opt.step()
             for i, err in enumerate(errors):
-                self._record(i, err.item(), len(states))
+                # a learned grid's inner points are not the teacher's (those lie on the schedule's grid):
+                # every interval records the final error, the objective, beside its own r statistics
+                self._record(i, (err if self.grid is None else errors[-1]).item(), len(states))
             return
         for i, loss in student_intervals(self.denoiser, self.rule, states, self.sigmas, self.afs):
             opt.zero_grad()
@@ -145,7 +153,7 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     ``trajectory`` (backprop through the whole student run, loss on the final sample plus
     ``intermediate_weight`` x the inner grid points; :mod:`amedlab.amed.objectives`). ``learn_grid``
     (trajectory objective only): the coarse grid's inner times are trained jointly with the predictor
-    (:class:`amedlab.learned.grid.LearnedGrid`, ends fixed); the predictor then samples on that grid
+    (:class:`amedlab.learned.grid.LearnedGrid`, ends fixed; Adam at ``grid_lr``, default ``lr``); the predictor then samples on that grid
     only (``meta["sigmas"]``, ``AMEDPlugin.own_grid()``).
     ``meta["convergence"]`` says whether every interval settled. ``logger``: Lightning's.
     """
@@ -161,6 +169,7 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     check_afs(s.afs)
     check_objective(s.objective, s.intermediate_weight)
     check_learn_grid(s.learn_grid, s.objective, s.intermediate_weight)
+    check_grid_lr(s.grid_lr, s.learn_grid)
     solver_from_cfg(s.teacher)  # validates the teacher's name and options before any compute
     feature_dim = int(getattr(denoiser, "feature_dim", 0))
     if feature_dim < 1:
@@ -179,7 +188,7 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     cache_seconds = time.perf_counter() - t0
 
     module = AMEDDistillation(denoiser, student.rule, sigmas, s.afs, s.lr, s.objective, s.intermediate_weight,
-                              s.learn_grid)
+                              s.learn_grid, s.grid_lr)
     trainer, train_seconds = _fit(module, denoiser, s, data["states"], logger)
     predictor = predictor.cpu()
     trained_sigmas = module.current_sigmas().detach().cpu()
@@ -230,5 +239,6 @@ def _meta(s: DistillSpec, denoiser, records: list[dict], schedule_sigmas: torch.
     if s.objective != "interval":  # the paper's default leaves the metadata as it was
         meta.update(objective=s.objective, intermediate_weight=float(s.intermediate_weight))
     if s.learn_grid:
-        meta.update(learned_grid=True, schedule_sigmas=schedule_sigmas.tolist())
+        meta.update(learned_grid=True, schedule_sigmas=schedule_sigmas.tolist(),
+                    grid_lr=float(s.lr if s.grid_lr is None else s.grid_lr))
     return meta

@@ -59,6 +59,16 @@ def check_learn_grid(learn_grid, objective: str, intermediate_weight: float) -> 
                          f"{intermediate_weight!r} (the teacher's inner states are on the schedule's grid, not the learned one)")
 
 
+def check_grid_lr(grid_lr, learn_grid: bool) -> None:
+    """``solver.distill.grid_lr``: null (the grid trains at distill.lr) or a finite number > 0, with learn_grid."""
+    if grid_lr is None:
+        return
+    if not isinstance(grid_lr, (int, float)) or isinstance(grid_lr, bool) or not (0 < grid_lr < math.inf):
+        raise ValueError(f"solver.distill.grid_lr={grid_lr!r}; accepted: null or a finite number > 0")
+    if not learn_grid:
+        raise ValueError(f"solver.distill.grid_lr={grid_lr!r} needs solver.distill.learn_grid=true (no grid is learned)")
+
+
 def squared_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Batch mean of the per-sample squared L2 error (the paper's distillation loss, per interval)."""
     return (x - target).pow(2).flatten(1).sum(1).mean()
