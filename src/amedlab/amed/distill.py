@@ -153,8 +153,8 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     ``trajectory`` (backprop through the whole student run, loss on the final sample plus
     ``intermediate_weight`` x the inner grid points; :mod:`amedlab.amed.objectives`). ``learn_grid``
     (trajectory objective only): the coarse grid's inner times are trained jointly with the predictor
-    (:class:`amedlab.learned.grid.LearnedGrid`, ends fixed; Adam at ``grid_lr``, default ``lr``); the predictor then samples on that grid
-    only (``meta["sigmas"]``, ``AMEDPlugin.own_grid()``).
+    (:class:`amedlab.learned.grid.LearnedGrid`, ends fixed; Adam at ``grid_lr``, default ``lr``); the
+    predictor then samples on that grid only (``meta["sigmas"]``, ``AMEDPlugin.own_grid()``).
     ``meta["convergence"]`` says whether every interval settled. ``logger``: Lightning's.
     """
     if spec is None:
