@@ -174,3 +174,114 @@ def test_label_of_the_standalone_variable_step_base():
     assert solver_label(node) == "iPNDM"
     node["options"]["variable_step"] = True
     assert solver_label(node) == "iPNDM (variable-step)"
+
+
+# -- AMED on a learned coarse grid (solver.distill.learn_grid; amedlab.learned.grid) --
+
+def test_learned_grid_starts_at_the_schedule_and_stays_monotone_with_fixed_ends():
+    from amedlab.learned.grid import LearnedGrid
+
+    base = make_sigmas("polynomial", 6)
+    grid = LearnedGrid(base)
+    assert torch.allclose(grid.sigmas(), base, rtol=1e-12, atol=0)
+    with torch.no_grad():  # any logits, even extreme ones: still decreasing, ends unchanged
+        grid.grid_logits.copy_(torch.tensor([30.0, -30.0, 0.0, 5.0, -50.0], dtype=torch.float64))
+    s = grid.sigmas()
+    assert s[0].item() == base[0].item() and s[-1].item() == base[-1].item()
+    assert bool((s[1:] < s[:-1]).all())
+    assert not torch.allclose(s, base)
+
+
+def test_learn_grid_gradient_reaches_the_grid_logits_and_the_predictor():
+    from amedlab.amed.distill import AMEDDistillation
+
+    model = default_mixture().float()
+    predictor = AMEDPredictor(feature_dim=4, s_dir=0.01)
+    solver = make_solver("amed", afs=True, predictor=predictor)
+    sigmas = make_sigmas("time_uniform", 4, rho=1.0)
+    data, _ = cached_trajectories(model, {"name": "heun"}, {"kind": "time_uniform", "sigma_min": 0.002, "sigma_max": 80.0,
+                                                            "rho": 1.0}, 4, 1, range(16), None)
+    module = AMEDDistillation(model, solver.rule, sigmas, True, objective="trajectory", learn_grid=True, grid_lr=0.05)
+    assert [g["lr"] for g in module.configure_optimizers().param_groups] == [5e-3, 0.05]  # predictor, grid
+    assert {id(p) for p in module.trained_parameters()} >= {id(module.grid.grid_logits), id(predictor.head_r.weight)}
+    loss, _ = trajectory_loss(solver, model, data["states"], module.current_sigmas())
+    loss.backward()
+    assert module.grid.grid_logits.grad is not None and module.grid.grid_logits.grad.abs().sum() > 0
+    assert predictor.head_r.weight.grad.abs().sum() > 0
+
+
+def test_distillation_with_learn_grid_samples_on_its_own_grid_only(tmp_path):
+    model = default_mixture().float()
+    schedule = {"kind": "time_uniform", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 1.0}
+    kwargs = dict(solver="amed", nfe=5, schedule=schedule, num_trajectories=128, batch_size=32, epochs=2, lr=2e-2,
+                  cache_dir=tmp_path, seed=0)
+    trained = distill(model, objective="trajectory", learn_grid=True, **kwargs)
+    m = trained.meta
+    start = make_sigmas("time_uniform", 4, rho=1.0)
+    own = make_solver("amed", predictor=trained).rule.own_grid()
+    assert m["learned_grid"] is True and torch.equal(own, torch.tensor(m["sigmas"], dtype=torch.float64))
+    assert torch.allclose(torch.tensor(m["schedule_sigmas"], dtype=torch.float64), start)
+    assert own[0] == start[0] and own[-1] == start[-1] and bool((own[1:] < own[:-1]).all())
+    assert (own - start).abs().max() > 1e-6  # the inner times moved
+    # the inner teacher states are on the schedule's grid: every interval records the final error
+    assert len(set(m["final_interval_loss"])) == 1 and len(m["final_interval_loss"]) == 3
+    x = 80.0 * torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    solver = make_solver("amed", predictor=trained)
+    with torch.no_grad():
+        assert torch.isfinite(solver.sample(model, x, own)).all()
+        with pytest.raises(ValueError, match="learned its own"):
+            solver.sample(model, x, start)
+    # a saved one, given as solver.predictor, is checked against its own grid (the cell samples on it)
+    from amedlab.validation import check_predictor_file
+
+    path = trained.save(tmp_path / "predictor.pt")
+    assert check_predictor_file(path, {"name": "amed", "afs": True}, 5, start, model).meta["sigmas"] == m["sigmas"]
+    # an ordinary predictor reports no grid of its own: the schedule decides, as before
+    assert make_solver("amed", predictor=AMEDPredictor(feature_dim=4)).rule.own_grid() is None
+
+
+def test_learn_grid_needs_the_trajectory_objective_and_no_intermediate_weight(tmp_path):
+    model = default_mixture().float()
+    kwargs = dict(solver="amed", nfe=5, num_trajectories=32, batch_size=32, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"solver\.distill\.learn_grid=true needs solver\.distill\.objective=trajectory"):
+        distill(model, learn_grid=True, **kwargs)
+    with pytest.raises(ValueError, match=r"solver\.distill\.learn_grid=true needs solver\.distill\.intermediate_weight=0"):
+        distill(model, learn_grid=True, objective="trajectory", intermediate_weight=0.5, **kwargs)
+    with pytest.raises(ValueError, match=r"solver\.distill\.learn_grid='yes'"):
+        distill(model, learn_grid="yes", objective="trajectory", **kwargs)
+
+
+def test_labels_and_cache_keys_of_the_learned_grid_variants():
+    grid, vs_grid, amed_node, traj = (OmegaConf.to_container(load_group("solver", n))
+                                      for n in ("amed_grid", "amed_plugin_vs_grid", "amed", "amed_plugin_vs_traj"))
+    assert solver_label(grid) == "AMED-Solver (trajectory objective, learned grid)"
+    assert solver_label(vs_grid) == "AMED-Plugin (on iPNDM, variable-step, trajectory objective, learned grid)"
+
+    def spec(node, **extra):
+        cfg = OmegaConf.create({"solver": node, "nfe": 5, "seed": 0, "predictor": {},
+                                "distill": {"num_trajectories": 8, "batch_size": 4, "lr": 1e-3, "epochs": 1}})
+        return DistillSpec.from_cfg(cfg, node, POLY)
+
+    assert "learn_grid" not in spec(amed_node).settings() and "learn_grid" not in spec(traj).settings()
+    assert spec(grid).settings()["learn_grid"] is True
+    off = dict(traj, distill={**traj["distill"], "learn_grid": False})  # false: the same predictor as unset
+    assert spec(off).key("m") == spec(traj).key("m") != spec(vs_grid).key("m")
+
+
+@pytest.mark.parametrize("sdist, message", [
+    ({"learn_grid": True}, "solver.distill.learn_grid=true needs solver.distill.objective=trajectory, not 'interval'"),
+    ({"learn_grid": True, "objective": "trajectory", "intermediate_weight": 1.0}, "intermediate_weight=0"),
+    ({"learn_grid": 1, "objective": "trajectory"}, "solver.distill.learn_grid=1; accepted: true, false"),
+    ({"grid_lr": 0.01}, "solver.distill.grid_lr=0.01 needs solver.distill.learn_grid=true"),
+    ({"learn_grid": True, "objective": "trajectory", "grid_lr": -1}, "solver.distill.grid_lr=-1; accepted: null or a finite number > 0"),
+])
+def test_learn_grid_config_errors_before_any_compute(sdist, message):
+    from amedlab.errors import ConfigError
+    from amedlab.validation import check_distill_settings
+
+    cfg = OmegaConf.create({"solver": {"name": "amed", "distill": sdist}, "predictor": {},
+                            "distill": {"num_trajectories": 8, "batch_size": 4, "lr": 1e-3, "epochs": 1, "gen_batch_size": 8}})
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        check_distill_settings(cfg)
+    check_distill_settings(OmegaConf.merge(cfg, {"solver": {"distill": {"learn_grid": True, "objective": "trajectory",
+                                                                          "intermediate_weight": 0.0, "grid_lr": 0.02}}}))

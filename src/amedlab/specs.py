@@ -87,6 +87,8 @@ def _variant_tags(node: Mapping) -> list[str]:
         tags.append("AFS-mean")
     if sdist.get("objective", "interval") != "interval":
         tags.append(f"{sdist['objective']} objective")
+    if sdist.get("learn_grid"):
+        tags.append("learned grid")
     return tags
 
 
@@ -116,7 +118,7 @@ def solver_label(node: Mapping) -> str:
 @dataclass(frozen=True)
 class SolverSpec:
     """A ``solver`` config: the step rule's name and options, AFS, the final step, and for AMED the
-    predictor file and ``distill`` settings (teacher, M, s_dir, s_time, objective)."""
+    predictor file and ``distill`` settings (teacher, M, s_dir, s_time, objective, learn_grid)."""
 
     name: str
     afs: bool | str = False
@@ -210,6 +212,8 @@ class DistillSpec:
     seed: int = 0
     objective: str | None = None            # None: "interval", the paper's; left out of the key
     intermediate_weight: float | None = None
+    learn_grid: bool | None = None          # None/false: the schedule's grid; left out of the key
+    grid_lr: float | None = None            # None: lr; the learned grid's learning rate
     # -- how, not what: not part of the key --
     seeds: Any = None                       # None: 100000.. (disjoint from evaluation seeds 0..)
     cache_dir: Any = None                   # teacher trajectories (None: the default cache)
@@ -221,7 +225,7 @@ class DistillSpec:
     strategy: str = "auto"
 
     #: set only when given, so that the paper's default keeps its cache key
-    OPTIONAL_KEYS = ("objective", "intermediate_weight")
+    OPTIONAL_KEYS = ("objective", "intermediate_weight", "learn_grid", "grid_lr")
 
     @classmethod
     def create(cls, **fields) -> DistillSpec:
@@ -247,6 +251,7 @@ class DistillSpec:
             num_trajectories=int(dcfg.num_trajectories), batch_size=int(dcfg.batch_size), lr=float(dcfg.lr),
             epochs=int(dcfg.epochs), predictor_sizes=plain(dict(cfg.get("predictor") or {})), seed=int(cfg.seed),
             objective=sdist.get("objective"), intermediate_weight=sdist.get("intermediate_weight"),
+            learn_grid=sdist.get("learn_grid"), grid_lr=sdist.get("grid_lr"),
             cache_dir=dcfg.get("cache_dir"), gen_batch_size=int(dcfg.get("gen_batch_size", 500)),
             model_name=cfg.model.get("name") if cfg.get("model") is not None else None,
             accelerator=dcfg.get("accelerator", "auto"), devices=dcfg.get("devices", 1),
@@ -259,7 +264,9 @@ class DistillSpec:
                "s_dir": self.s_dir, "s_time": self.s_time, "num_trajectories": int(self.num_trajectories),
                "batch_size": int(self.batch_size), "lr": float(self.lr), "epochs": int(self.epochs),
                "predictor_sizes": dict(self.predictor_sizes or {}), "seed": int(self.seed)}
-        out.update({k: getattr(self, k) for k in self.OPTIONAL_KEYS if getattr(self, k) is not None})
+        # learn_grid=false is the default's predictor too: it keeps the default's key
+        out.update({k: getattr(self, k) for k in self.OPTIONAL_KEYS
+                    if getattr(self, k) is not None and not (k == "learn_grid" and getattr(self, k) is False)})
         return out
 
     def key(self, model_identity) -> str:
@@ -279,6 +286,7 @@ class DistillSpec:
             M=d["M"] if self.M is None else int(self.M), s_dir=d["s_dir"] if self.s_dir is None else float(self.s_dir),
             s_time=d["s_time"] if self.s_time is None else float(self.s_time),
             objective=self.objective or "interval", intermediate_weight=float(self.intermediate_weight or 0.0),
+            learn_grid=False if self.learn_grid is None else self.learn_grid,
             predictor_sizes=dict(self.predictor_sizes or {}))
 
     @property

@@ -308,10 +308,16 @@ def check_distill_settings(cfg, model=None) -> None:
             raise fail(f"solver.distill.{name}", v, "a number in [0, 1)")
     if _get(sdist, "teacher") is not None:
         check_solver_node(_get(sdist, "teacher"), "solver.distill.teacher")
-    from .amed.objectives import check_objective
+    from .amed.objectives import check_grid_lr, check_learn_grid, check_objective
 
+    objective, weight = _get(sdist, "objective") or "interval", _get(sdist, "intermediate_weight") or 0.0
     with user_errors("solver.distill.objective"):  # before the model is built (distill() checks it for API callers)
-        check_objective(_get(sdist, "objective") or "interval", _get(sdist, "intermediate_weight") or 0.0)
+        check_objective(objective, weight)
+    learn_grid = _get(sdist, "learn_grid")
+    with user_errors("solver.distill.learn_grid"):
+        check_learn_grid(False if learn_grid is None else learn_grid, objective, weight)
+    with user_errors("solver.distill.grid_lr"):
+        check_grid_lr(_get(sdist, "grid_lr"), bool(learn_grid))
     for name in ("hidden_dim", "bottleneck_dim", "time_dim"):
         if _get(cfg, f"predictor.{name}") is not None:
             int_at(cfg, f"predictor.{name}", 2 if name == "time_dim" else 1)
@@ -352,6 +358,12 @@ def check_predictor_file(path_value, solver_node: Mapping, nfe: int, sigmas: tor
     if predictor.feature_dim != int(getattr(model, "feature_dim", 0) or 0):
         raise fail(key, str(path_value), f"a predictor for {getattr(model, 'feature_dim', 0)}-d features",
                    f"it reads {predictor.feature_dim}-d features; {about}")
+    if meta.get("learned_grid"):  # it samples on the grid it learned (AMEDPlugin.own_grid), of the same size
+        learned = torch.tensor(meta["sigmas"], dtype=torch.float64)
+        if len(learned) != len(sigmas):
+            raise fail(key, str(path_value), f"a predictor for a {len(sigmas)}-point grid",
+                       f"it learned a {len(learned)}-point grid; {about}")
+        sigmas = learned
     with user_errors(key):
         predictor.check_compatible(model.identity() if hasattr(model, "identity") else None, sigmas, asked["afs"])
     return predictor

@@ -20,7 +20,8 @@ from ..data.trajectories import TrajectoryDataModule, cached_trajectories
 from ..sampling import parse_seeds
 from ..specs import DistillSpec
 from ..solvers.base import Solver, check_afs
-from .objectives import check_objective, convergence, trajectory_loss, warn_if_unconverged
+from ..learned.grid import LearnedGrid
+from .objectives import check_grid_lr, check_learn_grid, check_objective, convergence, trajectory_loss, warn_if_unconverged
 from .placement import held_teacher, lightning_placement, teacher_to
 from .predictor import AMEDPredictor
 from .solvers import AMED_SOLVERS, AMEDPlugin
@@ -69,18 +70,34 @@ class AMEDDistillation(pl.LightningModule):
     """
 
     def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs, lr: float = 5e-3,
-                 objective: str = "interval", intermediate_weight: float = 0.0) -> None:
+                 objective: str = "interval", intermediate_weight: float = 0.0, learn_grid: bool = False,
+                 grid_lr: float | None = None) -> None:
         super().__init__()
+        check_learn_grid(learn_grid, objective, intermediate_weight)
+        check_grid_lr(grid_lr, learn_grid)
         object.__setattr__(self, "denoiser", denoiser)  # bypasses nn.Module's registration
         self.objective, self.intermediate_weight = objective, float(intermediate_weight)
         self.rule, self.predictor = rule, rule.predictor
         self.register_buffer("sigmas", sigmas.clone())
+        # learn_grid: the coarse grid's inner times are trained with the predictor (ends fixed, monotone)
+        self.grid = LearnedGrid(sigmas) if learn_grid else None
         self.afs, self.lr = afs, float(lr)
+        self.grid_lr = self.lr if grid_lr is None else float(grid_lr)
         self.automatic_optimization = False
         self.records: list[dict] = []  # per interval and batch: loss and r/c/a statistics
 
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.predictor.parameters()) + ([] if self.grid is None else list(self.grid.parameters()))
+
+    def current_sigmas(self) -> torch.Tensor:
+        """The grid the student runs on: the schedule's, or the learned one (differentiable)."""
+        return self.sigmas if self.grid is None else self.grid.sigmas()
+
     def configure_optimizers(self):
-        return torch.optim.Adam(self.predictor.parameters(), lr=self.lr)
+        groups = [{"params": list(self.predictor.parameters()), "lr": self.lr}]
+        if self.grid is not None:
+            groups.append({"params": list(self.grid.parameters()), "lr": self.grid_lr})
+        return torch.optim.Adam(groups)
 
     def on_fit_start(self):
         teacher_to(self.denoiser, self.device)  # a DDP rank's own GPU; held_teacher moves it back
@@ -105,13 +122,15 @@ class AMEDDistillation(pl.LightningModule):
         if self.objective == "trajectory":
             # one update per batch: backprop through the whole student run (objectives.trajectory_loss)
             opt.zero_grad()
-            loss, errors = trajectory_loss(Solver(self.rule, afs=self.afs), self.denoiser, states, self.sigmas,
-                                           self.intermediate_weight)
+            loss, errors = trajectory_loss(Solver(self.rule, afs=self.afs), self.denoiser, states,
+                                           self.current_sigmas(), self.intermediate_weight)
             self.manual_backward(loss)
-            _average_gradients(self.predictor)
+            _average_gradients(self)
             opt.step()
             for i, err in enumerate(errors):
-                self._record(i, err.item(), len(states))
+                # a learned grid's inner points are not the teacher's (those lie on the schedule's grid):
+                # every interval records the final error, the objective, beside its own r statistics
+                self._record(i, (err if self.grid is None else errors[-1]).item(), len(states))
             return
         for i, loss in student_intervals(self.denoiser, self.rule, states, self.sigmas, self.afs):
             opt.zero_grad()
@@ -132,7 +151,10 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     batch_size / devices of every global batch, so the result matches one process. Every rank returns
     the trained predictor. ``objective``: ``interval`` (the paper's one update per interval) or
     ``trajectory`` (backprop through the whole student run, loss on the final sample plus
-    ``intermediate_weight`` x the inner grid points; :mod:`amedlab.amed.objectives`).
+    ``intermediate_weight`` x the inner grid points; :mod:`amedlab.amed.objectives`). ``learn_grid``
+    (trajectory objective only): the coarse grid's inner times are trained jointly with the predictor
+    (:class:`amedlab.learned.grid.LearnedGrid`, ends fixed; Adam at ``grid_lr``, default ``lr``); the
+    predictor then samples on that grid only (``meta["sigmas"]``, ``AMEDPlugin.own_grid()``).
     ``meta["convergence"]`` says whether every interval settled. ``logger``: Lightning's.
     """
     if spec is None:
@@ -146,6 +168,8 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     schedule.check()
     check_afs(s.afs)
     check_objective(s.objective, s.intermediate_weight)
+    check_learn_grid(s.learn_grid, s.objective, s.intermediate_weight)
+    check_grid_lr(s.grid_lr, s.learn_grid)
     solver_from_cfg(s.teacher)  # validates the teacher's name and options before any compute
     feature_dim = int(getattr(denoiser, "feature_dim", 0))
     if feature_dim < 1:
@@ -163,10 +187,12 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
                                            s.gen_batch_size)
     cache_seconds = time.perf_counter() - t0
 
-    module = AMEDDistillation(denoiser, student.rule, sigmas, s.afs, s.lr, s.objective, s.intermediate_weight)
+    module = AMEDDistillation(denoiser, student.rule, sigmas, s.afs, s.lr, s.objective, s.intermediate_weight,
+                              s.learn_grid, s.grid_lr)
     trainer, train_seconds = _fit(module, denoiser, s, data["states"], logger)
     predictor = predictor.cpu()
-    predictor.meta = _meta(s, denoiser, module.records, sigmas, {
+    trained_sigmas = module.current_sigmas().detach().cpu()
+    predictor.meta = _meta(s, denoiser, module.records, sigmas, trained_sigmas, {
         "num_trajectories": len(seeds), "world_size": trainer.world_size, "trajectories_cached": was_cached,
         "trajectory_seconds": cache_seconds, "train_seconds": train_seconds})
     warn_if_unconverged(predictor.meta["convergence"], f"{s.solver} distillation for nfe={int(s.nfe)}")
@@ -190,9 +216,11 @@ def _fit(module: AMEDDistillation, denoiser, s: DistillSpec, states: torch.Tenso
     return trainer, time.perf_counter() - t1
 
 
-def _meta(s: DistillSpec, denoiser, records: list[dict], sigmas: torch.Tensor, run: dict) -> dict:
+def _meta(s: DistillSpec, denoiser, records: list[dict], schedule_sigmas: torch.Tensor, sigmas: torch.Tensor,
+          run: dict) -> dict:
     """The predictor's metadata: what it was trained for and how the training went (``run``: trajectory
-    count, world size, whether the trajectories were cached, timings)."""
+    count, world size, whether the trajectories were cached, timings). ``sigmas``: the grid it samples
+    on (with learn_grid the learned one, ``learned_grid`` true, the schedule's kept as ``schedule_sigmas``)."""
     last = {}
     for rec in records:
         last[rec["interval"]] = rec
@@ -210,4 +238,7 @@ def _meta(s: DistillSpec, denoiser, records: list[dict], sigmas: torch.Tensor, r
     }
     if s.objective != "interval":  # the paper's default leaves the metadata as it was
         meta.update(objective=s.objective, intermediate_weight=float(s.intermediate_weight))
+    if s.learn_grid:
+        meta.update(learned_grid=True, schedule_sigmas=schedule_sigmas.tolist(),
+                    grid_lr=float(s.lr if s.grid_lr is None else s.grid_lr))
     return meta

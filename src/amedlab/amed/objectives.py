@@ -44,6 +44,31 @@ def check_objective(objective: str, intermediate_weight: float) -> None:
         raise ValueError(f"distill.intermediate_weight={intermediate_weight!r} must be a finite number >= 0")
 
 
+def check_learn_grid(learn_grid, objective: str, intermediate_weight: float) -> None:
+    """``solver.distill.learn_grid``: a bool; true needs the trajectory objective (only it backprops into
+    the grid: the interval objective restarts each interval at the teacher's state *on the schedule's
+    grid*) and intermediate_weight 0 (the teacher's inner states lie on the schedule's grid, not on the
+    learned one; only the final state, at sigma_min, is comparable)."""
+    if not isinstance(learn_grid, bool):
+        raise ValueError(f"solver.distill.learn_grid={learn_grid!r}; accepted: true, false")
+    if learn_grid and objective != "trajectory":
+        raise ValueError(f"solver.distill.learn_grid=true needs solver.distill.objective=trajectory, not {objective!r} "
+                         "(only the trajectory objective backpropagates into the grid)")
+    if learn_grid and intermediate_weight:
+        raise ValueError(f"solver.distill.learn_grid=true needs solver.distill.intermediate_weight=0, not "
+                         f"{intermediate_weight!r} (the teacher's inner states are on the schedule's grid, not the learned one)")
+
+
+def check_grid_lr(grid_lr, learn_grid: bool) -> None:
+    """``solver.distill.grid_lr``: null (the grid trains at distill.lr) or a finite number > 0, with learn_grid."""
+    if grid_lr is None:
+        return
+    if not isinstance(grid_lr, (int, float)) or isinstance(grid_lr, bool) or not (0 < grid_lr < math.inf):
+        raise ValueError(f"solver.distill.grid_lr={grid_lr!r}; accepted: null or a finite number > 0")
+    if not learn_grid:
+        raise ValueError(f"solver.distill.grid_lr={grid_lr!r} needs solver.distill.learn_grid=true (no grid is learned)")
+
+
 def squared_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Batch mean of the per-sample squared L2 error (the paper's distillation loss, per interval)."""
     return (x - target).pow(2).flatten(1).sum(1).mean()

@@ -123,7 +123,12 @@ class AMEDPredictor(nn.Module):
                 f"this predictor was distilled for model {meta.get('model_name')!r} (identity {meta['model_identity']}), "
                 f"not for the model given (identity {model_identity}); distill one for this model")
         trained = torch.tensor(meta["sigmas"], dtype=torch.float64)
-        if len(trained) != len(sigmas) or not torch.allclose(trained, sigmas.double().cpu(), rtol=1e-6, atol=0):
+        if len(trained) != len(sigmas) or not torch.allclose(trained, sigmas.detach().double().cpu(), rtol=1e-6, atol=0):
+            if meta.get("learned_grid"):
+                raise ValueError(
+                    f"this predictor learned its own {len(trained)}-point grid {[round(v, 4) for v in trained.tolist()]} "
+                    f"(solver.distill.learn_grid), not the {len(sigmas)}-point grid given "
+                    f"{[round(v, 4) for v in sigmas.detach().double().tolist()]}: sample on its own grid (own_grid())")
             raise ValueError(
                 f"this predictor was distilled for a {len(trained)}-point {meta.get('schedule')} grid "
                 f"{[round(v, 4) for v in trained.tolist()]}, not for the {len(sigmas)}-point grid given "

@@ -5,7 +5,7 @@ multistep solver decides; here both are parameters, trained end to end (:mod:`.t
 learned grids of LD3 (Tong et al., ICLR 2025) and the grid + coefficients of S4S-Alt (Frankel et al.,
 ICML 2025). A few dozen parameters:
 
-- the N grid times, sigma_max = s_0 > s_1 > ... > s_{N-1} = sigma_min with both ends fixed: the
+- the N grid times (:class:`.grid.LearnedGrid`), sigma_max = s_0 > ... > s_{N-1} = sigma_min, both ends fixed: the
   log-sigma increments are a softmax (plus a small floor, so no interval collapses) times the fixed
   span log(sigma_max / sigma_min). Initialised to reproduce the schedule's grid (to ~1e-15).
 - per step i of order k_i = min(max_order, i + 1) (iPNDM's warm-up), the weights on the k_i newest
@@ -28,11 +28,9 @@ from torch import nn
 from ..cache import read_tensors, save_verified, verified
 from ..solvers.base import StepRule, bcast
 from ..solvers.multistep import adams_bashforth_weights
+from .grid import FLOOR, LearnedGrid
 
 FORMAT_VERSION = 1
-#: the share of the log-sigma span spread evenly over the intervals: no interval can shrink below
-#: FLOOR / (N - 1) of the span, so the grid stays strictly decreasing under any parameters
-FLOOR = 1e-3
 
 
 def step_orders(num_points: int, max_order: int) -> list[int]:
@@ -40,7 +38,7 @@ def step_orders(num_points: int, max_order: int) -> list[int]:
     return [min(max_order, i + 1) for i in range(num_points - 1)]
 
 
-class LearnedSolverParams(nn.Module):
+class LearnedSolverParams(LearnedGrid):
     """The learned grid (``grid_logits``, N - 1 values) and coefficient corrections (``coef``).
 
     ``base_sigmas``: the schedule's grid (N points, decreasing) the parameters start from.
@@ -50,36 +48,15 @@ class LearnedSolverParams(nn.Module):
 
     def __init__(self, base_sigmas, max_order: int = 4, learn_grid: bool = True, learn_coefficients: bool = True,
                  meta: dict | None = None) -> None:
-        super().__init__()
-        base = torch.as_tensor(base_sigmas, dtype=torch.float64).detach().cpu()
-        if base.ndim != 1 or len(base) < 2 or not bool((base[1:] < base[:-1]).all()) or not bool((base > 0).all()):
-            raise ValueError(f"a learned grid starts from a decreasing grid of >= 2 positive sigmas; got {base.tolist()}")
         if max_order not in (1, 2, 3, 4):
             raise ValueError(f"solver.options.max_order={max_order!r}; accepted: 1, 2, 3, 4")
-        n = len(base)
-        self.num_points, self.max_order = n, int(max_order)
-        self.learn_grid, self.learn_coefficients = bool(learn_grid), bool(learn_coefficients)
+        super().__init__(base_sigmas, learn_grid)  # the grid: base_sigmas, log_max, log_min, grid_logits
+        n = self.num_points
+        self.max_order, self.learn_coefficients = int(max_order), bool(learn_coefficients)
         self.meta = dict(meta or {})
-        self.register_buffer("base_sigmas", base.clone())
-        self.register_buffer("log_max", base[0].log())
-        self.register_buffer("log_min", base[-1].log())
-        # softmax(logits) = (q - FLOOR/(N-1)) / (1 - FLOOR), q the schedule's share of the span per interval
-        q = (base[:-1].log() - base[1:].log()) / (base[0].log() - base[-1].log())
-        rest = (q - FLOOR / (n - 1)) / (1 - FLOOR)
-        if not bool((rest > 0).all()):
-            raise ValueError(f"the grid {base.tolist()} has an interval below the floor of {FLOOR / (n - 1):.2g} of the "
-                             "log-sigma span; a learned grid cannot start from it")
-        self.grid_logits = nn.Parameter(rest.log(), requires_grad=self.learn_grid)
         self.orders = step_orders(n, self.max_order)
         self.offsets = [sum(k - 1 for k in self.orders[:i]) for i in range(n)]
         self.coef = nn.Parameter(torch.zeros(self.offsets[-1], dtype=torch.float64), requires_grad=self.learn_coefficients)
-
-    def sigmas(self) -> torch.Tensor:
-        """The grid [N], float64, differentiable in ``grid_logits``; ends exactly sigma_max, sigma_min."""
-        n = self.num_points
-        shares = FLOOR / (n - 1) + (1 - FLOOR) * torch.softmax(self.grid_logits, 0)
-        inner = self.log_max - (self.log_max - self.log_min) * torch.cumsum(shares, 0)[:-1]
-        return torch.cat([self.base_sigmas[:1], inner.exp(), self.base_sigmas[-1:]])
 
     def corrections(self, step: int) -> list[torch.Tensor]:
         """The k_i additive corrections of step ``step`` (newest slope first), summing to zero."""

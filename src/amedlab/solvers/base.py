@@ -213,7 +213,7 @@ class Solver:
             with torch.no_grad() if detach else contextlib.nullcontext():
                 cur = first_point(denoiser, x, t_cur, self.afs) if i == 0 else evaluate(denoiser, x, t_cur)
             if callback is not None:
-                callback(State(i, float(sigmas[i]), x, cur.denoised))
+                callback(State(i, float(sigmas[i].detach()), x, cur.denoised))  # detach: a learned grid requires grad
             x_next, new_points = self.rule.step(denoiser, cur, t_next, history, steps - i)
             yield Interval(i, cur, t_next, steps - i, x_next, new_points)
             history = window(history, new_points, self.rule.history_size)
@@ -244,5 +244,5 @@ class Solver:
             if callback is not None:
                 callback(State(steps, 0.0, x, x))
         elif callback is not None:
-            callback(State(steps, float(sigmas[-1]), x, None))
+            callback(State(steps, float(sigmas[-1].detach()), x, None))
         return x

@@ -1,0 +1,51 @@
+"""A learnable time grid: N noise levels, decreasing, both ends fixed (one small module, shared).
+
+The log-sigma increments are a softmax (plus a small floor, so no interval collapses) times the fixed
+span log(sigma_max / sigma_min), as in the learned grids of LD3 (Tong et al., ICLR 2025). Initialised
+to reproduce the schedule's grid (to ~1e-15). Used by the learned solver
+(:class:`amedlab.learned.solver.LearnedSolverParams`) and by AMED's distillation with
+``solver.distill.learn_grid`` (:mod:`amedlab.amed.distill`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: the share of the log-sigma span spread evenly over the intervals: no interval can shrink below
+#: FLOOR / (N - 1) of the span, so the grid stays strictly decreasing under any parameters
+FLOOR = 1e-3
+
+
+class LearnedGrid(nn.Module):
+    """``grid_logits`` (N - 1 values) define the grid; ``base_sigmas`` is the grid they start from.
+
+    The parameter and buffer names are those of the learned solver's saved files (kept unchanged).
+    """
+
+    def __init__(self, base_sigmas, learn_grid: bool = True) -> None:
+        super().__init__()
+        base = torch.as_tensor(base_sigmas, dtype=torch.float64).detach().cpu()
+        if base.ndim != 1 or len(base) < 2 or not bool((base[1:] < base[:-1]).all()) or not bool((base > 0).all()):
+            raise ValueError(f"a learned grid starts from a decreasing grid of >= 2 positive sigmas; got {base.tolist()}")
+        n = len(base)
+        self.num_points, self.learn_grid = n, bool(learn_grid)
+        self.register_buffer("base_sigmas", base.clone())
+        self.register_buffer("log_max", base[0].log())
+        self.register_buffer("log_min", base[-1].log())
+        # softmax(logits) = (q - FLOOR/(N-1)) / (1 - FLOOR), q the schedule's share of the span per interval
+        q = (base[:-1].log() - base[1:].log()) / (base[0].log() - base[-1].log())
+        rest = (q - FLOOR / (n - 1)) / (1 - FLOOR)
+        if not bool((rest > 0).all()):
+            raise ValueError(f"the grid {base.tolist()} has an interval below the floor of {FLOOR / (n - 1):.2g} of the "
+                             "log-sigma span; a learned grid cannot start from it")
+        self.grid_logits = nn.Parameter(rest.log(), requires_grad=self.learn_grid)
+
+    def sigmas(self) -> torch.Tensor:
+        """The grid [N], float64, differentiable in ``grid_logits``; ends exactly sigma_max, sigma_min."""
+        n = self.num_points
+        shares = FLOOR / (n - 1) + (1 - FLOOR) * torch.softmax(self.grid_logits, 0)
+        inner = self.log_max - (self.log_max - self.log_min) * torch.cumsum(shares, 0)[:-1]
+        return torch.cat([self.base_sigmas[:1], inner.exp(), self.base_sigmas[-1:]])
+
+
+__all__ = ["LearnedGrid", "FLOOR"]
