@@ -13,7 +13,7 @@ def test_gpu_check_dry_run_composes_every_command(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "arguments and grids OK" in out.stdout  # the throughput benchmark's arguments
-    assert "40/40 cells compose and pass the checks" in out.stdout  # 10 solvers x NFE 3/5/7/9, device=cuda
+    assert "44/44 cells compose and pass the checks" in out.stdout  # 11 solvers x NFE 3/5/7/9, device=cuda
     assert "dry run: every command composes" in out.stdout
     assert not (tmp_path / "out").exists()  # nothing written
 
