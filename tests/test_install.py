@@ -41,7 +41,7 @@ def test_source_checkout_uses_the_top_level_configs(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiments=table2_digits"])
     assert cfg.model.name == "digits_unet" and cfg.eval.seeds == "0-1999"
-    with pytest.raises(ValueError, match=r"solver='rk4' has no config file solver/rk4.yaml.*accepted: amed, amed_plugin"):
+    with pytest.raises(ValueError, match=r"solver='rk4' has no config file solver/rk4.yaml.*accepted: amed, amed_grid, amed_plugin, "):
         load_group("solver", "rk4")
 
 
