@@ -33,7 +33,9 @@ from amedlab.evaluation.metrics import feature_statistics, fid_from_statistics, 
 from amedlab.evaluation.reference import ode_reference, real_reference
 from amedlab.io import plain
 from amedlab.learned import map_to_num_points
+from amedlab.learned.settings import learned_settings
 from amedlab.learned.train import cell_learned
+from amedlab.sampling import parse_seeds
 from amedlab.models import build_model
 from amedlab.schedules import make_sigmas
 from amedlab.solvers import make_solver
@@ -74,7 +76,8 @@ class Measure:
 
 def learned_for(meas: Measure, nfe: int, *extra: str):
     cfg = cfg_for(nfe, *extra)
-    params, info = cell_learned(meas.model, cfg, plain(cfg.solver), plain(cfg.schedule), meas.cache_dir)
+    settings = learned_settings(cfg, plain(cfg.solver), plain(cfg.schedule), parse_seeds(cfg.eval.seeds))
+    params, info = cell_learned(meas.model, cfg, settings, meas.cache_dir)
     return params, info
 
 

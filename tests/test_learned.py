@@ -9,7 +9,7 @@ import torch
 from amedlab.amed.objectives import trajectory_loss
 from amedlab.learned import LearnedSolverParams, map_to_num_points
 from amedlab.learned.solver import FLOOR
-from amedlab.learned.settings import check_learned_settings, label
+from amedlab.learned.settings import check_learned_settings, label, learned_settings
 from amedlab.learned.train import cell_learned, train_learned
 from amedlab.models import counting
 from amedlab.models.analytic import default_mixture
@@ -154,8 +154,9 @@ def test_cell_training_is_cached_and_verified(compose_cfg, tmp_path, mixture):
     cfg = _cfg(compose_cfg, tmp_path)
     schedule = dict(cfg.schedule)
     node = dict(cfg.solver)
-    first, info1 = cell_learned(mixture, cfg, node, schedule, tmp_path)
-    second, info2 = cell_learned(mixture, cfg, node, schedule, tmp_path)
+    settings = learned_settings(cfg, node, schedule, range(32))
+    first, info1 = cell_learned(mixture, cfg, settings, tmp_path)
+    second, info2 = cell_learned(mixture, cfg, settings, tmp_path)
     assert info1["source"] == "trained" and info2["source"] == "cache" and info1["path"] == info2["path"]
     torch.testing.assert_close(first.sigmas(), second.sigmas(), rtol=0, atol=0)
     torch.testing.assert_close(first.coef, second.coef, rtol=0, atol=0)
@@ -174,11 +175,11 @@ def test_cell_training_is_cached_and_verified(compose_cfg, tmp_path, mixture):
     raw = bytearray(open(info1["path"], "rb").read())
     raw[-200] ^= 0xFF
     open(info1["path"], "wb").write(bytes(raw))
-    _, info3 = cell_learned(mixture, cfg, node, schedule, tmp_path)
+    _, info3 = cell_learned(mixture, cfg, settings, tmp_path)
     assert info3["source"] == "trained"
     # other training settings: another cache entry
-    _, info4 = cell_learned(mixture, _cfg(compose_cfg, tmp_path, "solver.distill.epochs=1"), node | {"distill": {
-        **dict(node["distill"]), "epochs": 1}}, schedule, tmp_path)
+    cfg1 = _cfg(compose_cfg, tmp_path, "solver.distill.epochs=1")
+    _, info4 = cell_learned(mixture, cfg1, learned_settings(cfg1, dict(cfg1.solver), schedule, range(32)), tmp_path)
     assert info4["source"] == "trained" and info4["path"] != info1["path"]
 
 

@@ -502,11 +502,12 @@ def check_evaluate(cfg) -> SimpleNamespace:
     device = check_device(cfg)
     solver_node, nfe, schedule, num_points = _check_cell_solver(cfg)
     values = _check_eval_values(cfg)
-    if solver_node["name"] == "learned":  # its training settings, and seeds disjoint from the evaluation's
-        from .learned.settings import check_learned_settings
+    learned = None
+    if solver_node["name"] == "learned":  # its training settings (also its cache key), seeds disjoint from eval's
+        from .learned.settings import learned_settings
 
         with user_errors("solver.distill"):
-            check_learned_settings(solver_node.get("distill"), values.seeds)
+            learned = learned_settings(cfg, solver_node, schedule, values.seeds)
     extractor, weights, fe_name = _check_real_and_extractor(cfg)
     _check_ode_reference(cfg, schedule)
     model = _check_image_model(cfg, extractor, fe_name)
@@ -525,7 +526,7 @@ def check_evaluate(cfg) -> SimpleNamespace:
     return SimpleNamespace(model=model, solver_node=solver_node, solver=SolverSpec.from_cfg(solver_node), nfe=nfe,
                            schedule=schedule, schedule_spec=ScheduleSpec.from_cfg(schedule), num_points=num_points,
                            extractor=extractor, weights=weights, device=device, out_dir=out_dir, cache_dir=cache_dir,
-                           predictor=predictor, distill=distill, **vars(values))
+                           predictor=predictor, distill=distill, learned=learned, **vars(values))
 
 
 def check_distill(cfg) -> SimpleNamespace:

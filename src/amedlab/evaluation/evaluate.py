@@ -89,10 +89,8 @@ def cell_spec(cfg, plan, files: dict) -> dict:
     spec["bootstrap"] = {"format": uncertainty.FORMAT, **{k: boot[k] for k in uncertainty.NUMERIC_KEYS}}
     if plan.distill is not None:  # an AMED cell that distils its predictor: the distillation's settings
         spec["distill"] = plan.distill.settings()
-    if plan.solver.name == "learned":  # its training settings (defaults filled) and teacher
-        from ..learned.train import learned_settings
-
-        spec["learned"] = learned_settings(cfg, plan.solver_node, plan.schedule)
+    if plan.learned is not None:  # a learned-solver cell: its training settings (defaults filled) and teacher
+        spec["learned"] = plan.learned
     return spec
 
 
@@ -163,7 +161,7 @@ def cell_solver(cfg, plan, model, files: Mapping, use_cache: bool) -> tuple[Solv
     if plan.solver.name == "learned":
         from ..learned.train import cell_learned
 
-        params, info = cell_learned(model, cfg, plan.solver_node, plan.schedule, plan.cache_dir, use_cache)
+        params, info = cell_learned(model, cfg, plan.learned, plan.cache_dir, use_cache)
         return solver_from_cfg(plan.solver.node(), params=params), info
     if plan.solver.name not in AMED_SOLVERS:
         return plan.solver.build(), None

@@ -27,6 +27,17 @@ def label(node: Mapping) -> str:
     return f"Learned {what or 'nothing'} ({', '.join(tags)})"
 
 
+def learned_settings(cfg, solver_node: Mapping, schedule: Mapping, eval_seeds) -> dict:
+    """Everything a cell's learned parameters depend on (their cache key, with the model identity):
+    ``solver.distill`` checked against ``eval_seeds`` and filled, the NFE, schedule, AFS, order,
+    teacher (``eval.ode_reference``), dtype and seed."""
+    settings = check_learned_settings(plain(solver_node.get("distill") or {}), eval_seeds)
+    ref = {k: v for k, v in plain(cfg.eval.ode_reference).items() if k != "chunk_size"}
+    return {"nfe": int(cfg.nfe), "schedule": plain(dict(schedule)), "afs": solver_node.get("afs", False),
+            "max_order": int((solver_node.get("options") or {}).get("max_order", 4)), "teacher": ref,
+            "dtype": str(cfg.eval.dtype), "seed": int(cfg.seed), **settings}
+
+
 def check_learned_settings(sdist: Mapping | None, eval_seeds=None) -> dict:
     """``solver.distill`` of solver=learned, filled with the defaults; a bad value is a ValueError
     naming the key, the value and what is accepted (before any compute)."""

@@ -31,7 +31,7 @@ from ..amed.objectives import squared_error, trajectory_loss
 from ..amed.placement import held_teacher, lightning_placement, teacher_to
 from ..models.base import device_of
 from ..solvers.base import Solver
-from .settings import DEFAULTS, LOSSES, check_learned_settings
+from .settings import DEFAULTS, LOSSES
 from .solver import LearnedIPNDM, LearnedSolverParams
 
 log = logging.getLogger(__name__)
@@ -142,29 +142,16 @@ def teacher_solutions(model, ref_cfg: Mapping, sigma_min: float, sigma_max: floa
     return noise, target, {**info, "seconds": time.perf_counter() - t0}
 
 
-def learned_settings(cfg, solver_node: Mapping, schedule: Mapping) -> dict:
-    """Everything the cell's learned parameters depend on (their cache key, with the model identity)."""
-    from ..io import plain
-    from ..sampling import parse_seeds
-
-    seeds_value = cfg.eval.seeds
-    eval_seeds = parse_seeds(plain(seeds_value) if not isinstance(seeds_value, (str, int)) else seeds_value)
-    settings = check_learned_settings(plain(solver_node.get("distill") or {}), eval_seeds)
-    ref = {k: v for k, v in plain(cfg.eval.ode_reference).items() if k != "chunk_size"}
-    return {"nfe": int(cfg.nfe), "schedule": plain(dict(schedule)), "afs": solver_node.get("afs", False),
-            "max_order": int((solver_node.get("options") or {}).get("max_order", 4)), "teacher": ref,
-            "dtype": str(cfg.eval.dtype), "seed": int(cfg.seed), **settings}
-
-
-def cell_learned(model, cfg, solver_node: Mapping, schedule: Mapping, cache_dir, use_cache: bool = True):
-    """(params, info) for a ``stage=evaluate`` cell: cached parameters trained for the same settings
-    and model, or new ones (teacher solutions from the cached high-NFE reference), stored."""
+def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = True):
+    """(params, info) for a ``stage=evaluate`` cell: cached parameters trained for the same ``settings``
+    (:func:`.settings.learned_settings`, built once by the checks) and model, or new ones (teacher
+    solutions from the cached high-NFE reference), stored."""
     from ..cache import digest, trained_once
     from ..models.base import DTYPES
     from ..solvers import make_solver
     from ..specs import ScheduleSpec
 
-    settings = learned_settings(cfg, solver_node, schedule)
+    schedule = settings["schedule"]
     identity = model.identity() if hasattr(model, "identity") else type(model).__name__
     key = digest({"model_identity": identity, **settings})
     path = Path(cache_dir) / "learned" / f"learned-nfe{settings['nfe']}-{key}.pt"
