@@ -358,8 +358,8 @@ def check_predictor_file(path_value, solver_node: Mapping, nfe: int, sigmas: tor
     if predictor.feature_dim != int(getattr(model, "feature_dim", 0) or 0):
         raise fail(key, str(path_value), f"a predictor for {getattr(model, 'feature_dim', 0)}-d features",
                    f"it reads {predictor.feature_dim}-d features; {about}")
-    if meta.get("learned_grid"):  # it samples on the grid it learned (AMEDPlugin.own_grid), of the same size
-        learned = torch.tensor(meta["sigmas"], dtype=torch.float64)
+    learned = predictor.learned_grid()
+    if learned is not None:  # it samples on the grid it learned (AMEDPlugin.own_grid), of the same size
         if len(learned) != len(sigmas):
             raise fail(key, str(path_value), f"a predictor for a {len(sigmas)}-point grid",
                        f"it learned a {len(learned)}-point grid; {about}")

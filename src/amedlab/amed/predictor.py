@@ -113,6 +113,12 @@ class AMEDPredictor(nn.Module):
             raise ValueError(f"{str(path)!r}: not a valid predictor ({str(err).splitlines()[0]})") from None
         return model
 
+    def learned_grid(self) -> torch.Tensor | None:
+        """The grid it was trained on if it learned that grid (``solver.distill.learn_grid``: its
+        ``meta["sigmas"]``), float64; None for a predictor trained on the schedule's grid."""
+        meta = self.meta or {}
+        return torch.tensor(meta["sigmas"], dtype=torch.float64) if meta.get("learned_grid") else None
+
     def check_compatible(self, model_identity: str | None, sigmas: torch.Tensor, afs) -> None:
         """Raise if sampling differs from what the predictor was trained for (meta keys absent = untrained)."""
         meta = self.meta

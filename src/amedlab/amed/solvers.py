@@ -45,8 +45,7 @@ class AMEDPlugin(StepRule):
     def own_grid(self):
         """The grid the predictor learned with ``solver.distill.learn_grid`` (its ``meta["sigmas"]``);
         None for a predictor trained on the schedule's grid (the caller's schedule decides)."""
-        meta = self.predictor.meta or {}
-        return torch.tensor(meta["sigmas"], dtype=torch.float64) if meta.get("learned_grid") else None
+        return self.predictor.learned_grid()
 
     def prepare(self, denoiser, sigmas, afs):
         key = (id(denoiser), tuple(sigmas.tolist()), afs)
