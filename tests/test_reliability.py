@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pickle
+import random
 import struct
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def files(tmp_path_factory):
     f["txt"] = str(d / "notes.txt")
     (d / "text.safetensors").write_text("hello, I am text\n")
     f["text_st"] = str(d / "text.safetensors")
-    (d / "garbage.pt").write_bytes(os.urandom(4096))
+    (d / "garbage.pt").write_bytes(random.Random(0).randbytes(4096))
     f["garbage_pt"] = str(d / "garbage.pt")
     torch.save({"kind": "amedlab.digits_unet", "config": {}, "state_dict": Evil(sentinel)}, d / "evil.pt")
     f["evil_pt"] = str(d / "evil.pt")
@@ -283,6 +284,31 @@ def test_bad_input_is_one_named_error_before_any_compute(stage, extra, key, file
     assert model_calls["n"] == 0                             # nothing computed first
     assert _files_under(tmp_path) == []                      # no metrics, no cache files
     assert not Path(files["sentinel"]).exists()              # nothing from a user's file was run
+
+
+def test_any_garbage_bytes_are_refused_as_not_a_torch_file(tmp_path):
+    """The unpickler raises whatever the bytes provoke (IndexError, struct.error, ...); every one of
+    them must become the same ValueError (CI once drew random bytes that raised IndexError)."""
+    from amedlab.cache import read_tensors
+
+    good = tmp_path / "good.pt"
+    torch.save({"x": torch.arange(10)}, good)
+    whole = good.read_bytes()
+    rng = random.Random(1)
+    kinds = {}
+    for i in range(400):
+        path = tmp_path / f"g{i}.pt"
+        if i % 4 == 3:  # a real torch file, truncated or with bytes flipped
+            data = bytearray(whole[: rng.randrange(1, len(whole))])
+            for _ in range(rng.randrange(0, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        else:
+            data = rng.randbytes(rng.choice([1, 7, 64, 4096]))
+        path.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=r"torch file|refers to Python code") as err:
+            read_tensors(path)
+        kinds[str(err.value).split(" (")[0]] = kinds.get(str(err.value).split(" (")[0], 0) + 1
+    assert sum(kinds.values()) == 400, kinds
 
 
 def test_the_table_holds_at_least_40_bad_inputs_across_stages():
