@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def real_source_from_path(path) -> tuple[str, dict]:
             raise ValueError(f"eval.real.path={str(path)!r}: the file holds pickled Python objects; it is refused and "
                              "nothing in it was run (accepted: uint8 image arrays, or mu and sigma)") from None
         raise
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged header makes numpy raise anything (OSError, BadZipFile, TokenError ...)
         raise ValueError(f"eval.real.path={str(path)!r}: not a readable {p.suffix} file ({err})") from None
 
 
