@@ -136,6 +136,25 @@ def test_distillation_with_the_trajectory_objective_records_and_lowers_the_final
         distill(model, objective="final", **kwargs)
 
 
+@pytest.mark.parametrize("objective", ["interval", "trajectory"])
+def test_the_cosine_rate_falls_to_zero_over_training_and_enters_the_cache_key(objective, tmp_path):
+    model = default_mixture().float()
+    kwargs = dict(solver="amed_plugin", nfe=5, schedule=POLY, num_trajectories=128, batch_size=32, epochs=2, lr=4e-3,
+                  cache_dir=tmp_path, seed=0, objective=objective)
+    lrs = [rec["lr"] for rec in distill(model, **kwargs).records if rec["interval"] == 0]
+    assert lrs == [4e-3] * 8  # constant, the paper's: 2 epochs x 4 batches
+    cosine = distill(model, lr_schedule="cosine", **kwargs)
+    lrs = [rec["lr"] for rec in cosine.records if rec["interval"] == 0]
+    # one value per batch, the same for every interval of a batch: 4e-3 * (1 + cos(pi k / 8)) / 2
+    assert lrs == pytest.approx([4e-3 * (1 + math.cos(math.pi * k / 8)) / 2 for k in range(8)], rel=1e-12)
+    assert cosine.meta["lr_schedule"] == "cosine"
+    base = DistillSpec.create(**kwargs)
+    assert "lr_schedule" not in base.settings()  # the paper's constant rate keeps the key it always had
+    assert DistillSpec.create(lr_schedule="cosine", **kwargs).key("m") != base.key("m")
+    with pytest.raises(ValueError, match="distill.lr_schedule='linear'; accepted: constant, cosine"):
+        distill(model, lr_schedule="linear", **kwargs)
+
+
 def _records(r, loss, interval=0):
     return [{"interval": interval, "loss": float(lo), "r_mean": float(rv)} for rv, lo in zip(r, loss)]
 
@@ -151,6 +170,27 @@ def test_convergence_signal():
     falling_loss = convergence(_records(torch.full((n,), 0.4), torch.linspace(5.0, 1.0, n)))
     assert falling_loss["converged"] is False and falling_loss["intervals"][0]["loss_rel_change"] < -0.1
     assert convergence(_records([0.5], [1.0]))["converged"] is None  # one update: not judged
+
+
+def test_convergence_pairs_the_last_tenth_with_the_same_batches_one_epoch_earlier():
+    # 4 epochs of 40 batches; each batch's trajectories have their own difficulty, the same every
+    # epoch (the data module's fixed order), and the last tenth happens to hold easy ones
+    g = torch.Generator().manual_seed(0)
+    difficulty = 1 + 0.3 * torch.randn(40, generator=g).abs()
+    difficulty[-16:] = 0.7 + 0.02 * torch.randn(16, generator=g)
+    r = 0.4 + 0.001 * torch.randn(160, generator=g)
+
+    def recs(loss_per_epoch):
+        return [{"interval": 0, "epoch": e, "loss": float(loss_per_epoch[e] * difficulty[b]), "r_mean": float(r[40 * e + b])}
+                for e in range(4) for b in range(40)]
+
+    settled = recs([1.0, 1.0, 1.0, 1.0])
+    unpaired = convergence([{k: v for k, v in rec.items() if k != "epoch"} for rec in settled])
+    assert unpaired["converged"] is False  # the window before holds harder batches: read as a falling loss
+    paired = convergence(settled)["intervals"][0]
+    assert paired["converged"] is True and paired["paired_with_previous_epoch"] and abs(paired["loss_rel_change"]) < 1e-12
+    still_falling = convergence(recs([1.6, 1.4, 1.2, 1.0]))["intervals"][0]  # the same batches, 17% lower
+    assert still_falling["converged"] is False and still_falling["loss_rel_change"] == pytest.approx(1 / 1.2 - 1)
 
 
 def test_labels_and_cache_keys_of_the_variants():

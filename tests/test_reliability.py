@@ -206,6 +206,7 @@ CASES = [
     ("distill", ["solver=euler"], "solver"),
     ("distill", ["distill.num_trajectories=4"], "distill.num_trajectories"),
     ("distill", ["distill.epochs=0"], "distill.epochs"),
+    ("distill", ["distill.lr_schedule=linear"], "distill.lr_schedule"),
     ("distill", ["nfe=4"], "nfe"),
     ("distill", ["model.path={garbage_pt}"], "model.path"),
     ("distill", ["distill.devices=0"], "distill.devices"),

@@ -208,6 +208,7 @@ class DistillSpec:
     batch_size: int = 128
     lr: float = 5e-3
     epochs: int = 1
+    lr_schedule: str = "constant"           # the paper's; "cosine" (ours) enters the key, "constant" does not
     predictor_sizes: Mapping | None = None
     seed: int = 0
     objective: str | None = None            # None: "interval", the paper's; left out of the key
@@ -249,7 +250,7 @@ class DistillSpec:
             afs=node.get("afs", True), solver_options=dict(node.get("options") or {}), teacher=sdist.get("teacher"),
             M=sdist.get("M"), s_dir=sdist.get("s_dir"), s_time=sdist.get("s_time"),
             num_trajectories=int(dcfg.num_trajectories), batch_size=int(dcfg.batch_size), lr=float(dcfg.lr),
-            epochs=int(dcfg.epochs), predictor_sizes=plain(dict(cfg.get("predictor") or {})), seed=int(cfg.seed),
+            epochs=int(dcfg.epochs), lr_schedule=str(dcfg.get("lr_schedule", "constant")), predictor_sizes=plain(dict(cfg.get("predictor") or {})), seed=int(cfg.seed),
             objective=sdist.get("objective"), intermediate_weight=sdist.get("intermediate_weight"),
             learn_grid=sdist.get("learn_grid"), grid_lr=sdist.get("grid_lr"),
             cache_dir=dcfg.get("cache_dir"), gen_batch_size=int(dcfg.get("gen_batch_size", 500)),
@@ -264,6 +265,8 @@ class DistillSpec:
                "s_dir": self.s_dir, "s_time": self.s_time, "num_trajectories": int(self.num_trajectories),
                "batch_size": int(self.batch_size), "lr": float(self.lr), "epochs": int(self.epochs),
                "predictor_sizes": dict(self.predictor_sizes or {}), "seed": int(self.seed)}
+        if self.lr_schedule != "constant":  # the paper's constant rate keeps the key it always had
+            out["lr_schedule"] = self.lr_schedule
         # learn_grid=false is the default's predictor too: it keeps the default's key
         out.update({k: getattr(self, k) for k in self.OPTIONAL_KEYS
                     if getattr(self, k) is not None and not (k == "learn_grid" and getattr(self, k) is False)})

@@ -291,6 +291,10 @@ def check_distill_settings(cfg, model=None) -> None:
                    "fewer trajectories than one batch: no update would be made")
     float_at(cfg, "distill.lr", 0, lo_open=True)
     int_at(cfg, "distill.epochs", 1)
+    if _get(cfg, "distill.lr_schedule") is not None:
+        from .amed.objectives import LR_SCHEDULES
+
+        choice_at(cfg, "distill.lr_schedule", LR_SCHEDULES)
     int_at(cfg, "distill.gen_batch_size", 1)
     devices = _get(cfg, "distill.devices")
     if devices is not None and not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)):

@@ -21,7 +21,8 @@ from ..sampling import parse_seeds
 from ..specs import DistillSpec
 from ..solvers.base import Solver, check_afs
 from ..learned.grid import LearnedGrid
-from .objectives import check_grid_lr, check_learn_grid, check_objective, convergence, trajectory_loss, warn_if_unconverged
+from .objectives import (check_grid_lr, check_learn_grid, check_lr_schedule, check_objective, convergence, lr_factor,
+                         trajectory_loss, warn_if_unconverged)
 from .placement import held_teacher, lightning_placement, teacher_to
 from .predictor import AMEDPredictor
 from .solvers import AMED_SOLVERS, AMEDPlugin
@@ -71,10 +72,12 @@ class AMEDDistillation(pl.LightningModule):
 
     def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs, lr: float = 5e-3,
                  objective: str = "interval", intermediate_weight: float = 0.0, learn_grid: bool = False,
-                 grid_lr: float | None = None) -> None:
+                 grid_lr: float | None = None, lr_schedule: str = "constant") -> None:
         super().__init__()
         check_learn_grid(learn_grid, objective, intermediate_weight)
         check_grid_lr(grid_lr, learn_grid)
+        check_lr_schedule(lr_schedule)
+        self.lr_schedule = lr_schedule
         object.__setattr__(self, "denoiser", denoiser)  # bypasses nn.Module's registration
         self.objective, self.intermediate_weight = objective, float(intermediate_weight)
         self.rule, self.predictor = rule, rule.predictor
@@ -97,7 +100,10 @@ class AMEDDistillation(pl.LightningModule):
         groups = [{"params": list(self.predictor.parameters()), "lr": self.lr}]
         if self.grid is not None:
             groups.append({"params": list(self.grid.parameters()), "lr": self.grid_lr})
-        return torch.optim.Adam(groups)
+        opt = torch.optim.Adam(groups)
+        batches = max(int(self.trainer.estimated_stepping_batches), 1)  # every batch of every epoch
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda done: lr_factor(self.lr_schedule, done / batches))}
 
     def on_fit_start(self):
         teacher_to(self.denoiser, self.device)  # a DDP rank's own GPU; held_teacher moves it back
@@ -109,7 +115,7 @@ class AMEDDistillation(pl.LightningModule):
             wrapped.require_backward_grad_sync = False
 
     def _record(self, i: int, loss: float, batch_size: int) -> None:
-        rec = {"interval": i, "loss": loss}
+        rec = {"interval": i, "epoch": self.current_epoch, "loss": loss, "lr": self.optimizers().param_groups[0]["lr"]}
         for name, v in zip("rca", self.rule.last_outputs[i]):
             v = v.detach()
             rec[f"{name}_mean"], rec[f"{name}_std"] = v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
@@ -131,13 +137,14 @@ class AMEDDistillation(pl.LightningModule):
                 # a learned grid's inner points are not the teacher's (those lie on the schedule's grid):
                 # every interval records the final error, the objective, beside its own r statistics
                 self._record(i, (err if self.grid is None else errors[-1]).item(), len(states))
-            return
-        for i, loss in student_intervals(self.denoiser, self.rule, states, self.sigmas, self.afs):
-            opt.zero_grad()
-            self.manual_backward(loss)
-            _average_gradients(self.predictor)
-            opt.step()
-            self._record(i, loss.item(), len(states))
+        else:
+            for i, loss in student_intervals(self.denoiser, self.rule, states, self.sigmas, self.afs):
+                opt.zero_grad()
+                self.manual_backward(loss)
+                _average_gradients(self.predictor)
+                opt.step()
+                self._record(i, loss.item(), len(states))
+        self.lr_schedulers().step()  # once per batch (manual optimisation: Lightning leaves it to us)
 
 
 def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settings) -> AMEDPredictor:
@@ -170,6 +177,7 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     check_objective(s.objective, s.intermediate_weight)
     check_learn_grid(s.learn_grid, s.objective, s.intermediate_weight)
     check_grid_lr(s.grid_lr, s.learn_grid)
+    check_lr_schedule(s.lr_schedule)
     solver_from_cfg(s.teacher)  # validates the teacher's name and options before any compute
     feature_dim = int(getattr(denoiser, "feature_dim", 0))
     if feature_dim < 1:
@@ -188,7 +196,7 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     cache_seconds = time.perf_counter() - t0
 
     module = AMEDDistillation(denoiser, student.rule, sigmas, s.afs, s.lr, s.objective, s.intermediate_weight,
-                              s.learn_grid, s.grid_lr)
+                              s.learn_grid, s.grid_lr, s.lr_schedule)
     trainer, train_seconds = _fit(module, denoiser, s, data["states"], logger)
     predictor = predictor.cpu()
     trained_sigmas = module.current_sigmas().detach().cpu()
@@ -236,6 +244,8 @@ def _meta(s: DistillSpec, denoiser, records: list[dict], schedule_sigmas: torch.
         "trajectories_cached": run["trajectories_cached"], "trajectory_seconds": run["trajectory_seconds"],
         "train_seconds": run["train_seconds"], "convergence": convergence(records),
     }
+    if s.lr_schedule != "constant":
+        meta.update(lr_schedule=s.lr_schedule)
     if s.objective != "interval":  # the paper's default leaves the metadata as it was
         meta.update(objective=s.objective, intermediate_weight=float(s.intermediate_weight))
     if s.learn_grid:

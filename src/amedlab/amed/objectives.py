@@ -30,6 +30,10 @@ from ..solvers.base import Solver, State
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("interval", "trajectory")
+#: distill.lr_schedule: ``constant`` (the paper's Adam at a fixed rate) or ``cosine`` (ours: the rate
+#: falls as 0.5 (1 + cos(pi p)) over the training progress p in [0, 1), so the predictor settles
+#: within the same number of updates instead of still drifting at the end)
+LR_SCHEDULES = ("constant", "cosine")
 #: the convergence thresholds (documented in the README's AMED section)
 TAIL_FRACTION = 0.1   # the last tenth of each interval's updates ...
 R_TOLERANCE = 0.02    # ... may not move mean r by more than this (r is in (0, 1)) ...
@@ -69,6 +73,18 @@ def check_grid_lr(grid_lr, learn_grid: bool) -> None:
         raise ValueError(f"solver.distill.grid_lr={grid_lr!r} needs solver.distill.learn_grid=true (no grid is learned)")
 
 
+def check_lr_schedule(schedule) -> None:
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"distill.lr_schedule={schedule!r}; accepted: {', '.join(LR_SCHEDULES)}")
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """The learning-rate multiplier at training progress ``progress`` (the fraction of batches done)."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return 1.0
+
+
 def squared_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Batch mean of the per-sample squared L2 error (the paper's distillation loss, per interval)."""
     return (x - target).pow(2).flatten(1).sum(1).mean()
@@ -102,13 +118,17 @@ def trajectory_loss(solver: Solver, denoiser, states: torch.Tensor, sigmas: torc
 
 def convergence(records: list[dict], tail: float = TAIL_FRACTION, r_tol: float = R_TOLERANCE,
                 loss_tol: float = LOSS_TOLERANCE, noise_sigmas: float = NOISE_SIGMAS) -> dict:
-    """Did each interval's training settle? From the per-update records (interval, loss, r_mean).
+    """Did each interval's training settle? From the per-update records (interval, loss, r_mean and,
+    when trained over several epochs, epoch).
 
     Per interval with n updates, k = ceil(tail * n): the mean of the last k updates is compared with
-    the mean of the k before them. r "still moves" when |change of mean r| > ``r_tol``; the loss
-    when |relative change of the mean loss| > ``loss_tol``. Either counts only if it also exceeds
-    ``noise_sigmas`` standard errors of the difference (batches differ, so the per-batch loss is
-    noisy; a change inside that noise is not evidence of drift). Fewer than 2 updates: not judged.
+    a reference window. With two or more epochs that window is the same k batches one epoch earlier
+    (the data module serves every epoch in the same order, so the pair sees the same trajectories and
+    the comparison is paired, free of which trajectories happen to fall in a window); with one epoch
+    it is the k updates before the last k. r "still moves" when |change of mean r| > ``r_tol``; the
+    loss when |relative change of the mean loss| > ``loss_tol``. Either counts only if it also
+    exceeds ``noise_sigmas`` standard errors of the change (of the paired differences, or of the two
+    windows' means). Fewer than 2 updates: not judged.
     """
     by_interval: dict[int, list[dict]] = {}
     for rec in records:
@@ -121,21 +141,30 @@ def convergence(records: list[dict], tail: float = TAIL_FRACTION, r_tol: float =
         entry = {"interval": i, "updates": n, "loss_end": None, "r_end": None, "r_change": None,
                  "loss_rel_change": None, "converged": None}
         if n >= 2:
-            k = min(k, n // 2)
-            last, prev = recs[-k:], recs[-2 * k : -k]
+            last_epoch = recs[-1].get("epoch")
+            per_epoch = sum(1 for r in recs if r.get("epoch") == last_epoch) if last_epoch is not None else n
+            paired = last_epoch is not None and n >= 2 * per_epoch
+            k = min(k, per_epoch if paired else n // 2)
+            last = recs[-k:]
+            prev = recs[-per_epoch - k : -per_epoch] if paired else recs[-2 * k : -k]
 
-            def stats(key, window):
-                v = torch.tensor([float(r[key]) for r in window], dtype=torch.float64)
-                return v.mean().item(), (v.var().item() / len(v) if len(v) > 1 else 0.0)
+            def change(key):
+                a = torch.tensor([float(r[key]) for r in last], dtype=torch.float64)
+                b = torch.tensor([float(r[key]) for r in prev], dtype=torch.float64)
+                if paired:
+                    var = (a - b).var().item() / k if k > 1 else 0.0
+                else:
+                    var = (a.var().item() + b.var().item()) / k if k > 1 else 0.0
+                return a.mean().item(), b.mean().item(), math.sqrt(var)
 
-            (r_last, vr_last), (r_prev, vr_prev) = stats("r_mean", last), stats("r_mean", prev)
-            (l_last, vl_last), (l_prev, vl_prev) = stats("loss", last), stats("loss", prev)
+            r_last, r_prev, r_se = change("r_mean")
+            l_last, l_prev, l_se = change("loss")
             r_change, l_change = r_last - r_prev, l_last - l_prev
             rel = l_change / max(abs(l_prev), 1e-30)
-            r_moves = abs(r_change) > r_tol and abs(r_change) > noise_sigmas * math.sqrt(vr_last + vr_prev)
-            l_moves = abs(rel) > loss_tol and abs(l_change) > noise_sigmas * math.sqrt(vl_last + vl_prev)
+            r_moves = abs(r_change) > r_tol and abs(r_change) > noise_sigmas * r_se
+            l_moves = abs(rel) > loss_tol and abs(l_change) > noise_sigmas * l_se
             entry.update(loss_end=l_last, r_end=r_last, r_change=r_change, loss_rel_change=rel,
-                         tail_updates=k, converged=not (r_moves or l_moves))
+                         tail_updates=k, paired_with_previous_epoch=paired, converged=not (r_moves or l_moves))
         out.append(entry)
     judged = [e["converged"] for e in out if e["converged"] is not None]
     return {"converged": all(judged) if judged else None, "intervals": out,
