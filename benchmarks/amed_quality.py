@@ -3,12 +3,15 @@
 For each NFE in 3/5/7/9 every classical solver (its conf/solver settings, polynomial rho=7 and
 time-uniform rho=1 by default, the better reported) and every AMED config in ``--amed`` (conf/solver
 names: the paper's AMED-Solver and AMED-Plugin(iPNDM), and the corrected variable-step / trajectory-
-objective plug-ins) distilled for that NFE (trajectories cached on disk, generation timed apart from
-distillation). Same seeds for all. The summary gives best AMED / iPNDM and best AMED / best classical.
+objective plug-ins; ``amed_plugin_vs_grid`` adds the learned coarse grid, with its ``grid_lr``) distilled
+for that NFE (trajectories cached on disk, generation timed apart from distillation). Same seeds for
+all. The summary gives best AMED / iPNDM and best AMED / best classical.
 
     .venv/bin/python benchmarks/amed_quality.py --model digits_unet
     .venv/bin/python benchmarks/amed_quality.py --model gaussian_mixture
     .venv/bin/python benchmarks/amed_quality.py --model gaussian_mixture --model-opt dim=64
+    .venv/bin/python benchmarks/amed_quality.py --model gaussian_mixture --trajectories 4096 --batch-size 32 \
+        --epochs 2 --amed amed_plugin_vs_grid --out benchmarks/results/amed_variants_mixture2d_grid.json
 """
 from __future__ import annotations
 
@@ -113,7 +116,8 @@ def main() -> None:
                            num_trajectories=args.trajectories, cache_dir=args.cache, gen_batch_size=args.batch,
                            model_name=args.model, batch_size=args.batch_size, epochs=args.epochs,
                            objective=dist.get("objective", "interval"),
-                           intermediate_weight=float(dist.get("intermediate_weight", 0.0)))
+                           intermediate_weight=float(dist.get("intermediate_weight", 0.0)),
+                           learn_grid=bool(dist.get("learn_grid", False)), grid_lr=dist.get("grid_lr"))
             solver = solver_from_cfg(node, predictor=pred)
             sigmas = torch.tensor(pred.meta["sigmas"], dtype=torch.float64)
             with torch.no_grad():
