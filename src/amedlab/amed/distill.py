@@ -100,15 +100,16 @@ class AMEDDistillation(pl.LightningModule):
         groups = [{"params": list(self.predictor.parameters()), "lr": self.lr}]
         if self.grid is not None:
             groups.append({"params": list(self.grid.parameters()), "lr": self.grid_lr})
-        opt = torch.optim.Adam(groups)
-        batches = max(int(self.trainer.estimated_stepping_batches), 1)  # every batch of every epoch
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda done: lr_factor(self.lr_schedule, done / batches))}
+        return torch.optim.Adam(groups)
 
     def on_fit_start(self):
         teacher_to(self.denoiser, self.device)  # a DDP rank's own GPU; held_teacher moves it back
 
     def on_train_start(self):
+        # distill.lr_schedule: one step per batch over every batch of every epoch (stepped in training_step)
+        batches = max(int(self.trainer.estimated_stepping_batches), 1)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizers().optimizer, lambda done: lr_factor(self.lr_schedule, done / batches))
         # DDP's reducer syncs one backward per forward; we take one per interval and average ourselves.
         wrapped = self.trainer.strategy.model
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
@@ -144,7 +145,7 @@ class AMEDDistillation(pl.LightningModule):
                 _average_gradients(self.predictor)
                 opt.step()
                 self._record(i, loss.item(), len(states))
-        self.lr_schedulers().step()  # once per batch (manual optimisation: Lightning leaves it to us)
+        self.schedule.step()  # once per batch
 
 
 def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settings) -> AMEDPredictor:
