@@ -187,11 +187,39 @@ def test_cell_training_is_cached_and_verified(compose_cfg, tmp_path, mixture):
     ("num_trajectories", 0, "an integer >= 1"), ("batch_size", 1000, "at most"), ("epochs", 1.5, "an integer >= 1"),
     ("lr", -1.0, "a finite number > 0"), ("loss", "l1", "final, denoised"), ("learn_grid", "yes", "true, false"),
     ("first_seed", -3, "an integer >= 0"), ("momentum", 0.9, "accepted: num_trajectories"),
+    ("starts", [], "a non-empty list"), ("starts", [{"sigma_min": 1.0}], "{kind, rho} overrides"),
+    ("starts", "time_uniform", "a non-empty list"),
 ])
 def test_bad_settings_are_clear_errors(key, value, accepted):
     with pytest.raises(ValueError, match=f"solver.distill.*{key}") as err:
         check_learned_settings({key: value})
     assert accepted in str(err.value)
+
+
+def test_the_start_with_the_lowest_training_error_is_kept_and_every_start_is_recorded(compose_cfg, tmp_path, mixture):
+    from amedlab.learned.train import final_error, teacher_solutions
+
+    cfg = _cfg(compose_cfg, tmp_path)
+    settings = learned_settings(cfg, dict(cfg.solver), dict(cfg.schedule), range(32))
+    assert settings["starts"] == [{}, {"kind": "time_uniform", "rho": 1.0}]  # conf/solver/learned.yaml
+    params, _ = cell_learned(mixture, cfg, settings, tmp_path)
+    tried = params.meta["starts_tried"]
+    assert [t["schedule"]["kind"] for t in tried] == ["polynomial", "time_uniform"]
+    errors = [t["final_error"] for t in tried]
+    assert errors[0] != errors[1]
+    best = tried[errors.index(min(errors))]["schedule"]
+    assert params.meta["start_schedule"] == best
+    assert params.meta["base_sigmas"] == pytest.approx(
+        make_sigmas(best["kind"], 5, best["sigma_min"], best["sigma_max"], best["rho"]).tolist(), rel=1e-12)
+    noise, target, _ = teacher_solutions(mixture, cfg.eval.ode_reference, 0.002, 80.0, range(200000, 200032), tmp_path)
+    assert final_error(mixture, params, noise, target, True) == pytest.approx(min(errors), rel=1e-5)  # float32
+    # one start: the schedule's grid only, a single candidate
+    one = learned_settings(cfg, {**dict(cfg.solver), "distill": {**dict(cfg.solver.distill), "starts": [{}]}},
+                           dict(cfg.schedule), range(32))
+    single, _ = cell_learned(mixture, cfg, one, tmp_path)
+    assert [t["schedule"]["kind"] for t in single.meta["starts_tried"]] == ["polynomial"]
+    with pytest.raises(ValueError, match=r"solver.distill.starts\[1\]=\{'kind': 'bogus'\}"):
+        learned_settings(cfg, {**dict(cfg.solver), "distill": {"starts": [{}, {"kind": "bogus"}]}}, dict(cfg.schedule), range(32))
 
 
 def test_training_seeds_must_be_disjoint_from_the_evaluation_seeds():
@@ -207,7 +235,9 @@ def test_stage_evaluate_rejects_bad_values_before_any_compute(compose_cfg, monke
     base = ["stage=evaluate", "experiments=table2_digits", "solver=learned", "nfe=5", f"eval.cache_dir={tmp_path}"]
     for override, key in (("solver.distill.lr=0", "solver.distill.lr"), ("solver.distill.loss=l2", "solver.distill.loss"),
                           ("solver.distill.first_seed=10", "solver.distill.first_seed"),
-                          ("solver.options.max_order=6", "max_order"), ("nfe=0", "nfe")):
+                          ("solver.options.max_order=6", "max_order"), ("nfe=0", "nfe"),
+                          ("solver.distill.starts=[{kind: bogus}]", r"solver.distill.starts\[0\]"),
+                          ("solver.distill.starts=[{sigma_max: 1}]", r"solver.distill.starts\[0\]")):
         with pytest.raises(ConfigError, match=key):
             check_stage(compose_cfg(*base, override), "evaluate")
     with pytest.raises(ConfigError, match="solver.distill.epoch is not a known key"):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from omegaconf import OmegaConf
 
-from ..configs import CONF_DIR
+from ..configs import CONF_DIR, check_schedule_cfg
 from ..io import plain
 
 LOSSES = ("final", "denoised")
@@ -32,10 +32,40 @@ def learned_settings(cfg, solver_node: Mapping, schedule: Mapping, eval_seeds) -
     ``solver.distill`` checked against ``eval_seeds`` and filled, the NFE, schedule, AFS, order,
     teacher (``eval.ode_reference``), dtype and seed."""
     settings = check_learned_settings(plain(solver_node.get("distill") or {}), eval_seeds)
+    start_schedules(schedule, settings["starts"])  # every starting grid is a valid schedule, before any compute
     ref = {k: v for k, v in plain(cfg.eval.ode_reference).items() if k != "chunk_size"}
     return {"nfe": int(cfg.nfe), "schedule": plain(dict(schedule)), "afs": solver_node.get("afs", False),
             "max_order": int((solver_node.get("options") or {}).get("max_order", 4)), "teacher": ref,
             "dtype": str(cfg.eval.dtype), "seed": int(cfg.seed), **settings}
+
+
+START_KEYS = ("kind", "rho")  # the ends (sigma_min, sigma_max) are the cell's: the teacher's solution is at sigma_min
+
+
+def check_starts(starts) -> list[dict]:
+    """``solver.distill.starts``: a non-empty list of schedule overrides (``{}`` or ``kind``/``rho``)."""
+    accepted = "a non-empty list of {} or {kind, rho} overrides of the cell's schedule"
+    if not isinstance(starts, (list, tuple)) or not starts:
+        raise ValueError(f"solver.distill.starts={starts!r}; accepted: {accepted}")
+    out = []
+    for i, start in enumerate(starts):
+        if not isinstance(start, Mapping) or set(start) - set(START_KEYS):
+            raise ValueError(f"solver.distill.starts[{i}]={start!r}; accepted: {accepted}")
+        out.append(dict(start))
+    return out
+
+
+def start_schedules(schedule: Mapping, starts) -> list[dict]:
+    """The cell's ``schedule`` with each start's overrides applied, each checked (a ValueError naming it)."""
+    out = []
+    for i, start in enumerate(starts):
+        merged = {**dict(schedule), **dict(start)}
+        try:
+            check_schedule_cfg(merged)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"solver.distill.starts[{i}]={dict(start)!r}: {err}") from None
+        out.append(merged)
+    return out
 
 
 def check_learned_settings(sdist: Mapping | None, eval_seeds=None) -> dict:
@@ -66,6 +96,7 @@ def check_learned_settings(sdist: Mapping | None, eval_seeds=None) -> dict:
     for key in ("learn_grid", "learn_coefficients"):
         if not isinstance(out[key], bool):
             raise ValueError(f"solver.distill.{key}={out[key]!r}; accepted: true, false")
+    out["starts"] = check_starts(out["starts"])
     if eval_seeds is not None:
         train = range(out["first_seed"], out["first_seed"] + out["num_trajectories"])
         overlap = sorted(set(train).intersection(eval_seeds))

@@ -31,7 +31,7 @@ from ..amed.objectives import squared_error, trajectory_loss
 from ..amed.placement import held_teacher, lightning_placement, teacher_to
 from ..models.base import device_of
 from ..solvers.base import Solver
-from .settings import DEFAULTS, LOSSES
+from .settings import DEFAULTS, LOSSES, start_schedules
 from .solver import LearnedIPNDM, LearnedSolverParams
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,21 @@ def train_learned(denoiser, noise: torch.Tensor, target: torch.Tensor, base_sigm
     return params
 
 
+def final_error(denoiser, params: LearnedSolverParams, noise: torch.Tensor, target: torch.Tensor, afs,
+                batch_size: int = 500) -> float:
+    """Mean squared error per sample of the final sample against ``target`` (what ``solver.distill.starts``
+    picks by; over the training trajectories: the choice never sees an evaluation seed)."""
+    solver = Solver(LearnedIPNDM(params.to(noise.device), params.max_order), afs=afs)
+    total = 0.0
+    with torch.no_grad():
+        sigmas = params.sigmas()
+        for i in range(0, len(noise), batch_size):
+            total += squared_error(solver.sample(denoiser, noise[i:i + batch_size], sigmas), target[i:i + batch_size]).item() \
+                * len(noise[i:i + batch_size])
+    params.cpu()
+    return total / len(noise)
+
+
 def teacher_solutions(model, ref_cfg: Mapping, sigma_min: float, sigma_max: float, seeds, cache_dir,
                       batch_size: int = 500, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(noise, the teacher's x(sigma_min), info) for ``seeds``: the high-NFE reference of
@@ -159,7 +174,6 @@ def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = Tru
     def train():
         rule_solver = make_solver("learned", afs=settings["afs"], max_order=settings["max_order"])
         num_points = rule_solver.num_points(settings["nfe"])
-        base = ScheduleSpec.from_cfg(schedule).grid(num_points)
         seeds = list(range(settings["first_seed"], settings["first_seed"] + settings["num_trajectories"]))
         dtype = DTYPES[settings["dtype"]]
         device = str(device_of(model))
@@ -169,11 +183,21 @@ def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = Tru
         meta = {"solver": "learned", "model_identity": identity, "model_name": cfg.model.name, "nfe": settings["nfe"],
                 "num_points": num_points, "schedule": settings["schedule"], "teacher": settings["teacher"],
                 "seeds": f"{seeds[0]}-{seeds[-1]}", "teacher_cached": tinfo["cached"], "teacher_seconds": tinfo["seconds"]}
-        params = train_learned(model, noise.to(device), target.to(device), base, meta,
-                               **{k: settings[k] for k in (*SOLVER_SETTINGS, *TRAINING_KEYS)})
-        log.info("learned solver for nfe=%d: %d trajectories, %d updates, %.1f s (%.1f CPU s); grid %s",
-                 settings["nfe"], settings["num_trajectories"], params.meta["updates"], params.meta["train_seconds"],
-                 params.meta["train_cpu_seconds"], [round(s, 4) for s in params.meta["sigmas"]])
+        noise, target = noise.to(device), target.to(device)
+        tried = []
+        for start in start_schedules(schedule, settings["starts"]):
+            base = ScheduleSpec.from_cfg(start).grid(num_points)
+            candidate = train_learned(model, noise, target, base, meta,
+                                      **{k: settings[k] for k in (*SOLVER_SETTINGS, *TRAINING_KEYS)})
+            tried.append((final_error(model, candidate, noise, target, settings["afs"]), start, candidate))
+        params = min(tried, key=lambda t: t[0])[2]  # the first of equals: the order of solver.distill.starts
+        params.meta.update(start_schedule=min(tried, key=lambda t: t[0])[1],
+                           starts_tried=[{"schedule": start, "final_error": err} for err, start, _ in tried],
+                           train_seconds_all_starts=sum(c.meta["train_seconds"] for _, _, c in tried),
+                           train_cpu_seconds_all_starts=sum(c.meta["train_cpu_seconds"] for _, _, c in tried))
+        log.info("learned solver for nfe=%d: %d trajectories, %d updates per start, %.1f s (%.1f CPU s) over the starts; grid %s",
+                 settings["nfe"], settings["num_trajectories"], params.meta["updates"], params.meta["train_seconds_all_starts"],
+                 params.meta["train_cpu_seconds_all_starts"], [round(s, 4) for s in params.meta["sigmas"]])
         return params, {"settings": settings, "meta": params.meta, "records": params.records}
 
     params, info = trained_once(path, "cached learned solver", LearnedSolverParams.from_blob, train, use_cache)
