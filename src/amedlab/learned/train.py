@@ -160,7 +160,9 @@ def teacher_solutions(model, ref_cfg: Mapping, sigma_min: float, sigma_max: floa
 def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = True):
     """(params, info) for a ``stage=evaluate`` cell: cached parameters trained for the same ``settings``
     (:func:`.settings.learned_settings`, built once by the checks) and model, or new ones (teacher
-    solutions from the cached high-NFE reference), stored."""
+    solutions from the cached high-NFE reference), stored. New ones are trained from every grid of
+    ``solver.distill.starts``; the one with the lowest :func:`final_error` on the training
+    trajectories is kept."""
     from ..cache import digest, trained_once
     from ..models.base import DTYPES
     from ..solvers import make_solver
@@ -190,8 +192,8 @@ def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = Tru
             candidate = train_learned(model, noise, target, base, meta,
                                       **{k: settings[k] for k in (*SOLVER_SETTINGS, *TRAINING_KEYS)})
             tried.append((final_error(model, candidate, noise, target, settings["afs"]), start, candidate))
-        params = min(tried, key=lambda t: t[0])[2]  # the first of equals: the order of solver.distill.starts
-        params.meta.update(start_schedule=min(tried, key=lambda t: t[0])[1],
+        _, chosen, params = min(tried, key=lambda t: t[0])  # the first of equals: the order of solver.distill.starts
+        params.meta.update(start_schedule=chosen,
                            starts_tried=[{"schedule": start, "final_error": err} for err, start, _ in tried],
                            train_seconds_all_starts=sum(c.meta["train_seconds"] for _, _, c in tried),
                            train_cpu_seconds_all_starts=sum(c.meta["train_cpu_seconds"] for _, _, c in tried))
