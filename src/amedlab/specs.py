@@ -225,8 +225,10 @@ class DistillSpec:
     devices: int | str = 1
     strategy: str = "auto"
 
-    #: set only when given, so that the paper's default keeps its cache key
-    OPTIONAL_KEYS = ("objective", "intermediate_weight", "learn_grid", "grid_lr")
+    #: in the key only when given and not at their neutral value (learn_grid false, the paper's constant
+    #: rate), so that the paper's default keeps its cache key
+    OPTIONAL_KEYS = {"objective": None, "intermediate_weight": None, "learn_grid": False, "grid_lr": None,
+                     "lr_schedule": "constant"}
 
     @classmethod
     def create(cls, **fields) -> DistillSpec:
@@ -265,11 +267,10 @@ class DistillSpec:
                "s_dir": self.s_dir, "s_time": self.s_time, "num_trajectories": int(self.num_trajectories),
                "batch_size": int(self.batch_size), "lr": float(self.lr), "epochs": int(self.epochs),
                "predictor_sizes": dict(self.predictor_sizes or {}), "seed": int(self.seed)}
-        if self.lr_schedule != "constant":  # the paper's constant rate keeps the key it always had
-            out["lr_schedule"] = self.lr_schedule
-        # learn_grid=false is the default's predictor too: it keeps the default's key
-        out.update({k: getattr(self, k) for k in self.OPTIONAL_KEYS
-                    if getattr(self, k) is not None and not (k == "learn_grid" and getattr(self, k) is False)})
+        for k, neutral in self.OPTIONAL_KEYS.items():
+            value = getattr(self, k)
+            if value is not None and value != neutral:
+                out[k] = value
         return out
 
     def key(self, model_identity) -> str:
