@@ -184,9 +184,9 @@ def test_cell_training_is_cached_and_verified(compose_cfg, tmp_path, mixture):
 
 
 @pytest.mark.parametrize("key,value,accepted", [
-    ("num_trajectories", 0, "an integer >= 1"), ("batch_size", 1000, "at most"), ("epochs", 1.5, "an integer >= 1"),
+    ("num_trajectories", 0, "an integer in [1, "), ("batch_size", 1000, "at most"), ("epochs", 1.5, "an integer in [1, "),
     ("lr", -1.0, "a finite number > 0"), ("loss", "l1", "final, denoised"), ("learn_grid", "yes", "true, false"),
-    ("first_seed", -3, "an integer >= 0"), ("momentum", 0.9, "accepted: num_trajectories"),
+    ("first_seed", -3, "an integer in [0, "), ("momentum", 0.9, "accepted: num_trajectories"),
     ("starts", [], "a non-empty list"), ("starts", [{"sigma_min": 1.0}], "{kind, rho} overrides"),
     ("starts", "time_uniform", "a non-empty list"),
 ])

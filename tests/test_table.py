@@ -6,7 +6,9 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
+from amedlab.cache import digest, seal
 from amedlab.configs import CONF_DIR
+from amedlab.evaluation.evaluate import METRICS_FORMAT
 from amedlab.stages import table as table_stage
 from amedlab.evaluation.table import write_tables
 
@@ -28,8 +30,10 @@ def write_cell(root, solver, label, nfe, fid, rmse, complete=True, overrides=Non
                "kid_std": 0.0, "rmse": rmse, "num_samples": 2000, "feature_extractor": "amedlab-digits",
                "model": {"name": "digits_unet"}, "real_data": {"split": "train"},
                "schedule": {"kind": "time_uniform" if solver == "amed" else "polynomial", "rho": 1.0 if solver == "amed" else 7.0},
-               "overrides": overrides or [f"solver={solver}", f"nfe={nfe}", "experiments=table2_digits"]}
-    (cell / "metrics.json").write_text(json.dumps(metrics))
+               "overrides": overrides or [f"solver={solver}", f"nfe={nfe}", "experiments=table2_digits"],
+               "format": METRICS_FORMAT, "solver_config": {"name": solver}, "uncertainty": None}
+    metrics["cell_key"] = digest([str(cell), solver, nfe])  # one key per cell, as stage=evaluate writes
+    (cell / "metrics.json").write_text(json.dumps(seal(metrics)))  # sealed, as stage=evaluate writes it
     return cell
 
 

@@ -10,7 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch_fidelity.metric_kid import kid_features_to_metric
 
+from amedlab.cache import digest, seal
 from amedlab.configs import CONF_DIR
+from amedlab.evaluation.evaluate import METRICS_FORMAT
 from amedlab.evaluation import compare_cells as compare_stage
 from amedlab.stages import compare_cells as compare_cells_stage
 from amedlab.evaluation import uncertainty as U
@@ -109,12 +111,13 @@ def _write_cell(root, solver, label, nfe, gen, real, sq_err=None, with_data=True
     metrics = {"complete": True, "label": label, "solver": solver, "nfe": nfe, "num_samples": n,
                "fid": fid_from_statistics(feature_statistics(gen), stats), "kid_mean": 0.0,
                "rmse": (sq.double() ** 2).mean().sqrt().item(), "model": {"name": "test"},
-               "overrides": [f"solver={solver}", f"nfe={nfe}"]}
+               "overrides": [f"solver={solver}", f"nfe={nfe}"], "format": METRICS_FORMAT,
+               "solver_config": {"name": solver}, "cell_key": digest([solver, nfe, seeds]), "uncertainty": None}
     if with_data:
         unc = U.evaluate_cell(cell, range(n), gen, {"mu": stats["mu"], "sigma": stats["sigma"], "features": real},
                               sq, torch.zeros_like(sq), {"resamples": 200, "seed": 0})
         metrics["uncertainty"] = unc
-    (cell / "metrics.json").write_text(json.dumps(metrics))
+    (cell / "metrics.json").write_text(json.dumps(seal(metrics)))  # sealed, as stage=evaluate writes it
     return cell
 
 

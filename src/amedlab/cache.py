@@ -9,7 +9,7 @@ rebuilds the entry. Files are read with ``weights_only=True``: a cache never run
 
 :func:`locked` makes concurrent processes (a parallel launcher's cells) compute an entry once.
 ``file_digest`` hashes a user's file (or a folder, file by file) by content; the hash is memoised
-by (path, size, mtime) so a large checkpoint is read once, not once per cell.
+by (path, size, mtime, ctime, inode) so a large checkpoint is read once, not once per cell.
 """
 from __future__ import annotations
 
@@ -65,6 +65,24 @@ def locked(path: Path, wait: bool = True):
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def seal(record: dict) -> dict:
+    """``record`` as plain JSON values plus ``"digest"``: :func:`digest` of everything else. A result
+    file (a cell's ``metrics.json``) is written sealed, so an edit or damage is detected on reading."""
+    body = plain({k: v for k, v in record.items() if k != "digest"})
+    return {**body, "digest": digest(body)}
+
+
+def seal_problem(record) -> str | None:
+    """Why ``record`` (read back from JSON) is not a sealed result, or None if its digest matches."""
+    if not isinstance(record, dict):
+        return f"not a JSON object (a {type(record).__name__})"
+    if "digest" not in record:
+        return "it has no digest (written by another program or an older version)"
+    if record["digest"] != digest({k: v for k, v in record.items() if k != "digest"}):
+        return "its content does not match its digest (edited or damaged)"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,13 +187,14 @@ def sha256_file(path) -> str:
 
 def _file_digest(path: Path, memo_dir: Path | None) -> str:
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    # ctime and inode too: ``cp -p`` or a restore keeps size and mtime, but no user can set ctime
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if key in _MEMO:
         return _MEMO[key]
     memo = None if memo_dir is None else Path(memo_dir) / (hashlib.sha256(key[0].encode()).hexdigest()[:24] + ".json")
     try:
         saved = json.loads(memo.read_text()) if memo is not None else {}
-        if [saved["path"], saved["size"], saved["mtime_ns"]] == list(key):
+        if [saved["path"], saved["size"], saved["mtime_ns"], saved.get("ctime_ns"), saved.get("inode")] == list(key):
             _MEMO[key] = saved["sha256"]
             return saved["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -187,7 +206,8 @@ def _file_digest(path: Path, memo_dir: Path | None) -> str:
     try:
         from .io import atomic_write_json
 
-        atomic_write_json(memo, {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": value})
+        atomic_write_json(memo, {"path": key[0], "size": key[1], "mtime_ns": key[2], "ctime_ns": key[3], "inode": key[4],
+                                 "sha256": value})
     except OSError:  # a read-only cache only costs the re-hash
         pass
     return value
@@ -207,27 +227,94 @@ def file_digest(path: str | os.PathLike | None, memo_dir: str | os.PathLike | No
     return _file_digest(p, memo_dir)[:24]
 
 
-def trained_once(path: Path, what: str, from_blob, train, use_cache: bool = True, new_source: str = "trained"):
+def trained_once(path: Path, what: str, from_blob, train, use_cache: bool = True, new_source: str = "trained", *,
+                 settings):
     """(object, info): a trained object (an AMED predictor, a learned solver) cached at ``path``.
 
-    Under the lock of ``path``: if a digest-verified blob is there (``use_cache``), ``from_blob(blob,
-    path)`` and the records of its JSON sidecar; else ``train()`` -> (object, sidecar dict), stored with
-    ``object.save(path)`` and the sidecar written atomically. ``info``: source ("cache" or
-    ``new_source``), path, the per-update records and the training's wall seconds (0 from the cache).
+    ``settings``: what the object is trained for, the dict whose :func:`digest` is the key in
+    ``path``'s name. Under the lock of ``path``: a blob there is used (``use_cache``) only if its digest
+    matches (:func:`load_verified`) and its ``spec`` entry holds the same settings: a blob trained for
+    other settings (copied or renamed onto this key) or recording none (an older version, a user's
+    file) is logged with the file and the first differing setting, removed and trained again. Then
+    ``from_blob(blob, path)``. Else ``train()`` -> (object, sidecar dict) (a training that diverges
+    raises there, so nothing is written), stored with ``object.save(path, spec=settings,
+    records=...)`` and the sidecar written atomically.
+
+    The JSON sidecar (``<path>.json``) is a readable copy: the blob holds the settings, metadata and
+    records too, so a damaged or missing sidecar is logged and rewritten from the blob, never a reason
+    to retrain. ``info``: source ("cache" or ``new_source``), path, the per-update records and the
+    training's wall seconds (0 from the cache).
     """
     from .io import atomic_write_json
 
     path = Path(path)
     sidecar = path.with_suffix(".json")
+    expected = json.loads(json.dumps(plain(settings), default=str))  # as stored (and compared by load_verified)
+
+    def first_difference(found, want, where=""):
+        """(setting, found, wanted) of the first difference (keys in sorted order), or None."""
+        if isinstance(found, dict) and isinstance(want, dict):
+            for k in sorted(set(found) | set(want), key=str):
+                sub = f"{where}.{k}" if where else str(k)
+                if k not in found or k not in want:
+                    return sub, found.get(k, "<absent>"), want.get(k, "<absent>")
+                diff = first_difference(found[k], want[k], sub)
+                if diff:
+                    return diff
+            return None
+        if isinstance(found, list) and isinstance(want, list) and len(found) == len(want):
+            for i, (a, b) in enumerate(zip(found, want)):
+                diff = first_difference(a, b, f"{where}[{i}]")
+                if diff:
+                    return diff
+            return None
+        same = json.dumps(found, sort_keys=True, default=str) == json.dumps(want, sort_keys=True, default=str)
+        return None if same else (where or "settings", found, want)
+
+    def read_sidecar():
+        """(records or None, why the sidecar must be rewritten or None)."""
+        try:
+            side = json.loads(sidecar.read_text())
+        except FileNotFoundError:
+            return None, "missing"
+        except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
+            return None, f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        if not isinstance(side, dict):
+            return None, f"not a JSON object (a {type(side).__name__})"
+        records = side.get("records", [])
+        return (records if isinstance(records, list) else None), None
+
     with locked(path):
-        # used only if its digest matches (a corrupt one is logged, removed and trained again)
+        # used only if its digest matches (a corrupt one is logged, removed and trained again) ...
         blob = load_verified(path, what=what) if use_cache else None
+        if blob is not None:  # ... and it was trained for these settings
+            if "spec" not in blob:
+                reason = "records no settings (written by an older version or outside the cache)"
+            else:
+                diff = first_difference(blob["spec"], expected)
+                reason = None if diff is None else \
+                    f"was trained for other settings: {diff[0]}={diff[1]!r} in the file, {diff[2]!r} expected"
+            if reason is not None:
+                log.warning("%s %s %s; removed, training it again", what, path, reason)
+                path.unlink(missing_ok=True)
+                blob = None
         if blob is not None:
-            records = json.loads(sidecar.read_text()).get("records", []) if sidecar.is_file() else []
-            return from_blob(blob, path), {"source": "cache", "path": str(path), "records": records, "distill_seconds": 0.0}
+            obj = from_blob(blob, path)
+            side_records, side_problem = read_sidecar()
+            if "records" in blob:
+                records = blob["records"]
+            else:  # written before the blob held its records: from the sidecar, into the blob from now on
+                records = side_records if side_records is not None else []
+                save_verified(path, {**{k: v for k, v in blob.items() if k != "digest"}, "records": records})
+            if side_problem is not None:
+                (log.info if side_problem == "missing" else log.warning)(
+                    "%s sidecar %s is %s; rewritten from %s", what, sidecar, side_problem, path.name)
+                atomic_write_json(sidecar, {"settings": blob["spec"], "meta": blob.get("meta", {}), "records": records})
+            return obj, {"source": "cache", "path": str(path), "records": records, "distill_seconds": 0.0}
         t0 = time.perf_counter()
         obj, side = train()
         seconds = time.perf_counter() - t0
-        obj.save(path)
+        records = side.get("records", [])
+        obj.save(path, spec=expected, records=plain(records))
         atomic_write_json(sidecar, side)
-    return obj, {"source": new_source, "path": str(path), "records": side.get("records", []), "distill_seconds": seconds}
+    return obj, {"source": new_source, "path": str(path), "records": records, "distill_seconds": seconds}

@@ -11,6 +11,7 @@ composition errors) is printed as its message alone, on stderr, with exit status
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -18,7 +19,7 @@ import sys
 
 import hydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .configs import CONF_DIR
@@ -86,9 +87,97 @@ def user_error_message(err: BaseException) -> str | None:
     return None
 
 
+#: the Hydra plug-ins a config may name (``hydra.launcher`` / ``hydra.sweeper``): Hydra's own and the
+#: installed ``hydra_plugins`` packages (e.g. the submitit launcher of conf/hydra/launcher/slurm.yaml)
+PLUGIN_PREFIXES = ("hydra._internal.core_plugins.", "hydra_plugins.")
+
+
+def _factories(node, path: str):
+    """(path, value) of every ``()`` factory in a logging config (``logging.config.dictConfig`` calls it)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "()":
+                yield f"{path}.()", v
+            yield from _factories(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _factories(v, f"{path}[{i}]")
+
+
+def check_hydra_callbacks(config) -> None:
+    """Refuse the Hydra settings that import and run code named in a config file (read with
+    ``--config-dir``) or an override, before Hydra acts on them: ``hydra.callbacks``, ``()`` factories
+    in ``hydra.job_logging`` / ``hydra.hydra_logging``, and a launcher or sweeper that is not a Hydra
+    plug-in (:data:`PLUGIN_PREFIXES`)."""
+    from .errors import ConfigError
+
+    def get(key):
+        node = OmegaConf.select(config, key, default=None, throw_on_missing=False)
+        return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+
+    callbacks = get("hydra.callbacks")
+    if callbacks:
+        raise ConfigError(f"hydra.callbacks={callbacks!r}: a Hydra callback imports and runs the code its _target_ "
+                          "names, before any check; this project uses none; accepted: {} (no callbacks: remove "
+                          "hydra.callbacks from the experiment file or the overrides)", "hydra.callbacks")
+    for key in ("hydra.job_logging", "hydra.hydra_logging"):
+        for path, value in _factories(get(key), key):
+            raise ConfigError(f"{path}={value!r}: a logging factory imports and runs the code it names; accepted: "
+                              "handlers and formatters by class (e.g. class: logging.StreamHandler), no '()' entry", key)
+    for key in ("hydra.launcher", "hydra.sweeper"):
+        target = (get(key) or {}).get("_target_") if isinstance(get(key), dict) else None
+        if target is not None and not str(target).startswith(PLUGIN_PREFIXES):
+            raise ConfigError(f"{key}._target_={target!r}: not a Hydra plug-in; accepted: a class under "
+                              f"{' or '.join(PLUGIN_PREFIXES)} (e.g. hydra/launcher=slurm)", f"{key}._target_")
+
+
+def refuse_hydra_callbacks() -> None:
+    """Make Hydra refuse ``hydra.callbacks`` before instantiating any of them.
+
+    Hydra builds its ``Callbacks`` object (which instantiates every entry of ``hydra.callbacks``) from
+    the composed config, with its hydra node, in ``Hydra.run`` and ``Hydra.multirun``, before the task
+    function runs: a check inside a stage would come too late. The wrapped constructor checks that
+    config first; single runs and ``-m`` sweeps both go through it (a sweep's launcher reuses the
+    object built there). Installed once, by :func:`main`.
+    """
+    from hydra._internal.callbacks import Callbacks
+
+    if getattr(Callbacks.__init__, "_amedlab_checked", False):
+        return
+    original = Callbacks.__init__
+
+    @functools.wraps(original)
+    def checked_init(self, config=None, *args, **kwargs):
+        if config is not None:
+            check_hydra_callbacks(config)
+        original(self, config, *args, **kwargs)
+
+    checked_init._amedlab_checked = True
+    Callbacks.__init__ = checked_init
+
+    # Hydra's own logging is configured while the config is composed, before Callbacks exist: its
+    # dictConfig entry point checks each logging config for '()' factories first
+    from hydra._internal import logging_config
+
+    configure = logging_config.configure_logging
+
+    @functools.wraps(configure)
+    def checked_configure(conf, *args, **kwargs):
+        for path, value in _factories(conf, "hydra.hydra_logging / hydra.job_logging"):
+            from .errors import ConfigError
+
+            raise ConfigError(f"{path}={value!r}: a logging factory imports and runs the code it names; accepted: "
+                              "handlers and formatters by class (e.g. class: logging.StreamHandler), no '()' entry",
+                              "hydra.job_logging")
+        return configure(conf, *args, **kwargs)
+
+    logging_config.configure_logging = checked_configure
+
+
 def main() -> None:
     """``python -m amedlab``: Hydra's main with user errors as one message and exit status 2."""
     global _user_full_error
+    refuse_hydra_callbacks()
     if os.environ.get(_FULL_ERROR) == "1":
         _user_full_error = True
         hydra_main()

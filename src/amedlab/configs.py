@@ -31,6 +31,24 @@ CONF_DIR, EXPERIMENTS_ROOT = _config_locations()
 OmegaConf.register_new_resolver("amedlab.root", lambda: str(EXPERIMENTS_ROOT), replace=True)
 
 
+def cell_dirname(override_dirname: str) -> str:
+    """A sweep cell's folder name from its overrides, always ONE path component inside the sweep folder:
+    a swept path value (``eval.digits_classifier=../../x``) must not choose where results go. Path
+    separators become ``%2F``; a name over 200 bytes is cut and ends in a digest of the whole."""
+    import hashlib
+
+    name = str(override_dirname).replace("%", "%25").replace("/", "%2F").replace("\\", "%5C").replace("\0", "")
+    if name in (".", ".."):
+        name = name.replace(".", "%2E")
+    if len(name.encode()) > 200:
+        name = name.encode()[:180].decode(errors="ignore") + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return name
+
+
+# conf/config.yaml: hydra.sweep.subdir=${amedlab.cell_dir:${hydra:job.override_dirname}}
+OmegaConf.register_new_resolver("amedlab.cell_dir", cell_dirname, replace=True)
+
+
 def config_dirs() -> list[Path]:
     """The folders configs are read from, in Hydra's order: inside a Hydra job its search path (a
     ``--config-dir`` included), else :data:`CONF_DIR`."""

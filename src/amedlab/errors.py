@@ -27,3 +27,7 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class ResultError(UserError, RuntimeError):
     """A result that must not be recorded (a NaN or infinite metric); nothing is written."""
+
+
+class DiskFullError(UserError, OSError):
+    """No space (or quota) left while writing a file: nothing partial is left (writes are atomic)."""

@@ -2,6 +2,7 @@
 Config nodes become plain values (:func:`plain`) before they are written or hashed."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -39,8 +40,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            from .errors import DiskFullError
+
+            raise DiskFullError(f"no space left on the device writing {path} ({len(data)} bytes); nothing was written "
+                                "there: free space, or move hydra.run.dir / eval.cache_dir / AMEDLAB_CACHE elsewhere") from None
         raise
     return path
 

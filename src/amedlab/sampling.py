@@ -7,13 +7,21 @@ import torch
 
 
 def parse_seeds(spec) -> list[int]:
-    """``"0-49999"``, ``"0-9,20,30-31"``, an int N (= 0..N-1) or a list of ints -> list of seeds."""
+    """``"0-49999"``, ``"0-9,20,30-31"``, an int N (= 0..N-1) or a list of ints -> list of seeds.
+
+    Seeds are distinct integers in [0, 2^32) (duplicates would count one sample several times), at
+    most :data:`~amedlab.limits.MAX_SEEDS` of them; the count is checked before the list is built."""
+    from .limits import MAX_SEEDS, SEED_LIMIT
+
+    accepted = f"distinct integer seeds in [0, 2^32), at most {MAX_SEEDS}: a range like 0-1999, a list like 0-9,20, or a count N"
+    if isinstance(spec, bool) or spec is None:
+        raise ValueError(f"seeds={spec!r}; accepted: {accepted}")
     if isinstance(spec, int):
-        if spec < 1:
-            raise ValueError(f"seeds={spec!r}: a count must be >= 1")
+        if not 1 <= spec <= MAX_SEEDS:
+            raise ValueError(f"seeds={spec!r}: a count must be in [1, {MAX_SEEDS}]; accepted: {accepted}")
         return list(range(spec))
     if isinstance(spec, str):
-        seeds = []
+        ranges = []
         for part in spec.replace(" ", "").split(","):
             m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
             if not m:
@@ -21,9 +29,32 @@ def parse_seeds(spec) -> list[int]:
             lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
             if hi < lo:
                 raise ValueError(f"seeds={spec!r}: range {part} is empty")
-            seeds.extend(range(lo, hi + 1))
-        return seeds
-    return [int(s) for s in spec]
+            ranges.append((lo, hi))
+        if sum(hi - lo + 1 for lo, hi in ranges) > MAX_SEEDS:
+            raise ValueError(f"seeds={spec!r}: more than {MAX_SEEDS} seeds; accepted: {accepted}")
+        seeds = [s for lo, hi in ranges for s in range(lo, hi + 1)]
+    elif isinstance(spec, (list, tuple)):
+        if len(spec) > MAX_SEEDS:
+            raise ValueError(f"seeds: a list of {len(spec)}; accepted: {accepted}")
+        bad = [s for s in spec if not isinstance(s, int) or isinstance(s, bool)]
+        if bad:
+            raise ValueError(f"seeds: {bad[0]!r} is not an integer; accepted: {accepted}")
+        seeds = [int(s) for s in spec]
+    else:
+        raise ValueError(f"seeds={spec!r}; accepted: {accepted}")
+    if not seeds:
+        raise ValueError(f"seeds={spec!r}: empty; accepted: {accepted}")
+    if any(s < 0 or s >= SEED_LIMIT for s in seeds):
+        raise ValueError(f"seeds: {next(s for s in seeds if s < 0 or s >= SEED_LIMIT)} is outside [0, 2^32); accepted: {accepted}")
+    if len(set(seeds)) != len(seeds):
+        seen, dup = set(), None
+        for s in seeds:
+            if s in seen:
+                dup = s
+                break
+            seen.add(s)
+        raise ValueError(f"seeds: {dup} appears more than once (one sample would count several times); accepted: {accepted}")
+    return seeds
 
 
 def seeded_noise(seeds, shape, sigma: float, dtype=torch.float32, device="cpu") -> torch.Tensor:

@@ -38,6 +38,16 @@ def make_sigmas(
     - ``logsnr``: uniform in log sigma (DPM-Solver's logSNR steps; rho unused).
     """
     check_schedule_args(kind, num_points, sigma_min, sigma_max, rho)
+    try:
+        sigmas = _grid(kind, num_points, sigma_min, sigma_max, rho)
+    except (OverflowError, ZeroDivisionError) as err:  # an extreme rho or sigma: Python floats overflow
+        raise ValueError(f"the {kind} grid of {int(num_points)} points (sigma_min={sigma_min}, sigma_max={sigma_max}, "
+                         f"rho={rho}) cannot be computed ({err}); accepted: e.g. rho between 1 and 10") from None
+    check_grid(sigmas, f"the {kind} grid of {int(num_points)} points (sigma_min={sigma_min}, sigma_max={sigma_max}, rho={rho})")
+    return sigmas
+
+
+def _grid(kind: str, num_points: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
     u = torch.linspace(0.0, 1.0, int(num_points), dtype=torch.float64)
     if kind == "polynomial":
         a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
@@ -55,3 +65,13 @@ def make_sigmas(
     # Pin the ends exactly: the solvers' contract is "from sigma_max to sigma_min".
     sigmas[0], sigmas[-1] = sigma_max, sigma_min
     return sigmas
+
+
+def check_grid(sigmas: torch.Tensor, what: str) -> None:
+    """Every grid a solver runs on is finite and strictly decreasing (an extreme rho can round interior
+    points onto each other or to inf): else a ValueError naming ``what`` and showing the grid."""
+    s = sigmas.detach().double().cpu()
+    if s.ndim != 1 or len(s) < 2 or not bool(torch.isfinite(s).all()) or not bool((s[1:] < s[:-1]).all()) or not bool(s[-1] > 0):
+        shown = ", ".join(f"{v:.6g}" for v in s.reshape(-1)[:12].tolist())
+        raise ValueError(f"{what} is not finite, positive and strictly decreasing: [{shown}]; accepted: a setting "
+                         "whose grid points are distinct (e.g. rho between 1 and 10)")

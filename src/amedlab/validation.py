@@ -73,14 +73,17 @@ def _get(cfg, key: str):
 
 
 def int_at(cfg, key: str, lo: int | None = None, hi: int | None = None, null: bool = False):
+    """An integer (not a float, not a bool) in [lo, hi]; ``hi`` defaults to the key's bound in
+    :mod:`amedlab.limits`, so no integer setting is unbounded."""
+    from .limits import upper_bound
+
     value = _get(cfg, key)
     if value is None and null:
         return None
+    hi = upper_bound(key) if hi is None else hi
     ok = isinstance(value, int) and not isinstance(value, bool)
-    if not ok and isinstance(value, float) and value.is_integer():
-        value, ok = int(value), True
-    if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
-        rng = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    if not ok or (lo is not None and value < lo) or value > hi:
+        rng = f"an integer in [{lo if lo is not None else '-inf'}, {hi}]"
         raise fail(key, value, rng + (" or null" if null else ""))
     return int(value)
 
@@ -183,6 +186,41 @@ def check_known_keys(cfg) -> None:
                           f"{parent or 'the top level'}: {', '.join(siblings)}", path)
 
 
+#: the key paths where a ``_target_`` (code for Hydra to import and call) may appear. None yet: the
+#: project documents no ``_target_`` extension point, and a ``_target_`` in an experiment file or an
+#: override would name code to run. Add an entry (e.g. "model._target_") only with the code that reads it.
+ALLOWED_TARGETS: tuple[str, ...] = ()
+
+
+def _targets(node, prefix: str = "") -> list[tuple[str, object]]:
+    """(key path, value) of every ``_target_`` key in ``node``: mappings and lists, any depth."""
+    if isinstance(node, Mapping):
+        items = [(f"{prefix}.{k}" if prefix else str(k), k, v) for k, v in node.items()]
+    elif isinstance(node, (list, tuple)):
+        items = [(f"{prefix}[{i}]", None, v) for i, v in enumerate(node)]
+    else:
+        return []
+    out = []
+    for path, key, value in items:
+        if key == "_target_":
+            out.append((path, value))
+        out.extend(_targets(value, path))
+    return out
+
+
+def check_targets(cfg) -> None:
+    """A ``_target_`` key anywhere in the task config, outside ALLOWED_TARGETS, is an error naming it.
+    (The hydra node, where present, is Hydra's own: its callbacks are refused by the command line.)"""
+    tree = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
+    tree = {k: v for k, v in tree.items() if k != "hydra"}
+    for path, value in _targets(tree):
+        if path not in ALLOWED_TARGETS:
+            allowed = f" (or only at {', '.join(ALLOWED_TARGETS)})" if ALLOWED_TARGETS else ""
+            raise ConfigError(f"{path}={value!r}: a _target_ key names code to import and run, and nothing in this "
+                              f"project instantiates it; accepted: no _target_ key{allowed}; remove it from the "
+                              "experiment file or the overrides", path)
+
+
 # ------------------------------------------------------------------------------------------------
 # environment: device, writable directories
 # ------------------------------------------------------------------------------------------------
@@ -215,9 +253,22 @@ def check_writable(key: str, directory) -> Path:
 
 
 def _run_dir() -> Path:
+    """The run directory; in a sweep it must lie inside ``hydra.sweep.dir`` (a cell's folder is named
+    from its overrides: a swept path value must not choose where results are written)."""
     from .io import run_dir
 
-    return run_dir()
+    path = run_dir()
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        hc = HydraConfig.get()
+        sweep, cell = Path(hc.sweep.dir).expanduser().resolve(), path.expanduser().resolve()
+        if not cell.is_relative_to(sweep):
+            raise fail("hydra.sweep.subdir", hc.sweep.subdir, "a folder inside hydra.sweep.dir "
+                       "(${amedlab.cell_dir:${hydra:job.override_dirname}})",
+                       f"the cell would be written to {cell}, outside the sweep folder {sweep}")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,8 +431,12 @@ def check_predictor_file(path_value, solver_node: Mapping, nfe: int, sigmas: tor
 def check_common(cfg, stage: str) -> None:
     if stage not in STAGE_NAMES:
         raise fail("stage", stage, ", ".join(STAGE_NAMES))
+    check_targets(cfg)  # before the unknown keys: a _target_ is refused as code, not as a typo
     check_known_keys(cfg)
     int_at(cfg, "seed", 0)
+    if "AMEDLAB_CACHE" in os.environ and not os.environ["AMEDLAB_CACHE"].strip():
+        raise fail("AMEDLAB_CACHE", os.environ["AMEDLAB_CACHE"], "a folder for the caches, or unset it (default .cache/amedlab)",
+                   "the environment variable is set but empty: the caches would go to the file system's root")
     from .evaluation.wandb_logger import check_logger_cfg
 
     with user_errors("logger"):
@@ -414,6 +469,9 @@ def _check_cell_solver(cfg) -> tuple[dict, int, dict, int]:
     with user_errors(f"eval.schedule_per_solver.{solver_node.get('name')}"):
         schedule = cell_schedule(cfg.schedule, solver_node.get("name"), per_solver)
     _, num_points = check_solver_node(cfg.solver, "solver", nfe)
+    name = solver_node.get("name")
+    with user_errors(f"eval.schedule_per_solver.{name}" if name in per_solver else "schedule"):
+        ScheduleSpec.from_cfg(schedule).grid(num_points)  # the grid the cell samples on: finite, decreasing
     return solver_node, nfe, schedule, num_points
 
 
@@ -429,8 +487,6 @@ def _check_eval_values(cfg) -> SimpleNamespace:
         raise fail("eval.seeds", seeds_value, "a range like 0-1999, a list like 0-9,20, or a count N >= 1")
     with user_errors("eval.seeds"):
         seeds = parse_seeds(OmegaConf.to_container(seeds_value) if OmegaConf.is_config(seeds_value) else seeds_value)
-    if not seeds or any(s < 0 or s >= 2**63 for s in seeds):
-        raise fail("eval.seeds", seeds_value, "non-negative integer seeds (a range like 0-1999)")
     batch_size = int_at(cfg, f"{e}.batch_size", 1)
     int_at(cfg, f"{e}.num_threads", 1, null=True)
     dtype_name = choice_at(cfg, f"{e}.dtype", tuple(DTYPES))
@@ -459,17 +515,62 @@ def _check_real_and_extractor(cfg) -> tuple[str, str | None, str]:
             raise fail("eval.real.source", source, "path (with eval.real.path)",
                        f"dataset={_get(cfg, 'dataset.name')!r} has no built-in images; only dataset=digits does")
         choice_at(cfg, f"{e}.real.split", DIGITS_SPLITS)
+        real = ("dataset", {"shape": [1, int(_get(cfg, "dataset.image_size")), int(_get(cfg, "dataset.image_size"))]})
     else:
         with user_errors("eval.real.path"):
-            real_source_from_path(_get(cfg, "eval.real.path"))
+            real = real_source_from_path(_get(cfg, "eval.real.path"))
     fe_name = _get(cfg, f"{e}.feature_extractor")
     with user_errors("eval.feature_extractor"):
         extractor = resolve_extractor_name(str(fe_name), source, _get(cfg, "dataset.name"))
     weights_key = "eval.inception_weights" if extractor != DIGITS_NAME else "eval.digits_classifier"
     with user_errors(weights_key):
         weights = check_extractor_weights(extractor, _get(cfg, "eval.inception_weights"), _get(cfg, "eval.digits_classifier"))
-        create_extractor(extractor, weights, "cpu")  # opens the weights file (tensors only) and loads it
-    return extractor, weights, fe_name
+        fe = create_extractor(extractor, weights, "cpu")  # opens the weights file (tensors only) and loads it
+    return extractor, weights, fe_name, real, fe
+
+
+def _real_shapes(kind: str, payload: dict, key: str, value) -> list[list[int]]:
+    """The [C, H, W] shapes of the real images (a folder: up to 256 files spread over it, headers only)."""
+    if kind == "dataset":
+        return [payload["shape"]]
+    if kind == "images":
+        return [list(payload["images"].shape[1:])]
+    from PIL import Image
+
+    files = payload["files"]
+    picked = files if len(files) <= 256 else [files[i * (len(files) - 1) // 255] for i in range(256)]
+    shapes = set()
+    for f in picked:
+        try:
+            with Image.open(f) as im:
+                shapes.add((len(im.getbands()), im.height, im.width))
+        except OSError as err:
+            raise fail(key, value, "a folder of readable images", f"{f} is not a readable image ({err})") from None
+    return [list(s) for s in sorted(shapes)]
+
+
+def check_data_fits(real: tuple[str, dict], sample_shape, fe, extractor: str, key: str, value) -> None:
+    """The real data and the samples are the same kind of image, and precomputed statistics live in the
+    extractor's feature space: else FID compares unlike things (e.g. 32x32 samples with 64x64 images)."""
+    kind, payload = real
+    sample_shape = [int(v) for v in sample_shape]
+    if kind == "stats":
+        mu, sigma = payload["mu"], payload["sigma"]
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise fail(key, value, "mu of shape [d] and sigma of shape [d, d]",
+                       f"mu has shape {list(mu.shape)}, sigma {list(sigma.shape)}")
+        with torch.no_grad():  # one dummy image of the model's shape: the extractor's feature dimension
+            from .evaluation.extractors import extract_features
+
+            dim = extract_features(fe, torch.zeros(1, *sample_shape, dtype=torch.uint8), 1).shape[1]
+        if len(mu) != dim:
+            raise fail(key, value, f"statistics of {dim}-d {extractor} features",
+                       f"its mu is {len(mu)}-dimensional: the statistics come from another feature extractor")
+        return
+    shapes = _real_shapes(kind, payload, key, value)
+    if shapes != [sample_shape]:
+        raise fail(key, value, f"real images of the model's sample shape {sample_shape} [C, H, W]",
+                   f"the real images have shape {' and '.join(map(str, shapes))}: FID would compare unlike images")
 
 
 def _check_ode_reference(cfg, schedule: Mapping) -> None:
@@ -481,10 +582,12 @@ def _check_ode_reference(cfg, schedule: Mapping) -> None:
     int_at(cfg, "eval.ode_reference.chunk_size", 1, null=True)
     ref_solver = dict(plain(_get(ref, "solver") or {}))
     ref_solver["final_step"] = "sigma_min"
-    check_solver_node(ref_solver, "eval.ode_reference.solver", int(_get(ref, "nfe")))
+    _, ref_points = check_solver_node(ref_solver, "eval.ode_reference.solver", int(_get(ref, "nfe")))
     ref_sched = plain(_get(ref, "schedule") or {})
-    check_schedule({**ref_sched, "sigma_min": schedule["sigma_min"], "sigma_max": schedule["sigma_max"]},
-                   "eval.ode_reference.schedule")
+    ref_sched = check_schedule({**ref_sched, "sigma_min": schedule["sigma_min"], "sigma_max": schedule["sigma_max"]},
+                               "eval.ode_reference.schedule")
+    with user_errors("eval.ode_reference.schedule"):
+        ScheduleSpec.from_cfg(ref_sched).grid(ref_points)
 
 
 def _check_image_model(cfg, extractor: str, fe_name):
@@ -510,11 +613,18 @@ def check_evaluate(cfg) -> SimpleNamespace:
     if solver_node["name"] == "learned":  # its training settings (also its cache key), seeds disjoint from eval's
         from .learned.settings import learned_settings
 
+        from .learned.settings import start_schedules
+
         with user_errors("solver.distill"):
             learned = learned_settings(cfg, solver_node, schedule, values.seeds)
-    extractor, weights, fe_name = _check_real_and_extractor(cfg)
+        for i, start in enumerate(start_schedules(schedule, learned["starts"])):  # every starting grid training builds
+            with user_errors(f"solver.distill.starts[{i}]"):
+                ScheduleSpec.from_cfg(start).grid(num_points)
+    extractor, weights, fe_name, real, fe = _check_real_and_extractor(cfg)
     _check_ode_reference(cfg, schedule)
     model = _check_image_model(cfg, extractor, fe_name)
+    real_key = "eval.real.path" if real[0] != "dataset" else "dataset.image_size"
+    check_data_fits(real, model.sample_shape, fe, extractor, real_key, _get(cfg, real_key))
     predictor = distill = None
     if solver_node["name"] in AMED_SOLVERS:  # the predictor file, or the settings to distill one
         if solver_node["predictor"]:
@@ -540,8 +650,10 @@ def check_distill(cfg) -> SimpleNamespace:
         raise fail("solver", name, "amed, amed_plugin", "stage=distill needs solver=amed or solver=amed_plugin")
     check_device(cfg)
     nfe = int_at(cfg, "nfe", 1)
-    check_schedule(cfg.schedule)
+    schedule = check_schedule(cfg.schedule)
     _, num_points = check_solver_node(cfg.solver, "solver", nfe)
+    with user_errors("schedule"):
+        ScheduleSpec.from_cfg(schedule).grid(num_points)
     check_distill_settings(cfg)
     check_writable("hydra.run.dir", _run_dir())
     check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
@@ -560,9 +672,19 @@ def check_compare(cfg) -> SimpleNamespace:
             nodes[name] = load_group("solver", str(name))
         check_solver_node(nodes[name], f"compare.solvers[{name}]")
     nfes = list_at(cfg, "compare.nfes")
+    from .limits import MAX_NFE
+
     for n in nfes:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise fail("compare.nfes", _get(cfg, "compare.nfes"), "a list of integers >= 1")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NFE:
+            raise fail("compare.nfes", _get(cfg, "compare.nfes"), f"a list of integers in [1, {MAX_NFE}]")
+    for name, node in nodes.items():  # every grid the comparison builds: finite, strictly decreasing
+        for n in nfes:
+            try:
+                _, points = check_solver_node(node, f"compare.solvers[{name}]", n)
+            except UserError:  # an NFE a solver cannot reach is skipped by the stage
+                continue
+            with user_errors("schedule"):
+                schedule.grid(points)
     int_at(cfg, "compare.num_samples", 1)
     choice_at(cfg, "compare.dtype", tuple(DTYPES))
     check_writable("hydra.run.dir", _run_dir())
@@ -574,20 +696,76 @@ def check_compare(cfg) -> SimpleNamespace:
                            nfes=[int(n) for n in nfes], schedule=schedule)
 
 
-def check_table(cfg) -> None:
+def check_sweep_dir(cfg) -> Path:
+    """``sweep_dir``: set, and an existing directory (its files are read by the stage, before any output)."""
+    sweep = _get(cfg, "sweep_dir")
+    if sweep in (None, "") or not isinstance(sweep, str):
+        raise fail("sweep_dir", sweep, "a sweep directory (e.g. sweep_dir=outputs/table2_digits)")
+    path = Path(sweep).expanduser()
+    if path.exists() and not path.is_dir():
+        raise fail("sweep_dir", sweep, "an existing sweep directory", "is a file, not a directory")
+    if not path.is_dir():
+        raise fail("sweep_dir", sweep, "an existing sweep directory", "no such directory", missing=True)
+    return path
+
+
+def check_metric_names(cfg, key: str) -> list[str]:
+    """``key``: a non-empty list of distinct metric names (amedlab.evaluation.table.METRICS)."""
     from .evaluation.table import METRICS
 
+    accepted = f"a non-empty list of distinct names from {', '.join(METRICS)}"
+    value = _get(cfg, key)
+    if not isinstance(value, (list, tuple, ListConfig)) or len(value) == 0:
+        raise fail(key, value, accepted)
+    for m in value:
+        if not isinstance(m, str) or m not in METRICS:
+            raise fail(key, value, accepted, f"{m!r} is not a metric")
+    if len(set(value)) != len(value):
+        raise fail(key, value, accepted, "a metric is named twice")
+    return [str(m) for m in value]
+
+
+def check_significance(cfg) -> tuple[float, str]:
+    """``table.significance``: the level of the intervals and what is resampled (stage=table and compare_cells)."""
+    from .evaluation.table import SOURCES
+
+    level = float_at(cfg, "table.significance.level", 0.5, hi=1, hi_open=True)
+    source = choice_at(cfg, "table.significance.source", SOURCES)
+    return level, source
+
+
+def check_table(cfg) -> None:
+    """stage=table: the keys it reads, the sweep directory, the output directory (the sweep's files
+    are classified by the stage before anything is written: amedlab.evaluation.table)."""
     check_common(cfg, "table")
-    sweep = _get(cfg, "sweep_dir")
-    if sweep in (None, ""):
-        raise fail("sweep_dir", sweep, "a sweep directory (e.g. sweep_dir=outputs/table2_digits)")
-    if not Path(str(sweep)).expanduser().is_dir():
-        raise fail("sweep_dir", str(sweep), "an existing sweep directory", "no such directory", missing=True)
-    metrics = list_at(cfg, "table.metrics")
-    for m in metrics:
-        if m not in METRICS:
-            raise fail("table.metrics", metrics, ", ".join(METRICS))
-    check_writable("table.out_dir", _get(cfg, "table.out_dir") or sweep)
+    sweep = check_sweep_dir(cfg)
+    check_metric_names(cfg, "table.metrics")
+    check_significance(cfg)
+    out_dir = _get(cfg, "table.out_dir")
+    if out_dir is not None and not isinstance(out_dir, str):
+        raise fail("table.out_dir", out_dir, "a directory path, or null (the sweep directory)")
+    check_writable("table.out_dir", out_dir or sweep)
+
+
+def check_compare_cells(cfg) -> None:
+    """stage=compare_cells: the keys it reads, the sweep directory, the two rows, the output directory
+    (row names are matched against the sweep's rows by the stage, before anything is written)."""
+    check_common(cfg, "compare_cells")
+    sweep = check_sweep_dir(cfg)
+    rows = _get(cfg, "compare_cells.rows")
+    accepted = "two rows (distinct strings), by table label or solver name, e.g. compare_cells.rows=[ipndm,amed_plugin]"
+    if not isinstance(rows, (list, tuple, ListConfig)) or len(rows) != 2:
+        raise fail("compare_cells.rows", rows, accepted)
+    if not all(isinstance(r, str) and r.strip() for r in rows):
+        raise fail("compare_cells.rows", rows, accepted, "each row is a non-empty string")
+    if rows[0] == rows[1]:
+        raise fail("compare_cells.rows", rows, accepted, "both name the same row")
+    check_metric_names(cfg, "compare_cells.metrics")
+    check_significance(cfg)
+    out_dir = _get(cfg, "compare_cells.out_dir")
+    if out_dir is not None and not isinstance(out_dir, str):
+        raise fail("compare_cells.out_dir", out_dir, "a directory path, or null (the sweep directory)")
+    check_writable("compare_cells.out_dir", out_dir or sweep)
 
 
 def check_train(cfg, stage: str) -> None:
@@ -642,6 +820,7 @@ def check_analyze(cfg) -> None:
 
 
 CHECKS = {"evaluate": check_evaluate, "distill": check_distill, "compare": check_compare, "table": check_table,
+          "compare_cells": check_compare_cells,
           "train_teacher": lambda cfg: check_train(cfg, "train_teacher"),
           "train_features": lambda cfg: check_train(cfg, "train_features"),
           "analyze_trajectories": check_analyze}

@@ -21,8 +21,8 @@ from ..sampling import parse_seeds
 from ..specs import DistillSpec
 from ..solvers.base import Solver, check_afs
 from ..learned.grid import LearnedGrid
-from .objectives import (check_grid_lr, check_learn_grid, check_lr_schedule, check_objective, convergence, lr_factor,
-                         trajectory_loss, warn_if_unconverged)
+from .objectives import (any_rank, check_grid_lr, check_learn_grid, check_lr_schedule, check_objective, convergence,
+                         divergence, diverged, lr_factor, trajectory_loss, warn_if_unconverged)
 from .placement import held_teacher, lightning_placement, teacher_to
 from .predictor import AMEDPredictor
 from .solvers import AMED_SOLVERS, AMEDPlugin
@@ -85,9 +85,11 @@ class AMEDDistillation(pl.LightningModule):
         # learn_grid: the coarse grid's inner times are trained with the predictor (ends fixed, monotone)
         self.grid = LearnedGrid(sigmas) if learn_grid else None
         self.afs, self.lr = afs, float(lr)
+        self.grid_lr_given = grid_lr is not None
         self.grid_lr = self.lr if grid_lr is None else float(grid_lr)
         self.automatic_optimization = False
         self.records: list[dict] = []  # per interval and batch: loss and r/c/a statistics
+        self.updates = 0  # optimizer steps taken
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.predictor.parameters()) + ([] if self.grid is None else list(self.grid.parameters()))
@@ -123,6 +125,24 @@ class AMEDDistillation(pl.LightningModule):
         self.records.append(rec)
         self.log_dict({f"interval_{i}/{k}": v for k, v in rec.items() if k != "interval"}, on_step=True, batch_size=batch_size)
 
+    def rate_to_lower(self, grid_broken: bool) -> tuple[str, float]:
+        """(key, value) of the learning rate a divergence is blamed on: ``solver.distill.grid_lr`` when it
+        was given and the grid broke or it is the larger rate (Adam moves a parameter by about its rate
+        per update); else ``distill.lr`` (which the grid also trains at when grid_lr is unset)."""
+        if self.grid is not None and self.grid_lr_given and (grid_broken or self.grid_lr > self.lr):
+            return "solver.distill.grid_lr", self.grid_lr
+        return "distill.lr", self.lr
+
+    def check_update(self, loss: float | None, collective: bool = True) -> None:
+        """After an optimizer step: stop (a ResultError naming the rate to lower) at the first non-finite
+        loss, non-finite predictor parameter or unusable learned grid; with ``collective`` every process
+        stops together (after ``fit`` the parameters are the same on every process: no collective)."""
+        grid_reason = None if self.grid is None else self.grid.problem()
+        reason = divergence(loss, {"predictor": self.predictor}) or grid_reason
+        if any_rank(reason is not None, self.device) if collective else reason is not None:
+            key, value = self.rate_to_lower(grid_reason is not None)
+            raise diverged(key, value, self.updates, reason or "on another process")
+
     def training_step(self, batch, batch_idx):
         (states,) = batch
         opt = self.optimizers()
@@ -134,6 +154,8 @@ class AMEDDistillation(pl.LightningModule):
             self.manual_backward(loss)
             _average_gradients(self)
             opt.step()
+            self.updates += 1
+            self.check_update(loss.item())
             for i, err in enumerate(errors):
                 # a learned grid's inner points are not the teacher's (those lie on the schedule's grid):
                 # every interval records the final error, the objective, beside its own r statistics
@@ -144,7 +166,10 @@ class AMEDDistillation(pl.LightningModule):
                 self.manual_backward(loss)
                 _average_gradients(self.predictor)
                 opt.step()
-                self._record(i, loss.item(), len(states))
+                self.updates += 1
+                value = loss.item()
+                self.check_update(value)
+                self._record(i, value, len(states))
         self.schedule.step()  # once per batch
 
 
@@ -163,7 +188,10 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     (trajectory objective only): the coarse grid's inner times are trained jointly with the predictor
     (:class:`amedlab.learned.grid.LearnedGrid`, ends fixed; Adam at ``grid_lr``, default ``lr``); the
     predictor then samples on that grid only (``meta["sigmas"]``, ``AMEDPlugin.own_grid()``).
-    ``meta["convergence"]`` says whether every interval settled. ``logger``: Lightning's.
+    ``meta["convergence"]`` says whether every interval settled. ``logger``: Lightning's. A training that
+    diverges (a non-finite loss or parameter, a collapsed learned grid) stops at that update with a
+    :class:`amedlab.errors.ResultError` naming the learning rate to lower (``distill.lr`` or
+    ``solver.distill.grid_lr``).
     """
     if spec is None:
         spec = DistillSpec.create(**settings)
@@ -199,6 +227,7 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     module = AMEDDistillation(denoiser, student.rule, sigmas, s.afs, s.lr, s.objective, s.intermediate_weight,
                               s.learn_grid, s.grid_lr, s.lr_schedule)
     trainer, train_seconds = _fit(module, denoiser, s, data["states"], logger)
+    module.check_update(None, collective=False)  # the trained parameters once more, whatever the loop checked
     predictor = predictor.cpu()
     trained_sigmas = module.current_sigmas().detach().cpu()
     predictor.meta = _meta(s, denoiser, module.records, sigmas, trained_sigmas, {

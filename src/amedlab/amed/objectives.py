@@ -16,7 +16,10 @@
   it yields one update where the interval objective yields N - 1.
 
 :func:`convergence` is the end-of-training check every distillation records in the predictor's
-metadata (and warns about): see its docstring for the thresholds.
+metadata (and warns about): see its docstring for the thresholds. :func:`divergence` is the per-update
+check of every training here: a non-finite loss, non-finite or runaway parameters or a collapsed
+learned grid stop it at once with :func:`diverged` (a ResultError naming the learning rate to lower), before
+anything is stored.
 """
 from __future__ import annotations
 
@@ -169,6 +172,58 @@ def convergence(records: list[dict], tail: float = TAIL_FRACTION, r_tol: float =
     judged = [e["converged"] for e in out if e["converged"] is not None]
     return {"converged": all(judged) if judged else None, "intervals": out,
             "thresholds": {"tail": tail, "r": r_tol, "loss_relative": loss_tol, "noise_sigmas": noise_sigmas}}
+
+
+#: a trained parameter beyond this magnitude has run away (:func:`divergence`): Adam moves a parameter by
+#: about the learning rate per update, so no sane rate gets there, and none of the predictor's weights,
+#: the grid's logits or the corrections to step weights that sum to one means anything that large
+PARAMETER_LIMIT = 1e6
+
+
+def divergence(loss: float | None, modules: dict, grid=None) -> str | None:
+    """Why training has diverged at this update, or None: a non-finite ``loss``, non-finite parameters
+    in one of ``modules`` (a description -> module) or parameters beyond :data:`PARAMETER_LIMIT`, or a
+    learned ``grid`` that is no longer usable (:meth:`amedlab.learned.grid.LearnedGrid.problem`)."""
+    if loss is not None and not math.isfinite(loss):
+        return f"loss {loss}"
+
+    def names(found):
+        return ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+
+    for what, module in modules.items():
+        named = [(name, p.detach()) for name, p in module.named_parameters() if p.requires_grad and p.numel()]
+        if not named:
+            continue
+        # the largest magnitude per parameter (NaN propagates), read back in one transfer
+        size = dict(zip([n for n, _ in named], torch.stack([p.abs().max().double() for _, p in named]).tolist()))
+        bad = [name for name, v in size.items() if not math.isfinite(v)]
+        if bad:
+            return f"non-finite {what} parameters: {names(bad)}"
+        huge = [name for name, v in size.items() if v > PARAMETER_LIMIT]
+        if huge:
+            return (f"{what} parameters ran away: up to {max(size[n] for n in huge):.3g} in {names(huge)}, "
+                    f"the limit is {PARAMETER_LIMIT:.0e}")
+    return None if grid is None else grid.problem()
+
+
+def diverged(key: str, value, update: int, reason: str):
+    """The error for a training that diverged (a :class:`amedlab.errors.ResultError` naming the
+    learning-rate ``key`` to lower); raised before anything is stored."""
+    from ..errors import ResultError
+
+    return ResultError(f"{key}={value!r}: training diverged at update {update} ({reason}); nothing was cached; "
+                       f"lower {key}", key)
+
+
+def any_rank(flag: bool, device) -> bool:
+    """``flag`` or'ed over the processes of a distributed run (itself on one), so that every rank
+    stops at the same update instead of one waiting for the others in a collective."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(1.0 if flag else 0.0, device=device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+    return flag
 
 
 def warn_if_unconverged(report: dict, what: str) -> None:

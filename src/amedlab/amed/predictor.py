@@ -80,10 +80,14 @@ class AMEDPredictor(nn.Module):
         return r, c, a
 
     # -- persistence: plain tensors and builtins only, so loading works with weights_only=True --
-    def save(self, path: str | Path) -> Path:
-        """Written atomically with a digest of its content (:func:`amedlab.cache.save_verified`)."""
-        return save_verified(path, {"format": FORMAT_VERSION, "hparams": self.hparams, "meta": self.meta,
-                                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}})
+    def save(self, path: str | Path, spec: dict | None = None, records: list | None = None) -> Path:
+        """Written atomically with a digest of its content (:func:`amedlab.cache.save_verified`).
+        ``spec`` / ``records``: what it was trained for and the training records, stored (under the digest)
+        by the cache (:func:`amedlab.cache.trained_once`), which uses a cached file only for the same spec."""
+        blob = {"format": FORMAT_VERSION, "hparams": self.hparams, "meta": self.meta,
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+        blob.update({k: v for k, v in (("spec", spec), ("records", records)) if v is not None})
+        return save_verified(path, blob)
 
     @classmethod
     def load(cls, path: str | Path) -> "AMEDPredictor":

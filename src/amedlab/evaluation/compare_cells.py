@@ -6,13 +6,19 @@ names one row, e.g. ``amed_plugin``) are compared cell by cell: the paired diffe
 metric at every NFE, with its interval (``table.significance``: level and source), from the
 per-sample data the cells stored (:mod:`.uncertainty`; same seeds, so the comparison is paired).
 The stage prints a table per metric and writes ``compare_<A>_vs_<B>.md`` and ``.json`` next to the table.
+
+The sweep is read as the table reads it (:func:`.table.gather`, policy in :mod:`.table`): only
+complete, sealed, verifying cells of the current format are compared, every other ``metrics.json``
+is named in one warning, and two cells of one row label and NFE with other settings are an error
+naming ``solver.label``.
 """
 from __future__ import annotations
 
 import re
 
 from . import uncertainty as U
-from .table import METRICS, _value, build_rows, collect, fmt, load_cell_data
+from ..errors import ConfigError
+from .table import METRICS, _value, build_rows, check_metrics, fmt, gather, load_cell_data, skipped_note
 
 
 def _choices(cell: dict) -> set[str]:
@@ -23,8 +29,6 @@ def _choices(cell: dict) -> set[str]:
 def pick_row(rows, name: str) -> str:
     """The row label that ``name`` means: an exact label, else the only row of that solver config
     (``amed_plugin_vs``), else the only row of that solver kind (``amed_plugin``)."""
-    from ..errors import ConfigError
-
     if name in rows:
         return name
     for names in (_choices, lambda c: {str(c.get("solver"))}):
@@ -36,21 +40,23 @@ def pick_row(rows, name: str) -> str:
                               "give the full label", "compare_cells.rows")
     available = "; ".join(f"{label!r} ({', '.join(sorted(set().union(*(_choices(c) | {str(c.get('solver'))} for c in cells.values()))))})"
                           for label, cells in rows.items())
-    raise ConfigError(f"compare_cells.rows: no row {name!r} in this sweep; rows (solver): {available}", "compare_cells.rows")
+    raise ConfigError(f"compare_cells.rows: no row {name!r} in this sweep; accepted: a row label, or a solver (config) "
+                      f"name that names one row, of these rows (solver configs): {available}", "compare_cells.rows")
 
 
 def compare_rows(sweep_dir, row_a: str, row_b: str, metrics=("fid", "rmse"), level: float = 0.95,
                  source: str = "samples") -> dict:
     """{"a", "b", "nfes", "metrics": {metric: [{"nfe", "a", "b", "diff", "lo", "hi", "significant", "why"}]}}."""
-    cells = collect(sweep_dir)
-    if not cells:
-        raise ValueError(f"sweep_dir={str(sweep_dir)!r} holds no complete metrics.json")
+    metrics = check_metrics(metrics, "compare_cells.metrics")
+    cells, skipped = gather(sweep_dir)
     nfes, rows = build_rows(cells)
     a, b = pick_row(rows, str(row_a)), pick_row(rows, str(row_b))
     if a == b:
-        raise ValueError(f"compare_cells.rows: both name the row {a!r}")
+        raise ConfigError(f"compare_cells.rows={[str(row_a), str(row_b)]!r}: both name the row {a!r}; accepted: two "
+                          f"different rows, of: {'; '.join(map(repr, rows))}", "compare_cells.rows")
     data, why_none = load_cell_data({a: rows[a], b: rows[b]})
-    out = {"a": a, "b": b, "level": level, "source": source, "sweep_dir": str(sweep_dir), "nfes": [], "metrics": {}}
+    out = {"a": a, "b": b, "level": level, "source": source, "sweep_dir": str(sweep_dir), "nfes": [], "metrics": {},
+           "skipped": [{"path": p, "kind": k, "reason": r} for p, k, r in skipped]}
     common = [n for n in nfes if n in rows[a] and n in rows[b]]
     out["nfes"] = common
     for m in metrics:
@@ -96,6 +102,9 @@ def to_markdown(result: dict) -> str:
             note = ("\n\nKID: the values and the difference are of the full-sample unbiased MMD^2 (kid_full in "
                     "metrics.json), not torch-fidelity's average over random subsets (kid_mean) that the table shows.")
         parts.append(title + "\n\n" + "\n".join(rows) + note)
+    skipped = skipped_note([(d["path"], d["kind"], d["reason"]) for d in result.get("skipped") or []])
+    if skipped:
+        parts.append(skipped)
     return "\n\n".join(parts) + "\n"
 
 

@@ -38,7 +38,8 @@ from .reference import ode_reference, real_reference
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-METRICS_FORMAT = 1
+#: 2: sealed with a digest (amedlab.cache.seal), ``seed`` in the key, the shapes and the bits' environment recorded
+METRICS_FORMAT = 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,12 +81,13 @@ def cell_spec(cfg, plan, files: dict) -> dict:
     spec = {
         "files": files,  # input_files(): the inputs by content
         "format": METRICS_FORMAT, "model": plain(cfg.model), "solver": plan.solver_node, "nfe": int(plan.nfe),
+        "seed": int(cfg.seed),  # KID's random subsets (and a distillation's trajectories) use it
         "schedule": plan.schedule, "seeds": seeds_spec(plan.seeds), "dtype": str(e.dtype),
         "precision": str(e.get("precision", "fp32")), "extractor": plan.extractor, "extractor_weights": plan.weights,
         "real": plain(e.real), "dataset": plain(cfg.dataset) if e.real.source == "dataset" else None,
         "kid": [bool(e.kid), int(e.kid_subsets), int(e.kid_subset_size)], "ode_reference": {k: v for k, v in plain(e.ode_reference).items() if k != "chunk_size"},
     }
-    boot = uncertainty.settings(e.get("bootstrap"))  # the intervals' settings (not what is kept on disk)
+    boot = plan.bootstrap  # the intervals' settings (not what is kept on disk)
     spec["bootstrap"] = {"format": uncertainty.FORMAT, **{k: boot[k] for k in uncertainty.NUMERIC_KEYS}}
     if plan.distill is not None:  # an AMED cell that distils its predictor: the distillation's settings
         spec["distill"] = plan.distill.settings()
@@ -117,17 +119,34 @@ def check_finite(metrics: Mapping, what: str) -> None:
                           "statistics hold NaN/inf: check the model, eval.dtype and eval.precision)")
 
 
-def finished_metrics(out_dir: Path, key: str) -> dict | None:
-    """The cell's metrics if ``out_dir`` holds a complete metrics.json for the same key."""
+def extra_outputs(out_dir: Path, sample_grid: int, save_samples: bool) -> list[Path]:
+    """The files a cell's settings ask for besides metrics.json (a finished cell lacking one is redone)."""
+    return ([out_dir / "samples.png"] if sample_grid > 0 else []) + ([out_dir / "samples.npz"] if save_samples else [])
+
+
+def finished_metrics(out_dir: Path, key: str, outputs=()) -> dict | None:
+    """The cell's metrics if ``out_dir`` holds a sealed, complete metrics.json for the same key and
+    every file of ``outputs``; otherwise None, with the reason logged when a metrics.json is there."""
+    from ..cache import seal_problem
+
     path = out_dir / METRICS_FILE
     if not path.is_file():
         return None
     try:
         metrics = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if metrics.get("complete") is True and metrics.get("cell_key") == key:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = f"unreadable ({type(err).__name__})"
+    else:
+        reason = seal_problem(metrics)
+        if reason is None and not (metrics.get("complete") is True and metrics.get("format") == METRICS_FORMAT):
+            reason = "incomplete or of another format version"
+        elif reason is None and metrics.get("cell_key") != key:
+            reason = "made for other settings (another cell key)"
+        elif reason is None and (missing := [str(p.name) for p in outputs if not Path(p).is_file()]):
+            reason = f"{', '.join(missing)} asked for and missing"
+    if reason is None:
         return metrics
+    log.warning("%s is not reused: %s; the cell is computed", path, reason)
     return None
 
 
@@ -137,7 +156,9 @@ def finished_metrics(out_dir: Path, key: str) -> dict | None:
 
 def cell_predictor(model, spec: DistillSpec, cache_dir: Path, use_cache: bool):
     """(predictor, info): a cached predictor distilled with the same ``spec`` for the same model, or a
-    new one (a predictor file given as ``solver.predictor`` is opened and checked by the validation)."""
+    new one (a predictor file given as ``solver.predictor`` is opened and checked by the validation).
+    The cached file holds the settings it was distilled for (those of :meth:`DistillSpec.key`) and is
+    used only if they are this cell's; a distillation that diverges is a ResultError, nothing cached."""
     from ..amed.distill import distill
     from ..amed.predictor import AMEDPredictor
     from ..cache import trained_once
@@ -146,8 +167,10 @@ def cell_predictor(model, spec: DistillSpec, cache_dir: Path, use_cache: bool):
         predictor = distill(model, spec)
         return predictor, {"settings": spec.settings(), "meta": predictor.meta, "records": predictor.records}
 
-    path = cache_dir / "predictors" / f"{spec.solver}-nfe{int(spec.nfe)}-{spec.key(model.identity())}.pt"
-    return trained_once(path, "cached predictor", AMEDPredictor.from_blob, train, use_cache, new_source="distilled")
+    identity = model.identity()
+    path = cache_dir / "predictors" / f"{spec.solver}-nfe{int(spec.nfe)}-{spec.key(identity)}.pt"
+    return trained_once(path, "cached predictor", AMEDPredictor.from_blob, train, use_cache, new_source="distilled",
+                        settings={"model_identity": identity, **spec.settings()})  # what spec.key digests
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,6 +244,23 @@ def trajectory_error(cfg, plan, model, solver: Solver, samples: torch.Tensor) ->
         with torch.no_grad():
             reference = torch.cat([model(r.to(plan.device), smin).cpu() for r in reference.split(batch)])
     return rmse(samples, reference), reference, ref_info
+
+
+def bits_environment(device: str, dtype: torch.dtype) -> dict:
+    """What decides a cell's last bits besides its key: the same values give the same bits; trained rows
+    may move across CPUs and BLAS builds (README, "Reliability")."""
+    import platform
+
+    import numpy as np
+
+    env = {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "mkl": torch.backends.mkl.is_available(), "torch_threads": torch.get_num_threads(), "dtype": str(dtype),
+           "device": device}
+    if str(device).startswith("cuda"):
+        env["cuda_device"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    return env
 
 
 def summary_line(metrics: Mapping, unc: Mapping | None, path: Path) -> str:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..cache import digest, load_verified, locked, save_verified, seeds_spec, sha256_file
+from ..cache import digest, file_digest, load_verified, locked, save_verified, seeds_spec, sha256_file
 from ..io import plain
 from ..models.base import device_of
 from ..configs import solver_from_cfg
@@ -122,7 +121,7 @@ def real_reference(real_cfg: Mapping, dataset_cfg: Mapping, extractor: str, weig
         p = Path(str(real_cfg["path"])).expanduser().resolve()
         desc = {"source": "path", "path": str(p), "kind": kind}
         if kind == "folder":
-            content = {"files": digest([(f, os.path.getsize(f), os.path.getmtime(f)) for f in payload["files"]])}
+            content = {"files": digest([(f, file_digest(f, Path(cache_dir) / "file_digests")) for f in payload["files"]])}
         else:
             content = {"sha256": sha256_file(p)[:24]}
     else:
@@ -130,7 +129,15 @@ def real_reference(real_cfg: Mapping, dataset_cfg: Mapping, extractor: str, weig
 
     if kind == "stats":  # precomputed statistics: FID only, in the user's feature space
         return {"mu": payload["mu"], "sigma": payload["sigma"], "features": None,
-                "description": {**desc, "num_images": None, "extractor": extractor, "cached": False}}
+                "description": {**desc, "num_images": None, "shape": None, "feature_dim": len(payload["mu"]),
+                                "extractor": extractor, "cached": False}}
+    if kind == "folder":
+        from PIL import Image
+
+        with Image.open(payload["files"][0]) as im:  # the folder's shapes were checked before sampling
+            desc["shape"] = [len(im.getbands()), im.height, im.width]
+    else:
+        desc["shape"] = list(payload["images"].shape[1:])
 
     weights = {"file": sha256_file(weights_path)[:24] if weights_path else ("shipped" if extractor == DIGITS else None)}
     spec = plain({"format": CACHE_FORMAT, "extractor": extractor, "weights": weights, "data": desc, "content": content})

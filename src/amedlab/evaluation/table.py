@@ -13,6 +13,22 @@ The stage writes, into ``table.out_dir`` (default: the sweep directory):
 - ``<metric>_vs_nfe.png``: one line per solver, log-scale y, error bars (``fid_vs_nfe.png`` is the main plot);
 and prints the main table and the paths. Missing cells (not run, or still running) show as n/a;
 cells evaluated before intervals were stored show no interval and are never called significant.
+
+Which numbers are tabulated (here and in :mod:`.compare_cells`): every ``metrics.json`` under the
+sweep is classified by :func:`classify`. A cell is tabulated only if its file is a JSON object,
+``complete`` is true, it is sealed and verifies (:func:`amedlab.cache.seal_problem`: a digest over
+everything else), its ``format`` is :data:`~.evaluate.METRICS_FORMAT`, and the fields the table reads
+have the right types (:data:`REQUIRED`). Any other file (unreadable or truncated JSON, a list, a cell
+still running or killed, no digest, edited or damaged, another format version, a missing or mistyped
+field) is never tabulated. The policy:
+
+- some files bad, some good: the table of the good cells is written; ONE warning names every skipped
+  file with its reason, and the legend under each table says how many files were skipped and why;
+- no good cell at all: a user error naming ``sweep_dir`` that lists the reasons; nothing is written;
+- two good cells with the same row label and NFE but other settings (their ``solver_config`` or
+  ``cell_key`` differ): a user error naming ``solver.label`` and both files (set a distinct
+  ``solver.label`` per configuration), never a silent choice; the same cell twice (same ``cell_key``,
+  e.g. a copied folder): the newer is used, with a warning.
 """
 from __future__ import annotations
 
@@ -24,7 +40,10 @@ import math
 from collections import OrderedDict
 from pathlib import Path
 
+from ..cache import seal_problem
+from ..errors import ConfigError, MissingFileError
 from ..io import atomic_write_text
+from . import evaluate as _evaluate
 from . import uncertainty as U
 from .evaluate import METRICS_FILE
 from .plots import metric_vs_nfe_png
@@ -40,19 +59,136 @@ NEUTRAL_PREFIXES = ("logger", "hydra", "eval.batch_size", "eval.num_threads", "e
                     "model.path", "eval.skip_finished", "eval.sample_grid", "eval.save_samples", "device")
 
 
-def collect(sweep_dir) -> list[dict]:
-    """Every complete metrics.json under ``sweep_dir`` (a half-written or foreign file is ignored)."""
-    cells = []
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _text(v) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+#: the fields a tabulated cell must hold: field -> (test, what is accepted)
+REQUIRED = {
+    "label": (_text, "a non-empty string"),
+    "solver": (_text, "a non-empty string"),
+    "nfe": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "fid": (_number, "a finite number"),
+    "rmse": (_number, "a finite number"),
+    "kid_mean": (lambda v: v is None or _number(v), "a finite number or null"),
+    "uncertainty": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "overrides": (lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v), "a list of strings"),
+    "solver_config": (lambda v: isinstance(v, dict), "an object"),
+    "cell_key": (_text, "a non-empty string"),
+}
+#: the kinds of skipped file, in the order the legend lists them
+SKIP_KINDS = ("unreadable", "not a JSON object", "incomplete", "not sealed", "edited or damaged",
+              "another format version", "missing or mistyped fields")
+
+
+def cell_problem(record) -> tuple[str, str] | None:
+    """None if ``record`` (a metrics.json read back) may be tabulated, else (kind, reason)."""
+    if not isinstance(record, dict):
+        return "not a JSON object", f"not a JSON object (a {type(record).__name__})"
+    if record.get("complete") is not True:
+        return "incomplete", f"incomplete (complete={record.get('complete')!r}: a cell still running or killed)"
+    sealed = seal_problem(record)
+    if sealed is not None:
+        return ("not sealed" if "digest" not in record else "edited or damaged"), sealed
+    fmt_ = record.get("format")
+    if fmt_ != _evaluate.METRICS_FORMAT:
+        return "another format version", (f"format {fmt_!r}, not {_evaluate.METRICS_FORMAT} (stale: written by another "
+                                          "version; re-run the cell)")
+    bad = []
+    for field, (ok, accepted) in REQUIRED.items():
+        if field not in record:
+            bad.append(f"no {field}")
+        elif not ok(record[field]):
+            bad.append(f"{field}={record[field]!r} (accepted: {accepted})")
+    if bad:
+        return "missing or mistyped fields", "missing or mistyped fields: " + ", ".join(bad)
+    return None
+
+
+def read_cell(path) -> tuple[dict | None, tuple[str, str] | None]:
+    """(the cell, with ``_path`` and ``_mtime`` added, None) or (None, (kind, reason)) for one metrics.json."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+        mtime = path.stat().st_mtime
+    except (OSError, UnicodeDecodeError) as err:
+        return None, ("unreadable", f"unreadable ({type(err).__name__}: {err.strerror or err})"
+                      if isinstance(err, OSError) else f"unreadable ({type(err).__name__})")
+    except json.JSONDecodeError as err:
+        return None, ("unreadable", f"not valid JSON (truncated or damaged: {err.msg} at line {err.lineno})")
+    problem = cell_problem(record)
+    if problem is not None:
+        return None, problem
+    record["_path"], record["_mtime"] = str(path), mtime
+    return record, None
+
+
+def classify(sweep_dir) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    """(the cells that may be tabulated, [(path, kind, reason)] for every other metrics.json under ``sweep_dir``)."""
+    cells, skipped = [], []
     for path in sorted(Path(sweep_dir).rglob(METRICS_FILE)):
-        try:
-            m = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            log.warning("ignoring unreadable %s", path)
-            continue
-        if m.get("complete") is True and "nfe" in m and "label" in m:
-            m["_path"], m["_mtime"] = str(path), path.stat().st_mtime
-            cells.append(m)
+        cell, problem = read_cell(path)
+        if cell is None:
+            skipped.append((str(path), *problem))
+        else:
+            cells.append(cell)
+    return cells, skipped
+
+
+def skipped_message(skipped) -> str:
+    """One line naming every skipped file with its reason."""
+    return (f"{len(skipped)} {METRICS_FILE} file(s) skipped, not tabulated: "
+            + "; ".join(f"{path}: {reason}" for path, _, reason in skipped))
+
+
+def skipped_note(skipped) -> str:
+    """The legend's sentence on the skipped files (how many, why), or '' when none was skipped."""
+    if not skipped:
+        return ""
+    counts = {kind: sum(1 for s in skipped if s[1] == kind) for kind in SKIP_KINDS}
+    why = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+    return (f"Skipped: {len(skipped)} {METRICS_FILE} file(s) of the sweep are not tabulated ({why}); "
+            "the stage's warning names each file and its reason.")
+
+
+def collect(sweep_dir) -> list[dict]:
+    """The cells of ``sweep_dir`` that may be tabulated (:func:`classify`); one warning names the others."""
+    cells, skipped = classify(sweep_dir)
+    if skipped:
+        log.warning("%s", skipped_message(skipped))
     return cells
+
+
+def _relative(path, root) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def gather(sweep_dir) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    """(good cells, skipped files) of ``sweep_dir``, with one warning naming the skipped files; a
+    sweep without one good cell is a user error naming ``sweep_dir``."""
+    sweep_dir = Path(sweep_dir).expanduser()
+    if not sweep_dir.is_dir():
+        what = "is a file, not a directory" if sweep_dir.exists() else "no such directory"
+        raise (ConfigError if sweep_dir.exists() else MissingFileError)(
+            f"sweep_dir={str(sweep_dir)!r}: {what}; accepted: an existing sweep directory", "sweep_dir")
+    cells, skipped = classify(sweep_dir)
+    if not cells:
+        why = (f" that can be tabulated: all {len(skipped)} skipped ("
+               + "; ".join(f"{_relative(p, sweep_dir)}: {r}" for p, _, r in skipped) + ")") if skipped else ""
+        raise ConfigError(f"sweep_dir={str(sweep_dir)!r} holds no complete {METRICS_FILE}{why}; accepted: a sweep "
+                          f"directory with at least one complete, sealed {METRICS_FILE} of format "
+                          f"{_evaluate.METRICS_FORMAT} (run the sweep first, e.g. python -m amedlab -m "
+                          "experiments=table2_digits)", "sweep_dir")
+    if skipped:
+        log.warning("%s", skipped_message(skipped))
+    return cells, skipped
 
 
 def _distinguishing(overrides) -> list[str]:
@@ -74,10 +210,30 @@ def common_overrides(cells: list[dict]) -> list[str]:
     return [o for o in _distinguishing(cells[0].get("overrides")) if o in common]
 
 
-def build_rows(cells: list[dict]) -> tuple[list[int], "OrderedDict[str, dict[int, dict]]"]:
-    """(sorted NFEs, {row label: {nfe: cell}}), rows in the paper's order; the newest cell wins a tie.
+def _conflict(label: str, nfe: int, old: dict, new: dict) -> ConfigError | None:
+    """None if ``old`` and ``new`` are the same cell written twice (same cell_key and solver config),
+    else the error naming both files: one row label and NFE for two configurations."""
+    a, b = old.get("solver_config") or {}, new.get("solver_config") or {}
+    if old.get("cell_key") == new.get("cell_key") and a == b:
+        return None
+    if a != b:
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        what = f"their solver_config differs in {', '.join(map(str, keys))}"
+    else:
+        what = "their cell_key differs, i.e. another model, seeds, schedule or input file"
+    first, second = sorted((old["_path"], new["_path"]))
+    return ConfigError(f"solver.label={label!r}: two cells of this sweep have the row label {label!r} at NFE {nfe} "
+                       f"with different settings ({what}): {first} and {second}; accepted: a distinct solver.label per "
+                       "solver configuration (re-run one of them with its own solver.label), or remove the stale cell "
+                       "from the sweep", "solver.label")
 
-    A row is a solver plus the overrides that differ between cells (e.g. a swept schedule.rho)."""
+
+def build_rows(cells: list[dict]) -> tuple[list[int], "OrderedDict[str, dict[int, dict]]"]:
+    """(sorted NFEs, {row label: {nfe: cell}}), rows in the paper's order.
+
+    A row is a solver plus the overrides that differ between cells (e.g. a swept schedule.rho). Two
+    cells of one row and NFE are the same cell written twice (same cell_key and solver_config: the
+    newer is used, with a warning) or a ConfigError naming ``solver.label`` and both files."""
     common = set(common_overrides(cells))
     keyed = {}
     for m in cells:
@@ -88,7 +244,11 @@ def build_rows(cells: list[dict]) -> tuple[list[int], "OrderedDict[str, dict[int
         nfe = int(m["nfe"])
         old = slot["cells"].get(nfe)
         if old is not None:
-            log.warning("two cells for %s NFE %d: %s and %s; the newer is used", label, nfe, old["_path"], m["_path"])
+            err = _conflict(label, nfe, old, m)
+            if err is not None:
+                raise err
+            log.warning("the same cell twice for %s NFE %d (same cell_key): %s and %s; the newer is used",
+                        label, nfe, old["_path"], m["_path"])
         if old is None or m["_mtime"] >= old["_mtime"]:
             slot["cells"][nfe] = m
     rows = OrderedDict((label, slot["cells"]) for label, slot in sorted(keyed.items(), key=lambda kv: kv[1]["order"]))
@@ -291,8 +451,9 @@ def csv_table(rows, nfes, marks: dict | None = None, level: float = 0.95) -> str
     return buf.getvalue()
 
 
-def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data: dict) -> str:
-    """How to read one table: what +- is, what bold and italics mean, at which level; notes on missing data."""
+def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data: dict, skipped=()) -> str:
+    """How to read one table: what +- is, what bold and italics mean, at which level; notes on missing
+    data and on the files of the sweep that were skipped (``skipped``: :func:`classify`'s second part)."""
     pct = f"{100 * level:g}%"
     cells = [c for r in rows.values() for c in r.values()]
     with_u = [c for c in cells if half_width(c, metric, level) is not None]
@@ -323,6 +484,8 @@ def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data
         parts.append(f"{missing} cell(s) have no interval (evaluated before intervals were stored or bootstrap disabled).")
     elif not with_u:
         parts[0:0] = ["No intervals: these cells carry no per-sample data (evaluated before intervals were stored)."]
+    if skipped:
+        parts.append(skipped_note(skipped))
     return " ".join(parts)
 
 
@@ -345,29 +508,42 @@ SOURCES = ("samples", "total")
 
 
 def significance_settings(tcfg) -> tuple[float, str]:
-    """(level, source) of ``table.significance``, checked."""
-    sig = dict((tcfg or {}).get("significance") or {})
+    """(level, source) of ``table.significance``, checked: a bad value is a ConfigError naming its key."""
+    sig = (tcfg or {}).get("significance")
+    if sig is not None and not hasattr(sig, "get"):
+        raise ConfigError(f"table.significance={sig!r}; accepted: a mapping with level and source", "table.significance")
+    sig = sig or {}
     level, source = sig.get("level", 0.95), sig.get("source", "samples")
-    if not isinstance(level, (int, float)) or isinstance(level, bool) or not 0.5 <= float(level) < 1:
-        raise ValueError(f"table.significance.level={level!r}; accepted: a number in [0.5, 1), e.g. 0.95")
+    if not _number(level) or not 0.5 <= float(level) < 1:
+        raise ConfigError(f"table.significance.level={level!r}; accepted: a number in [0.5, 1), e.g. 0.95",
+                          "table.significance.level")
     if source not in SOURCES:
-        raise ValueError(f"table.significance.source={source!r}; accepted: {', '.join(SOURCES)}")
+        raise ConfigError(f"table.significance.source={source!r}; accepted: {', '.join(SOURCES)}",
+                          "table.significance.source")
     return float(level), str(source)
 
 
+def check_metrics(metrics, key: str = "table.metrics") -> list[str]:
+    """``metrics`` as a list of names, checked: a non-empty list of distinct names of :data:`METRICS`."""
+    iterable = hasattr(metrics, "__iter__") and not isinstance(metrics, (str, bytes, dict)) and not hasattr(metrics, "keys")
+    given = list(metrics) if iterable else None
+    accepted = f"a non-empty list of distinct names from {', '.join(METRICS)}"
+    if not given:
+        raise ConfigError(f"{key}={metrics!r}; accepted: {accepted}", key)
+    for m in given:
+        if not isinstance(m, str) or m not in METRICS:
+            raise ConfigError(f"{key}={given!r}: {m!r} is not a metric; accepted: {accepted}", key)
+    if len(set(given)) != len(given):
+        raise ConfigError(f"{key}={given!r}: a metric is named twice; accepted: {accepted}", key)
+    return [str(m) for m in given]
+
+
 def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float = 0.95, source: str = "samples") -> dict:
-    """Collect, format and write everything; returns {"markdown", "paths", "rows", "nfes", "cells", "marks"}."""
+    """Collect, format and write everything; returns {"markdown", "paths", "rows", "nfes", "cells", "marks",
+    "skipped"} (``skipped``: [(path, kind, reason)] of the files not tabulated)."""
     sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep_dir={str(sweep_dir)!r}: no such directory")
-    metrics = [str(m) for m in metrics]
-    for m in metrics:
-        if m not in METRICS:
-            raise ValueError(f"table.metrics contains {m!r}; accepted: {', '.join(METRICS)}")
-    cells = collect(sweep_dir)
-    if not cells:
-        raise ValueError(f"sweep_dir={str(sweep_dir)!r} holds no complete {METRICS_FILE}; run the sweep first "
-                         "(e.g. python -m amedlab -m experiments=table2_digits)")
+    metrics = check_metrics(metrics)
+    cells, skipped = gather(sweep_dir)  # only good cells; the others named in one warning (module docstring)
     nfes, rows = build_rows(cells)
     data, _ = load_cell_data(rows)
     marks = {m: column_marks(rows, nfes, m, data, level, source) for m in CSV_METRICS}
@@ -376,7 +552,7 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
     md_parts, tex_parts = [], []
     for m in metrics:
         title = f"{METRICS[m]} ({about})"
-        note = legend(rows, nfes, m, marks[m], level, source, data)
+        note = legend(rows, nfes, m, marks[m], level, source, data, skipped)
         md_parts.append(f"**{title}**\n\n{markdown_table(rows, nfes, m, marks[m], level)}\n\n{note}")
         plain_note = note.replace("**", "").replace("*", "")  # a LaTeX comment: no markdown emphasis
         tex_parts.append(latex_table(rows, nfes, m, f"{title}. {plain_note}", marks[m], level))
@@ -393,4 +569,5 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
         paths[f"{m}_plot"] = metric_vs_nfe_png(series, out / f"{m}_vs_nfe.png", METRICS[m],
                                                title=f"{METRICS[m]} vs NFE ({sweep_dir.name})", errors=errors,
                                                error_label=f"{100 * level:g}% interval over seeds")
-    return {"markdown": markdown, "paths": paths, "rows": rows, "nfes": nfes, "cells": cells, "marks": marks}
+    return {"markdown": markdown, "paths": paths, "rows": rows, "nfes": nfes, "cells": cells, "marks": marks,
+            "skipped": skipped}

@@ -56,17 +56,27 @@ NUMERIC_KEYS = ("enabled", "resamples", "seed", "level", "real", "kid", "kid_max
 
 def settings(node: Mapping | None) -> dict:
     """``eval.bootstrap`` with defaults filled in, checked (a bad value names the key)."""
+    from ..limits import MAX_RESAMPLES, SEED_LIMIT
+
     out = dict(DEFAULTS)
+    if isinstance(node, bool):  # eval.bootstrap=false: off; true: the defaults
+        return {**out, "enabled": node}
+    if node is not None and not isinstance(node, Mapping):
+        raise ValueError(f"eval.bootstrap={node!r}; accepted: false, true, or a mapping of {', '.join(DEFAULTS)}")
     unknown = set(node or {}) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"eval.bootstrap has unknown keys {sorted(unknown)}; accepted: {', '.join(DEFAULTS)}")
     out.update({k: v for k, v in dict(node or {}).items()})
-    if not isinstance(out["resamples"], int) or isinstance(out["resamples"], bool) or out["resamples"] < 20:
-        raise ValueError(f"eval.bootstrap.resamples={out['resamples']!r}; accepted: an integer >= 20 (e.g. 500)")
+    if not isinstance(out["resamples"], int) or isinstance(out["resamples"], bool) or not 20 <= out["resamples"] <= MAX_RESAMPLES:
+        raise ValueError(f"eval.bootstrap.resamples={out['resamples']!r}; accepted: an integer in [20, {MAX_RESAMPLES}] (e.g. 500)")
     if not isinstance(out["level"], (int, float)) or not 0.5 <= float(out["level"]) < 1:
         raise ValueError(f"eval.bootstrap.level={out['level']!r}; accepted: a number in [0.5, 1), e.g. 0.95")
-    if not isinstance(out["seed"], int) or isinstance(out["seed"], bool) or out["seed"] < 0:
-        raise ValueError(f"eval.bootstrap.seed={out['seed']!r}; accepted: an integer >= 0")
+    if not isinstance(out["seed"], int) or isinstance(out["seed"], bool) or not 0 <= out["seed"] < SEED_LIMIT:
+        raise ValueError(f"eval.bootstrap.seed={out['seed']!r}; accepted: an integer in [0, 2^32)")
+    for key in ("kid_max_samples", "max_feature_mb"):
+        v = out[key]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1e12:
+            raise ValueError(f"eval.bootstrap.{key}={v!r}; accepted: a number >= 0")
     if out["keep_features"] not in (True, False, "auto"):
         raise ValueError(f"eval.bootstrap.keep_features={out['keep_features']!r}; accepted: true, false, auto")
     for key in ("enabled", "real", "kid"):

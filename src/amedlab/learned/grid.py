@@ -14,6 +14,10 @@ from torch import nn
 #: the share of the log-sigma span spread evenly over the intervals: no interval can shrink below
 #: FLOOR / (N - 1) of the span, so the grid stays strictly decreasing under any parameters
 FLOOR = 1e-3
+#: a grid whose logits span more than this has diverged (:meth:`LearnedGrid.problem`): Adam moves a
+#: logit by about the learning rate per update, so no sane rate gets there, and the softmax is
+#: saturated (the collapsed intervals sit on the floor with no gradient left to bring them back)
+LOGIT_SPAN_LIMIT = 1e6
 
 
 class LearnedGrid(nn.Module):
@@ -47,5 +51,23 @@ class LearnedGrid(nn.Module):
         inner = self.log_max - (self.log_max - self.log_min) * torch.cumsum(shares, 0)[:-1]
         return torch.cat([self.base_sigmas[:1], inner.exp(), self.base_sigmas[-1:]])
 
+    @torch.no_grad()
+    def problem(self) -> str | None:
+        """Why the grid has diverged (non-finite logits or times, times not strictly decreasing, or
+        logits spread past :data:`LOGIT_SPAN_LIMIT`), or None for a usable grid."""
+        logits = self.grid_logits.detach()
+        if not bool(torch.isfinite(logits).all()):
+            return "the learned grid's logits are not finite"
+        s = self.sigmas()
+        if not bool(torch.isfinite(s).all()):
+            return f"the learned grid is not finite ({s.tolist()})"
+        if not bool((s[1:] < s[:-1]).all()):
+            return f"the learned grid is not strictly decreasing ({s.tolist()})"
+        span = float(logits.max() - logits.min())
+        if span > LOGIT_SPAN_LIMIT:
+            return (f"the learned grid collapsed to {[round(v, 6) for v in s.tolist()]}: its logits span {span:.3g}, "
+                    f"the limit is {LOGIT_SPAN_LIMIT:.0e}")
+        return None
 
-__all__ = ["LearnedGrid", "FLOOR"]
+
+__all__ = ["LearnedGrid", "FLOOR", "LOGIT_SPAN_LIMIT"]

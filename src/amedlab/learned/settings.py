@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from ..configs import CONF_DIR, check_schedule_cfg
 from ..io import plain
+from ..limits import SEED_LIMIT, upper_bound
 
 LOSSES = ("final", "denoised")
 #: solver.distill defaults for solver=learned: the package's own conf/solver/learned.yaml (one source;
@@ -78,12 +79,15 @@ def check_learned_settings(sdist: Mapping | None, eval_seeds=None) -> dict:
     out = {**DEFAULTS, **{k: v for k, v in sdist.items() if v is not None}}
 
     def integer(key, lo):
-        v = out[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"solver.distill.{key}={v!r}; accepted: an integer >= {lo}")
+        v, hi = out[key], upper_bound(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ValueError(f"solver.distill.{key}={v!r}; accepted: an integer in [{lo}, {hi}]")
 
     for key, lo in (("num_trajectories", 1), ("first_seed", 0), ("batch_size", 1), ("epochs", 1)):
         integer(key, lo)
+    if out["first_seed"] + out["num_trajectories"] > SEED_LIMIT:
+        raise ValueError(f"solver.distill.first_seed={out['first_seed']}: the training seeds first_seed .. first_seed + "
+                         f"num_trajectories - 1 must stay below 2^32; accepted: first_seed <= {SEED_LIMIT - out['num_trajectories']}")
     if out["batch_size"] > out["num_trajectories"]:
         raise ValueError(f"solver.distill.batch_size={out['batch_size']}; accepted: at most solver.distill.num_trajectories="
                          f"{out['num_trajectories']} (no update would be made)")
@@ -99,7 +103,7 @@ def check_learned_settings(sdist: Mapping | None, eval_seeds=None) -> dict:
     out["starts"] = check_starts(out["starts"])
     if eval_seeds is not None:
         train = range(out["first_seed"], out["first_seed"] + out["num_trajectories"])
-        overlap = sorted(set(train).intersection(eval_seeds))
+        overlap = sorted(s for s in eval_seeds if s in train)  # range membership: no set of the training seeds
         if overlap:
             raise ValueError(f"solver.distill.first_seed={out['first_seed']}: the training seeds {train.start}-{train.stop - 1} "
                              f"overlap the evaluation seeds (e.g. {overlap[0]}); accepted: a range disjoint from eval.seeds")

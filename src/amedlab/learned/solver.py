@@ -88,9 +88,12 @@ class LearnedSolverParams(LearnedGrid):
         return {"format": FORMAT_VERSION, "kind": "learned_solver", "hparams": self.hparams(), "meta": self.meta,
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
-    def save(self, path) -> Path:
-        """Written atomically with a digest of its content (:func:`amedlab.cache.save_verified`)."""
-        return save_verified(path, self.blob())
+    def save(self, path, spec: dict | None = None, records: list | None = None) -> Path:
+        """Written atomically with a digest of its content (:func:`amedlab.cache.save_verified`).
+        ``spec`` / ``records``: what it was trained for and the training records, stored (under the digest)
+        by the cache (:func:`amedlab.cache.trained_once`), which uses a cached file only for the same spec."""
+        return save_verified(path, {**self.blob(), **{k: v for k, v in (("spec", spec), ("records", records))
+                                                        if v is not None}})
 
     @classmethod
     def from_blob(cls, blob, path) -> "LearnedSolverParams":

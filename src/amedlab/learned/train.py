@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..amed.objectives import squared_error, trajectory_loss
+from ..amed.objectives import divergence, diverged, squared_error, trajectory_loss
 from ..amed.placement import held_teacher, lightning_placement, teacher_to
 from ..models.base import device_of
 from ..solvers.base import Solver
@@ -53,6 +53,16 @@ class LearnedDistillation(pl.LightningModule):
     def on_fit_start(self):
         teacher_to(self.denoiser, self.device)
 
+    def check_update(self, loss: float | None = None) -> None:
+        """Stop (a ResultError naming ``solver.distill.lr``) at the first non-finite loss, non-finite
+        grid or coefficient parameter, or unusable learned grid."""
+        reason = divergence(loss, {"grid/coefficient": self.params}, self.params)
+        if reason is not None:
+            raise diverged("solver.distill.lr", self.lr, max(len(self.records), 1), reason)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.check_update()  # after the optimizer step: the parameters it left
+
     def training_step(self, batch, batch_idx):
         noise, target = batch
         sigmas = self.params.sigmas()
@@ -65,6 +75,7 @@ class LearnedDistillation(pl.LightningModule):
             smin = sigmas[-1].to(dtype=x.dtype, device=x.device) * torch.ones(len(x), dtype=x.dtype, device=x.device)
             loss = squared_error(self.denoiser(x, smin), target)
         self.records.append({"interval": 0, "loss": loss.item()})
+        self.check_update(self.records[-1]["loss"])  # before the step: a non-finite loss stops here
         self.log("learned/loss", loss.detach(), on_step=True, batch_size=len(noise))
         return loss
 
@@ -83,6 +94,8 @@ def train_learned(denoiser, noise: torch.Tensor, target: torch.Tensor, base_sigm
 
     ``settings``: ``afs``, ``max_order``, ``seed`` and the ``solver.distill`` keys of solver=learned
     (batch_size, epochs, lr, loss, learn_grid, learn_coefficients); unset ones take their defaults.
+    A training that diverges (a non-finite loss or parameter, a collapsed grid) stops at that update
+    with a :class:`amedlab.errors.ResultError` naming ``solver.distill.lr``.
     """
     unknown = sorted(set(settings) - {*SOLVER_SETTINGS, *TRAINING_KEYS})
     if unknown:
@@ -115,6 +128,7 @@ def train_learned(denoiser, noise: torch.Tensor, target: torch.Tensor, base_sigm
     t0, c0 = time.perf_counter(), time.process_time()
     with held_teacher(denoiser):
         trainer.fit(module, train_dataloaders=loader)
+    module.check_update()  # the trained parameters once more, whatever the loop checked
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     params = params.cpu()
     losses = [r["loss"] for r in module.records]
@@ -162,7 +176,8 @@ def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = Tru
     (:func:`.settings.learned_settings`, built once by the checks) and model, or new ones (teacher
     solutions from the cached high-NFE reference), stored. New ones are trained from every grid of
     ``solver.distill.starts``; the one with the lowest :func:`final_error` on the training
-    trajectories is kept."""
+    trajectories is kept. A cached file is used only if it holds these settings (and this model's
+    identity); a training that diverges is a ResultError naming ``solver.distill.lr``, nothing cached."""
     from ..cache import digest, trained_once
     from ..models.base import DTYPES
     from ..solvers import make_solver
@@ -170,7 +185,8 @@ def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = Tru
 
     schedule = settings["schedule"]
     identity = model.identity() if hasattr(model, "identity") else type(model).__name__
-    key = digest({"model_identity": identity, **settings})
+    keyed = {"model_identity": identity, **settings}  # the cache key's content, stored in the cached file
+    key = digest(keyed)
     path = Path(cache_dir) / "learned" / f"learned-nfe{settings['nfe']}-{key}.pt"
 
     def train():
@@ -202,5 +218,6 @@ def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = Tru
                  params.meta["train_cpu_seconds_all_starts"], [round(s, 4) for s in params.meta["sigmas"]])
         return params, {"settings": settings, "meta": params.meta, "records": params.records}
 
-    params, info = trained_once(path, "cached learned solver", LearnedSolverParams.from_blob, train, use_cache)
+    params, info = trained_once(path, "cached learned solver", LearnedSolverParams.from_blob, train, use_cache,
+                                settings=keyed)
     return params, {**info, "meta": params.meta}

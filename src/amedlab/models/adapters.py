@@ -7,24 +7,36 @@
 - ``edm_pkl``: an NVlabs EDM network pickle (e.g. ``edm-cifar10-32x32-uncond-vp.pkl``). Unpickling
   runs code, so it needs ``model.trust_pickle=true`` and NVlabs' source (``dnnlib``, ``torch_utils``)
   importable via ``model.source_dir``. Features: channel-mean of the last encoder block at the lowest
-  resolution, ``enc['8x8_block3']`` for CIFAR-10, as in the official AMED code.
+  resolution, ``enc['8x8_block3']`` for CIFAR-10, as in the official AMED code. A file that cannot be
+  such a pickle (EDM's ``training-state-*.pt``, a project checkpoint, an empty, truncated or random
+  file) is recognised first, from its bytes, without running anything in it; each unpickling of a
+  trusted file is logged (INFO: the file and its sha256).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import io
 import json
+import logging
 import pickle
+import pickletools
 import re
 import sys
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError, MissingFileError
 from .base import Denoiser
 from .factory import register_model
+from .paths import existing_file, existing_folder
 from .precond import FeatureHook
+
+log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -125,10 +137,8 @@ def build_diffusers(cfg: Mapping) -> DiffusersVPDenoiser:
     _check_keys(cfg, "diffusers", ("name", "path", "scheduler_path", "feature_block"))
     if cfg.get("path") in (None, ""):
         raise ValueError("model.path=null: set it to a UNet2DModel save_pretrained directory (model=diffusers)")
-    root = Path(str(cfg["path"])).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"model.path={str(root)!r}: no such directory (accepted: a UNet2DModel "
-                                "save_pretrained directory or a pipeline directory with unet/)")
+    root = existing_folder("model.path", cfg["path"], "a UNet2DModel save_pretrained folder or a pipeline folder "
+                           "with unet/ (model=diffusers)")
     unet_dir = _find_dir_with([root, root / "unet"], "config.json")
     if unet_dir is None:
         raise FileNotFoundError(f"model.path={str(root)!r}: no config.json in it or in its unet/ subfolder")
@@ -141,7 +151,8 @@ def build_diffusers(cfg: Mapping) -> DiffusersVPDenoiser:
     if unet_cfg.get("num_class_embeds") or unet_cfg.get("class_embed_type"):
         raise ValueError("model.path: class-conditional UNet2DModel is not supported; accepted: unconditional")
     if cfg.get("scheduler_path") not in (None, ""):
-        sched_dir = Path(str(cfg["scheduler_path"])).expanduser()
+        sched_dir = existing_folder("model.scheduler_path", cfg["scheduler_path"],
+                                    "a folder with the DDPM scheduler's scheduler_config.json, or null")
         if not (sched_dir / "scheduler_config.json").is_file():
             raise FileNotFoundError(f"model.scheduler_path={str(sched_dir)!r}: no scheduler_config.json there")
     else:
@@ -221,13 +232,117 @@ def _ensure_edm_source(source_dir) -> None:
     hint = ("NVlabs' EDM source (github.com/NVlabs/edm: dnnlib/, torch_utils/, training/) must be importable to "
             "unpickle its networks: clone it and set model.source_dir=<that clone>")
     if source_dir not in (None, ""):
-        src = Path(str(source_dir)).expanduser().resolve()
+        src = existing_folder("model.source_dir", source_dir, "a clone of github.com/NVlabs/edm (dnnlib/, "
+                              "torch_utils/, training/), or null if it is importable").resolve()
         if not (src / "torch_utils" / "persistence.py").is_file():
-            raise FileNotFoundError(f"model.source_dir={str(source_dir)!r} has no torch_utils/persistence.py. {hint}")
+            raise MissingFileError(f"model.source_dir={str(source_dir)!r} has no torch_utils/persistence.py. {hint}",
+                                   "model.source_dir")
         if str(src) not in sys.path:
             sys.path.insert(0, str(src))
     elif importlib.util.find_spec("torch_utils") is None:
         raise ModuleNotFoundError(f"model.source_dir=null and torch_utils is not importable. {hint}")
+
+
+EDM_ACCEPTED = ("an NVlabs EDM network pickle (network-snapshot-*.pkl or edm-*.pkl) holding a dict with an 'ema' "
+                "network, with model.trust_pickle=true")
+# the first pickle of a torch.save(..., _use_new_zipfile_serialization=False) file
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_STRING_OPS = {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+_INT_OPS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
+
+
+def _scan_pickle(data: bytes) -> tuple[set[str], object]:
+    """Walk the opcodes of the first pickle in ``data`` without running anything (``pickletools``):
+    the strings it holds and the first integer it pushes. A truncated or non-pickle stream raises."""
+    strings: set[str] = set()
+    first_int = None
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in _STRING_OPS and isinstance(arg, (str, bytes)):
+            strings.add(arg if isinstance(arg, str) else arg.decode("latin-1"))
+        elif first_int is None and op.name in _INT_OPS and isinstance(arg, int):
+            first_int = arg
+    return strings, first_int
+
+
+def _project_kind_hint(kind) -> str:
+    from .digits import TEACHER_KIND
+
+    if kind == TEACHER_KIND:
+        return " (load it with model=digits_unet model.path=<this file>)"
+    return ""
+
+
+def _describe_torch_archive(path: Path, raw: bytes) -> str:
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            if member is None:
+                return "is a zip archive, not a pickle"
+            strings, _ = _scan_pickle(archive.read(member))
+    except Exception:  # noqa: BLE001 - damaged archives make zipfile and pickletools raise anything
+        return "is a damaged zip archive (a torch.save .pt file?), not a pickle"
+    if "optimizer_state" in strings or re.fullmatch(r"training-state-.*\.pt", path.name):
+        return ("is EDM's training state (training-state-*.pt: a torch.save of {'net', 'optimizer_state'} for "
+                "resuming training), not a network pickle; use the network-snapshot-*.pkl of the same run")
+    kinds = sorted(s for s in strings if s.startswith("amedlab."))
+    if "kind" in strings and kinds:
+        return (f"is a project checkpoint (.pt, kind {kinds[0]!r}), not an NVlabs network pickle"
+                + _project_kind_hint(kinds[0]))
+    return "is a torch.save archive (.pt), not an NVlabs network pickle"
+
+
+def _describe_safetensors(raw: bytes) -> str | None:
+    size = int.from_bytes(raw[:8], "little")
+    if not (2 <= size <= len(raw) - 8 and raw[8:9] == b"{"):
+        return None
+    try:
+        header = json.loads(raw[8:8 + size])
+    except ValueError:
+        return None
+    kind = (header.get("__metadata__") or {}).get("kind") if isinstance(header, dict) else None
+    if kind:
+        return (f"is a project checkpoint (.safetensors, kind {kind!r}), not an NVlabs network pickle"
+                + _project_kind_hint(kind))
+    return "is a safetensors file (tensors only, no network), not an NVlabs network pickle"
+
+
+def _not_a_network_pickle(path: Path, raw: bytes) -> str | None:
+    """What the file is, when it cannot be an NVlabs network pickle; None when it may be one. Found from
+    magic bytes and a static walk of the pickle opcodes: nothing in the file is run."""
+    if not raw:
+        return "is an empty file"
+    if raw[:4] == b"PK\x03\x04":
+        return _describe_torch_archive(path, raw)
+    if len(raw) > 9 and (what := _describe_safetensors(raw)):
+        return what
+    try:
+        _, first_int = _scan_pickle(raw)
+    except Exception as err:  # noqa: BLE001 - arbitrary bytes make the opcode walk raise anything
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if len(raw) > 1 and raw[0] == 0x80 and 2 <= raw[1] <= pickle.HIGHEST_PROTOCOL:  # a pickle's header
+            return f"is a pickle cut short or damaged (copied or downloaded in part?; {reason})"
+        return f"is not a pickle ({reason})"
+    if first_int == _TORCH_LEGACY_MAGIC:
+        return "is a legacy torch.save file (.pt), not an NVlabs network pickle"
+    return None
+
+
+def _unpickle_trusted(path: Path, raw: bytes, given: str, source_dir) -> object:
+    """Unpickle a file the user trusts (model.trust_pickle=true); this runs the code embedded in it."""
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    log.info("model.path: unpickling the trusted file %s (sha256 %s...): the code embedded in the pickle runs "
+             "(model.trust_pickle=true)", path.resolve(), digest)
+    try:
+        return pickle.loads(raw)  # noqa: S301 -- explicitly trusted by the caller
+    except (ImportError, AttributeError) as err:  # a module or class the pickle names is not in the source
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"model.path={given!r}: unpickling it needs code that model.source_dir={source_dir!r} "
+                          f"does not provide ({type(err).__name__}: {reason}); accepted: {EDM_ACCEPTED}, and "
+                          "model.source_dir the NVlabs EDM source it was made with", "model.path") from err
+    except Exception as err:  # noqa: BLE001 - the file's bytes and its embedded code can raise anything
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"model.path={given!r} could not be unpickled ({type(err).__name__}: {reason}); "
+                          f"accepted: {EDM_ACCEPTED}", "model.path") from err
 
 
 @register_model("edm_pkl")
@@ -238,22 +353,30 @@ def build_edm_pkl(cfg: Mapping) -> EDMPickleDenoiser:
     if cfg.get("path") in (None, ""):
         raise ValueError("model.path=null: set it to an NVlabs EDM network pickle, e.g. "
                          "edm-cifar10-32x32-uncond-vp.pkl (nothing is downloaded)")
-    path = Path(str(cfg["path"])).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"model.path={str(cfg['path'])!r}: no such file (accepted: an NVlabs EDM .pkl)")
+    given = str(cfg["path"])
+    path = existing_file("model.path", given, EDM_ACCEPTED)
+    raw = path.read_bytes()
+    what = _not_a_network_pickle(path, raw)  # magic bytes and a static scan of the opcodes: nothing runs
+    if what:
+        raise ConfigError(f"model.path={given!r} {what}; accepted: {EDM_ACCEPTED}", "model.path")
     if cfg.get("trust_pickle") is not True:
         raise PermissionError(f"model.trust_pickle={cfg.get('trust_pickle')!r}: loading {path} runs the code inside "
                               "the pickle; set model.trust_pickle=true only for files you trust")
     _ensure_edm_source(cfg.get("source_dir"))
-    with open(path, "rb") as f:
-        data = pickle.load(f)  # noqa: S301 -- explicitly trusted above
-    if not isinstance(data, Mapping) or "ema" not in data:
-        raise ValueError(f"model.path={str(path)!r}: expected a dict with an 'ema' network (an NVlabs EDM "
-                         f"network pickle); got {type(data).__name__}")
+    data = _unpickle_trusted(path, raw, given, cfg.get("source_dir"))
+    del raw
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"model.path={given!r} holds a {type(data).__name__}, not a dict with an 'ema' network; "
+                          f"accepted: {EDM_ACCEPTED}", "model.path")
+    if "ema" not in data:
+        keys = sorted(map(str, data))[:8]
+        raise ConfigError(f"model.path={given!r} holds a dict with keys {keys} and no 'ema' network; "
+                          f"accepted: {EDM_ACCEPTED}", "model.path")
     net = data["ema"]
     for attr in ("img_resolution", "img_channels", "model"):
         if not hasattr(net, attr):
-            raise ValueError(f"model.path={str(path)!r}: data['ema'] has no {attr!r}; not an NVlabs EDM network")
+            raise ConfigError(f"model.path={given!r}: data['ema'] has no {attr!r}, so it is not an NVlabs EDM "
+                              f"network; accepted: {EDM_ACCEPTED}", "model.path")
     enc = getattr(net.model, "enc", None)
     feature_block = cfg.get("feature_block")
     if feature_block in (None, "", "auto"):

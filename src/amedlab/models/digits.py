@@ -17,6 +17,7 @@ import torch
 
 from ..io import atomic_write_bytes
 from .factory import register_model
+from .paths import existing_file
 from .precond import EDMPrecond
 from .unet import SmallUNet
 
@@ -108,10 +109,8 @@ def resolve_checkpoint_path(value, key: str, default: Path) -> Path:
             raise FileNotFoundError(f"{key}=null means the shipped checkpoint {default}, which is missing; "
                                     "reinstall the package or pass a path")
         return default
-    path = Path(str(value)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}={str(value)!r}: no such file (accepted: a {' or '.join(CHECKPOINT_SUFFIXES)} "
-                                "checkpoint written by the project, or null for the shipped one)")
+    path = existing_file(key, value, f"a {' or '.join(CHECKPOINT_SUFFIXES)} checkpoint written by the project, "
+                         "or null for the shipped one")
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"{key}={str(value)!r}: accepted file types are {', '.join(CHECKPOINT_SUFFIXES)}")
     return path

@@ -15,10 +15,11 @@ import torch
 
 from ..evaluation import uncertainty
 from ..evaluation.distributed import generate_sharded, world
-from ..evaluation.evaluate import (METRICS_FILE, cell_grid, cell_solver, cell_spec, check_finite, feature_metrics, finished_metrics,
-                                   input_files, save_samples, summary_line, trajectory_error)
+from ..evaluation.evaluate import (METRICS_FILE, METRICS_FORMAT, bits_environment, cell_grid, cell_solver, cell_spec, check_finite,
+                                   extra_outputs, feature_metrics, finished_metrics, input_files, save_samples, summary_line,
+                                   trajectory_error)
 from ..evaluation.metrics import quantize
-from ..cache import digest, seeds_spec
+from ..cache import digest, seal, seeds_spec
 from ..evaluation.wandb_logger import make_logger
 from ..io import atomic_write_json
 from ..models.base import with_precision
@@ -40,8 +41,8 @@ def _hydra_context() -> tuple[list[str], str | None, str]:
         return [], None, "evaluate"
 
 
-def _skip(out_dir: Path, key: str) -> dict | None:
-    done = finished_metrics(out_dir, key)
+def _skip(out_dir: Path, key: str, outputs) -> dict | None:
+    done = finished_metrics(out_dir, key, outputs)
     if done is not None:
         print(f"{done['label']} NFE {done['nfe']}: finished already ({out_dir / METRICS_FILE}); skipped. "
               f"FID {done['fid']:.4g}, RMSE {done['rmse']:.4g}")
@@ -53,7 +54,8 @@ def run(cfg):
     e, nfe, seeds, out_dir = cfg.eval, plan.nfe, plan.seeds, plan.out_dir
     files = input_files(cfg, plan.solver_node, plan.weights, memo_dir=plan.cache_dir / "file_digests")
     key = digest(cell_spec(cfg, plan, files))
-    if bool(e.skip_finished) and (done := _skip(out_dir, key)) is not None:
+    outputs = extra_outputs(out_dir, int(e.sample_grid), bool(e.save_samples))
+    if bool(e.skip_finished) and (done := _skip(out_dir, key, outputs)) is not None:
         return done["fid"]
     overrides, group, run_name = _hydra_context()
     t_start, timing = time.perf_counter(), {}
@@ -86,7 +88,7 @@ def run(cfg):
         timing.update(distill_s=(predictor_info or {}).get("distill_seconds", 0.0),
                       uncertainty_s=(unc or {}).get("seconds", 0.0), total_s=time.perf_counter() - t_start)
         metrics = {
-            "complete": True, "cell_key": key, "label": label, "solver": plan.solver.name,
+            "complete": True, "format": METRICS_FORMAT, "cell_key": key, "label": label, "solver": plan.solver.name,
             "nfe": nfe, "nfe_counted": counted, "num_points": plan.num_points, "fid": fm["fid"], **fm["kid"],
             "rmse": traj_rmse, "num_samples": len(seeds), "seeds": seeds_spec(seeds),
             "schedule": plan.schedule, "sigmas": sigmas.tolist(), "solver_config": plan.solver_node,
@@ -96,9 +98,11 @@ def run(cfg):
             "predictor": predictor_info, "overrides": overrides, "sample_grid": str(grid_path) if grid_path else None,
             "timing": timing, "device": plan.device, "torch_threads": torch.get_num_threads(),
             "batch_size": int(e.batch_size), "precision": plan.precision, "world_size": world()[1],
+            "sample_shape": list(samples.shape[1:]), "real_shape": fm["real"]["description"].get("shape"),
+            "environment": bits_environment(plan.device, plan.dtype),  # what decides the last bits (README, reliability)
         }
         check_finite(metrics, f"{label} NFE {nfe}")
-        path = atomic_write_json(out_dir / METRICS_FILE, metrics)
+        path = atomic_write_json(out_dir / METRICS_FILE, seal(metrics))
         logger.log_metrics({"fid": fm["fid"], "kid_mean": metrics["kid_mean"], "rmse": traj_rmse, "nfe": nfe,
                             "timing": timing}, summary=True)
         logger.log_image("samples", grid_path, caption=f"{label}, NFE {nfe}")

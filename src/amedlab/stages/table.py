@@ -13,9 +13,7 @@ from ..validation import check_stage
 
 
 def run(cfg):
-    check_stage(cfg, "table")
-    if cfg.get("sweep_dir") in (None, ""):
-        raise ValueError("stage=table needs sweep_dir=<a sweep directory> (e.g. sweep_dir=outputs/table2_digits)")
+    check_stage(cfg, "table")  # every key, the sweep directory and the output directory (amedlab.validation)
     tcfg = cfg.get("table") or {}
     level, source = significance_settings(tcfg)
     result = write_tables(cfg.sweep_dir, tcfg.get("out_dir"), list(tcfg.get("metrics") or ["fid", "rmse"]), level, source)
