@@ -21,3 +21,19 @@ def compose_cfg():
             return compose(config_name="config", overrides=list(overrides))
 
     return _compose
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """Counts every denoiser evaluation of every model in the process."""
+    from amedlab.models.base import Denoiser
+
+    calls = {"n": 0}
+    forward = Denoiser.forward
+
+    def counted(self, x, sigma):
+        calls["n"] += 1
+        return forward(self, x, sigma)
+
+    monkeypatch.setattr(Denoiser, "forward", counted)
+    return calls

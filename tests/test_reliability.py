@@ -244,20 +244,6 @@ def _overrides(stage, extra, files, run):
     return [o.format(run=run, **files) for o in base + list(extra)]
 
 
-@pytest.fixture
-def model_calls(monkeypatch):
-    """Counts every denoiser evaluation of every model in the process."""
-    calls = {"n": 0}
-    forward = Denoiser.forward
-
-    def counted(self, x, sigma):
-        calls["n"] += 1
-        return forward(self, x, sigma)
-
-    monkeypatch.setattr(Denoiser, "forward", counted)
-    return calls
-
-
 def _files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
 

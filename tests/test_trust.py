@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from amedlab.models.digits import save_denoiser
 from amedlab.schedules import make_sigmas
 from amedlab.stages import evaluate as evaluate_stage
 
-from test_reliability import BASE, _compose, _files_under, _overrides, _tiny, files, model_calls  # noqa: F401 (fixtures)
+from test_reliability import BASE, _compose, _files_under, _overrides, _tiny, files  # noqa: F401 (a fixture)
 
 BIG = 10**12
 

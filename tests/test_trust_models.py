@@ -33,7 +33,6 @@ from amedlab import cli, validation
 from amedlab.configs import CONF_DIR
 from amedlab.errors import ConfigError
 from amedlab.models import build_model
-from amedlab.models.base import Denoiser
 from amedlab.models.digits import SHIPPED_TEACHER, make_digits_denoiser, save_denoiser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,19 +150,6 @@ def _clean_nvlabs_imports():
     yield
     sys.path[:] = path
     _forget_nvlabs_modules()
-
-
-@pytest.fixture
-def model_calls(monkeypatch):
-    calls = {"n": 0}
-    forward = Denoiser.forward
-
-    def counted(self, x, sigma):
-        calls["n"] += 1
-        return forward(self, x, sigma)
-
-    monkeypatch.setattr(Denoiser, "forward", counted)
-    return calls
 
 
 def _compose(overrides):

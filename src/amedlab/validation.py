@@ -741,10 +741,7 @@ def check_table(cfg) -> None:
     sweep = check_sweep_dir(cfg)
     check_metric_names(cfg, "table.metrics")
     check_significance(cfg)
-    out_dir = _get(cfg, "table.out_dir")
-    if out_dir is not None and not isinstance(out_dir, str):
-        raise fail("table.out_dir", out_dir, "a directory path, or null (the sweep directory)")
-    check_writable("table.out_dir", out_dir or sweep)
+    check_out_dir(cfg, "table.out_dir", sweep)
 
 
 def check_compare_cells(cfg) -> None:
@@ -762,10 +759,15 @@ def check_compare_cells(cfg) -> None:
         raise fail("compare_cells.rows", rows, accepted, "both name the same row")
     check_metric_names(cfg, "compare_cells.metrics")
     check_significance(cfg)
-    out_dir = _get(cfg, "compare_cells.out_dir")
+    check_out_dir(cfg, "compare_cells.out_dir", sweep)
+
+
+def check_out_dir(cfg, key: str, sweep: Path) -> None:
+    """An output directory setting: a writable path, or null (the sweep directory)."""
+    out_dir = _get(cfg, key)
     if out_dir is not None and not isinstance(out_dir, str):
-        raise fail("compare_cells.out_dir", out_dir, "a directory path, or null (the sweep directory)")
-    check_writable("compare_cells.out_dir", out_dir or sweep)
+        raise fail(key, out_dir, "a directory path, or null (the sweep directory)")
+    check_writable(key, out_dir or sweep)
 
 
 def check_train(cfg, stage: str) -> None:
