@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 from _models import add_model_args, model_from_args
 
 from amedlab.amed.distill import distill
-from amedlab.configs import load_group, solver_from_cfg
+from amedlab.solvers.spec import solver_from_node
+from amedlab.specs import load_group
 from amedlab.specs import grid_for
 from amedlab.data.trajectories import cached_trajectories
 
@@ -91,7 +92,7 @@ def main() -> None:
         row = {}
         for name in CLASSICAL:
             node = with_afs(load_group("solver", name), args.afs)
-            solver = solver_from_cfg(node)
+            solver = solver_from_node(node)
             best = None
             for sname in args.classical_schedules.split(","):
                 sched = SCHEDULES[sname]
@@ -118,7 +119,7 @@ def main() -> None:
                            objective=dist.get("objective", "interval"),
                            intermediate_weight=float(dist.get("intermediate_weight", 0.0)),
                            learn_grid=bool(dist.get("learn_grid", False)), grid_lr=dist.get("grid_lr"))
-            solver = solver_from_cfg(node, predictor=pred)
+            solver = solver_from_node(node, predictor=pred)
             sigmas = torch.tensor(pred.meta["sigmas"], dtype=torch.float64)
             with torch.no_grad():
                 err = rmse(torch.cat([solver.sample(model, noise[i:i + args.batch], sigmas) for i in range(0, len(noise), args.batch)]))

@@ -21,10 +21,11 @@ from hydra import compose, initialize_config_dir
 from amed_quality import reference
 
 from amedlab.amed.distill import distill
-from amedlab.configs import CONF_DIR, solver_from_cfg
+from amedlab.resources import CONF_DIR
+from amedlab.solvers.spec import solver_from_node
 from amedlab.models import build_model
 from amedlab.evaluation.evaluate import cell_schedule
-from amedlab.specs import DistillSpec
+from amedlab.specs import DistillSpec, distill_spec
 
 
 def main() -> None:
@@ -49,10 +50,10 @@ def main() -> None:
                     model = build_model(cfg.model).float()
                     noise, ref, _ = reference(model, list(range(args.samples)), 129, args.cache, 500)
                 schedule = cell_schedule(cfg.schedule, name, cfg.eval.schedule_per_solver)  # AMED-Solver: time-uniform
-                pred = distill(model, DistillSpec.from_cfg(cfg, schedule=schedule))
+                pred = distill(model, distill_spec(cfg, schedule=schedule))
                 sigmas = torch.tensor(pred.meta["sigmas"], dtype=torch.float64)
                 with torch.no_grad():
-                    x = solver_from_cfg(cfg.solver, predictor=pred).sample(model, noise, sigmas)
+                    x = solver_from_node(cfg.solver, predictor=pred).sample(model, noise, sigmas)
                 rmse = (x - ref).pow(2).flatten(1).mean(1).sqrt().mean().item()
                 conv = pred.meta["convergence"]
                 results[f"{name}/{nfe}"] = {"rmse": rmse, "converged": conv["converged"], "intervals": conv["intervals"],

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from amedlab.configs import CONF_DIR, solver_from_cfg
+from amedlab.resources import CONF_DIR
+from amedlab.solvers.spec import solver_from_node
 from amedlab.evaluation import uncertainty as U
 from amedlab.evaluation.extractors import DIGITS, create_extractor, extract_features
-from amedlab.evaluation.generate import generate
+from amedlab.sampling import generate
 from amedlab.evaluation.metrics import feature_statistics, fid_from_statistics, quantize
 from amedlab.evaluation.reference import real_reference
 from amedlab.io import plain
@@ -54,14 +55,14 @@ def main():
         cfg = compose("config", overrides=["model=digits_unet", f"solver={args.solver}", f"nfe={args.nfe}",
                                            "schedule=polynomial"])
     model = build_model(cfg.model).eval()
-    solver = solver_from_cfg(plain(cfg.solver))
+    solver = solver_from_node(plain(cfg.solver))
     s = cfg.schedule
     sigmas = make_sigmas(s.kind, solver.num_points(args.nfe), float(s.sigma_min), float(s.sigma_max), float(s.rho))
     other = None
     if args.versus:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             ocfg = compose("config", overrides=["model=digits_unet", f"solver={args.versus}", f"nfe={args.nfe}"])
-        osolver = solver_from_cfg(plain(ocfg.solver))
+        osolver = solver_from_node(plain(ocfg.solver))
         other = (osolver, make_sigmas(s.kind, osolver.num_points(args.nfe), float(s.sigma_min), float(s.sigma_max), float(s.rho)))
     cache = os.environ.get("AMEDLAB_CACHE", ".cache/amedlab")
     real = real_reference(cfg.eval.real, cfg.dataset, DIGITS, None, cache, "cpu", 1000)

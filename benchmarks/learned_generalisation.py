@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from amedlab.configs import CONF_DIR
+from amedlab.resources import CONF_DIR
 from amedlab.evaluation.extractors import DIGITS, create_extractor, extract_features
-from amedlab.evaluation.generate import generate
+from amedlab.sampling import generate
 from amedlab.evaluation.metrics import feature_statistics, fid_from_statistics, quantize, rmse
-from amedlab.evaluation.reference import ode_reference, real_reference
+from amedlab.data.reference import ode_reference
+from amedlab.evaluation.reference import real_reference
 from amedlab.io import plain
 from amedlab.learned import map_to_num_points
 from amedlab.learned.settings import learned_settings

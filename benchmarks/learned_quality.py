@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import add_model_args, model_from_args  # noqa: E402
 from amed_quality import CLASSICAL, reference  # noqa: E402  (the same reference, same cache)
 
-from amedlab.configs import load_group  # noqa: E402
+from amedlab.specs.config import load_group  # noqa: E402
 from amedlab.learned.train import TRAINING_KEYS, train_learned  # noqa: E402
 from amedlab.schedules import make_sigmas  # noqa: E402
 from amedlab.solvers import make_solver  # noqa: E402

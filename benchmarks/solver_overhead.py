@@ -14,7 +14,8 @@ import time
 import torch
 
 from amedlab.amed import AMEDPredictor
-from amedlab.configs import load_group, solver_from_cfg
+from amedlab.solvers.spec import solver_from_node
+from amedlab.specs import load_group
 from amedlab.specs import grid_for
 from amedlab.models.base import Denoiser
 from amedlab.models.digits import SHIPPED_TEACHER, load_denoiser, make_digits_denoiser
@@ -68,7 +69,7 @@ def main() -> None:
     for name in SOLVERS:
         node = load_group("solver", name)
         extra = {"predictor": AMEDPredictor(feature_dim=TimedCheap.feature_dim)} if name.startswith("amed") else {}
-        solver = solver_from_cfg(node, **extra)
+        solver = solver_from_node(node, **extra)
         sigmas = grid_for(solver, NFE, SCHEDULE)
         overheads = []
         for _ in range(REPEATS):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from amedlab.data.digits import digits_split, load_digits_tensors
-from amedlab.evaluation.digits_features import digits_features, load_digits_classifier
+from amedlab.models.digits_features import digits_features, load_digits_classifier
 from amedlab.evaluation.fid import fid_from_features
 from amedlab.models import build_model, counting
 from amedlab.schedules import make_sigmas

@@ -12,7 +12,8 @@ import time
 import torch
 
 from amedlab.amed import AMEDPredictor
-from amedlab.configs import load_group, solver_from_cfg
+from amedlab.solvers.spec import solver_from_node
+from amedlab.specs import load_group
 from amedlab.specs import grid_for
 from amedlab.models.base import PRECISIONS, with_precision
 from amedlab.models.digits import SHIPPED_TEACHER, load_denoiser
@@ -49,7 +50,7 @@ def build_solvers(nfe: int, feature_dim: int, device: str) -> dict:
     for name in SOLVERS:
         node = load_group("solver", name)
         extra = {"predictor": AMEDPredictor(feature_dim=feature_dim).to(device)} if name.startswith("amed") else {}
-        solver = solver_from_cfg(node, **extra)
+        solver = solver_from_node(node, **extra)
         out[name] = solver, grid_for(solver, nfe, SCHEDULE)
     return out
 

@@ -8,10 +8,11 @@ from omegaconf import OmegaConf
 
 from amedlab.amed import AMEDPredictor
 from amedlab.amed.distill import distill
-from amedlab.amed.objectives import convergence, trajectory_loss
-from amedlab.configs import load_group
+from amedlab.amed.objectives import convergence
+from amedlab.training.loss import trajectory_loss
+from amedlab.specs.config import load_group
 from amedlab.data.trajectories import cached_trajectories
-from amedlab.specs import DistillSpec, solver_label
+from amedlab.specs import DistillSpec, distill_spec, solver_label
 from amedlab.models.analytic import Gaussian, default_mixture
 from amedlab.schedules import make_sigmas
 from amedlab.solvers import Point, make_solver
@@ -203,7 +204,7 @@ def test_labels_and_cache_keys_of_the_variants():
     def settings(node):
         cfg = OmegaConf.create({"solver": node, "nfe": 5, "seed": 0, "predictor": {},
                                 "distill": {"num_trajectories": 8, "batch_size": 4, "lr": 1e-3, "epochs": 1}})
-        return DistillSpec.from_cfg(cfg, node, POLY).settings()
+        return distill_spec(cfg, node, POLY).settings()
 
     assert "objective" not in settings(faithful)  # the paper's rows keep their cache keys
     assert settings(traj)["objective"] == "trajectory" and settings(vs) != settings(faithful)
@@ -216,10 +217,10 @@ def test_label_of_the_standalone_variable_step_base():
     assert solver_label(node) == "iPNDM (variable-step)"
 
 
-# -- AMED on a learned coarse grid (solver.distill.learn_grid; amedlab.learned.grid) --
+# -- AMED on a learned coarse grid (solver.distill.learn_grid; amedlab.training.grid) --
 
 def test_learned_grid_starts_at_the_schedule_and_stays_monotone_with_fixed_ends():
-    from amedlab.learned.grid import LearnedGrid
+    from amedlab.training.grid import LearnedGrid
 
     base = make_sigmas("polynomial", 6)
     grid = LearnedGrid(base)
@@ -272,7 +273,7 @@ def test_distillation_with_learn_grid_samples_on_its_own_grid_only(tmp_path):
         with pytest.raises(ValueError, match="learned its own"):
             solver.sample(model, x, start)
     # a saved one, given as solver.predictor, is checked against its own grid (the cell samples on it)
-    from amedlab.validation import check_predictor_file
+    from amedlab.specs import check_predictor_file
 
     path = trained.save(tmp_path / "predictor.pt")
     assert check_predictor_file(path, {"name": "amed", "afs": True}, 5, start, model).meta["sigmas"] == m["sigmas"]
@@ -300,7 +301,7 @@ def test_labels_and_cache_keys_of_the_learned_grid_variants():
     def spec(node, **extra):
         cfg = OmegaConf.create({"solver": node, "nfe": 5, "seed": 0, "predictor": {},
                                 "distill": {"num_trajectories": 8, "batch_size": 4, "lr": 1e-3, "epochs": 1}})
-        return DistillSpec.from_cfg(cfg, node, POLY)
+        return distill_spec(cfg, node, POLY)
 
     assert "learn_grid" not in spec(amed_node).settings() and "learn_grid" not in spec(traj).settings()
     assert spec(grid).settings()["learn_grid"] is True
@@ -317,7 +318,7 @@ def test_labels_and_cache_keys_of_the_learned_grid_variants():
 ])
 def test_learn_grid_config_errors_before_any_compute(sdist, message):
     from amedlab.errors import ConfigError
-    from amedlab.validation import check_distill_settings
+    from amedlab.specs import check_distill_settings
 
     cfg = OmegaConf.create({"solver": {"name": "amed", "distill": sdist}, "predictor": {},
                             "distill": {"num_trajectories": 8, "batch_size": 4, "lr": 1e-3, "epochs": 1, "gen_batch_size": 8}})

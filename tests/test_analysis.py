@@ -180,7 +180,8 @@ def test_stage_writes_json_and_figures(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     from amedlab.stages import analyze_trajectories as trajectories
-    from amedlab.configs import CONF_DIR, load_group
+    from amedlab.resources import CONF_DIR
+    from amedlab.specs import load_group
 
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -231,7 +232,7 @@ def test_image_shaped_samples():
 
 def test_config_errors_before_compute():
     from amedlab.analysis.trajectories import analyze
-    from amedlab.configs import load_group
+    from amedlab.specs.config import load_group
 
     schedule = load_group("schedule", "polynomial")
     model = Gaussian(dim=2)

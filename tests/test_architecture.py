@@ -100,3 +100,99 @@ def test_every_stage_is_a_short_run_and_libraries_have_none():
             assert f.end_lineno - f.lineno + 1 <= 60, f"stages/{name}.py: {f.name} has {f.end_lineno - f.lineno + 1} lines"
     libraries = [p for p in PACKAGE.rglob("*.py") if "stages" not in p.parts]
     assert [str(p) for p in libraries if any(f.name == "run" and f.col_offset == 0 for f in _functions(p))] == []
+
+
+def package_of(module: str) -> str:
+    """``amedlab.evaluation.table`` -> ``amedlab.evaluation``; a top-level module is its own package."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for module, targets in import_graph().items():
+        p = package_of(module)
+        graph.setdefault(p, set())
+        graph[p] |= {package_of(t) for t in targets if package_of(t) != p}
+    return graph
+
+
+def test_no_import_cycle_between_packages():
+    """Folders too: a cycle between two packages (evaluation -> learned -> evaluation) is a tangle even
+    when no two modules import each other."""
+    graph = package_graph()
+    assert "amedlab.specs" in graph and "amedlab.evaluation" in graph["amedlab.stages"]
+    assert cycles(graph) == []
+
+
+#: below the stages, only these import omegaconf or hydra: the package's own YAML (resources), the
+#: conversion of config nodes to plain values (io.plain), and the user errors, which are Hydra's compact
+#: exceptions so that Hydra prints them as one line (errors)
+CONFIG_READERS = {"amedlab/io.py", "amedlab/resources.py", "amedlab/errors.py"}
+
+
+def _below_stages(path: Path) -> bool:
+    rel = path.relative_to(SRC).as_posix()
+    return not (rel.startswith(("amedlab/stages/", "amedlab/specs/")) or rel in {"amedlab/cli.py", "amedlab/__main__.py"})
+
+
+def test_no_library_module_imports_the_config_system_or_takes_a_cfg():
+    """Only ``specs/`` and ``stages/`` read the composed config: no module below them imports
+    omegaconf or hydra (but the two that read the package's own YAML) or has a ``cfg`` parameter."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if not _below_stages(path):
+            continue
+        rel = path.relative_to(SRC).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if rel not in CONFIG_READERS and any(n.split(".")[0] in ("omegaconf", "hydra") for n in names):
+                offenders.append(f"{rel}:{node.lineno} imports {names}")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                offenders += [f"{rel}:{node.lineno} {node.name}({a.arg})" for a in args if a.arg == "cfg"]
+    assert offenders == []
+
+
+def test_no_library_function_receives_a_config_node_at_run_time(tmp_path, monkeypatch):
+    """Every call into the library while real stages run (evaluate, distill, compare, table): no argument
+    is a DictConfig or ListConfig. The stages hand over specs and plain values."""
+    import sys
+
+    from omegaconf import DictConfig, ListConfig
+
+    from test_reliability import BASE, _compose, _tiny
+    from amedlab.models.digits import save_denoiser
+    from amedlab.stages import compare, distill, evaluate, table
+
+    monkeypatch.chdir(tmp_path)
+    model = save_denoiser(_tiny(0), tmp_path / "model.safetensors")
+    base = [o.format(run=tmp_path, tiny=model) for o in BASE["evaluate"]]
+    runs = [(evaluate.run, base + ["nfe=3", "eval.bootstrap.resamples=20"]),
+            (evaluate.run, base + ["solver=amed", "nfe=3", "eval.bootstrap=false", "distill.num_trajectories=8"]),
+            (distill.run, [o.format(run=tmp_path, tiny=model) for o in BASE["distill"]] + ["nfe=3"]),
+            (compare.run, BASE["compare"]),
+            (table.run, ["stage=table", f"sweep_dir={tmp_path}"])]
+    seen, library = [], str(PACKAGE)
+
+    def profile(frame, event, arg):
+        if event != "call" or not frame.f_code.co_filename.startswith(library):
+            return
+        path = Path(frame.f_code.co_filename)
+        if not _below_stages(path) or path.relative_to(SRC).as_posix() == "amedlab/io.py":
+            return
+        code = frame.f_code
+        for name in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]:
+            if isinstance(frame.f_locals.get(name), (DictConfig, ListConfig)):
+                seen.append(f"{path.relative_to(SRC)}:{code.co_name}({name})")
+
+    for run, overrides in runs:
+        cfg = _compose(overrides)
+        sys.setprofile(profile)
+        try:
+            run(cfg)
+        finally:
+            sys.setprofile(None)
+    assert (tmp_path / "metrics.json").is_file()
+    assert sorted(set(seen)) == [], "\n".join(sorted(set(seen)))

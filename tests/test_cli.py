@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from amedlab.amed import AMEDPredictor
 from amedlab.cli import resolve_stage
-from amedlab.configs import CONF_DIR
+from amedlab.resources import CONF_DIR
 
 
 def _cfg(*overrides):
@@ -34,9 +34,9 @@ def test_bad_stage_and_solver_are_named():
     with pytest.raises(ValueError, match="stage='sample'.*accepted: compare"):
         resolve_stage("sample")
     with pytest.raises(ValueError, match="solver.name='rk4'"):
-        from amedlab.configs import solver_from_cfg
+        from amedlab.solvers.spec import solver_from_node
 
-        solver_from_cfg({"name": "rk4"})
+        solver_from_node({"name": "rk4"})
 
 
 def test_distill_stage_with_the_real_configs(tmp_path, monkeypatch):

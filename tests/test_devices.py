@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from amedlab.amed.distill import distill
-from amedlab.amed.placement import held_teacher, lightning_placement
+from amedlab.training.placement import held_teacher, lightning_placement
 from amedlab.data.trajectories import generate_trajectories
 from amedlab.models.base import CountingDenoiser, Denoiser, device_of
 

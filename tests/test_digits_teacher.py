@@ -106,7 +106,7 @@ def test_model_path_errors(tmp_path):
         build_model({"name": "digits_unet", "path": str(bad)})
     with pytest.raises(ValueError, match="accepted keys: name, path"):
         build_model({"name": "digits_unet", "path": None, "pth": "x"})
-    from amedlab.evaluation.digits_features import SHIPPED_CLASSIFIER
+    from amedlab.models.digits_features import SHIPPED_CLASSIFIER
 
     with pytest.raises(ValueError, match="is not a amedlab.digits_unet checkpoint"):
         build_model({"name": "digits_unet", "path": str(SHIPPED_CLASSIFIER)})

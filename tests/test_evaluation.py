@@ -8,16 +8,17 @@ import torch
 import torch_fidelity
 from hydra import compose, initialize_config_dir
 
-from amedlab.configs import CONF_DIR
+from amedlab.resources import CONF_DIR
 from amedlab.data.digits import digits_split, load_digits_tensors
 from amedlab.stages import evaluate as evaluate_stage
 from amedlab.evaluation.extractors import (DIGITS, INCEPTION, UInt8Images, check_extractor_weights, create_extractor,
                                            extract_features)
 from amedlab.evaluation.fid import fid_from_features
-from amedlab.evaluation.generate import generate
+from amedlab.sampling import generate
 from amedlab.evaluation.metrics import dequantize, fid, kid, quantize, rmse
-from amedlab.evaluation.reference import ode_reference, real_reference
-from amedlab.evaluation.wandb_logger import make_logger
+from amedlab.data.reference import ode_reference
+from amedlab.evaluation.reference import real_reference
+from amedlab.wandb_logger import make_logger
 from amedlab.models.digits import make_digits_denoiser, save_denoiser
 from amedlab.sampling import parse_seeds
 from amedlab.schedules import make_sigmas
@@ -250,7 +251,7 @@ def test_one_logger_settings_reader_offline_by_default():
     """The evaluation's RunLogger and the training's Lightning loggers read the same settings."""
     from omegaconf import OmegaConf
 
-    from amedlab.evaluation.wandb_logger import logger_settings
+    from amedlab.wandb_logger import logger_settings
 
     assert not logger_settings(None).wandb and not logger_settings({"name": "none"}).wandb
     s = logger_settings(OmegaConf.create({"name": "wandb", "tags": ["a"], "entity": ""}))

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from amedlab.data.digits import digits_split, load_digits_tensors
-from amedlab.evaluation.digits_features import SHIPPED_CLASSIFIER, digits_features, load_digits_classifier
+from amedlab.models.digits_features import SHIPPED_CLASSIFIER, digits_features, load_digits_classifier
 from amedlab.evaluation.fid import feature_statistics, fid_from_features, frechet_distance
 from amedlab.stages import train_features
 from amedlab.training import features as features_stage

@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from amedlab.amed.objectives import trajectory_loss
+from amedlab.training.loss import trajectory_loss
 from amedlab.learned import LearnedSolverParams, map_to_num_points
 from amedlab.learned.solver import FLOOR
-from amedlab.learned.settings import check_learned_settings, label, learned_settings
+from amedlab.learned.settings import check_learned_settings, label
+from amedlab.specs import learned_settings
 from amedlab.learned.train import cell_learned, train_learned
 from amedlab.models import counting
 from amedlab.models.analytic import default_mixture
@@ -150,13 +151,19 @@ def _cfg(compose_cfg, tmp_path, *extra):
                        "solver.distill.num_trajectories=32", "solver.distill.batch_size=16", "solver.distill.epochs=2", *extra)
 
 
+def _cell_learned(model, cfg, settings, cache_dir):
+    from amedlab.io import plain
+
+    return cell_learned(model, settings, plain(cfg.eval.ode_reference), int(cfg.eval.batch_size), cfg.model.name, cache_dir)
+
+
 def test_cell_training_is_cached_and_verified(compose_cfg, tmp_path, mixture):
     cfg = _cfg(compose_cfg, tmp_path)
     schedule = dict(cfg.schedule)
     node = dict(cfg.solver)
     settings = learned_settings(cfg, node, schedule, range(32))
-    first, info1 = cell_learned(mixture, cfg, settings, tmp_path)
-    second, info2 = cell_learned(mixture, cfg, settings, tmp_path)
+    first, info1 = _cell_learned(mixture, cfg, settings, tmp_path)
+    second, info2 = _cell_learned(mixture, cfg, settings, tmp_path)
     assert info1["source"] == "trained" and info2["source"] == "cache" and info1["path"] == info2["path"]
     torch.testing.assert_close(first.sigmas(), second.sigmas(), rtol=0, atol=0)
     torch.testing.assert_close(first.coef, second.coef, rtol=0, atol=0)
@@ -175,11 +182,11 @@ def test_cell_training_is_cached_and_verified(compose_cfg, tmp_path, mixture):
     raw = bytearray(open(info1["path"], "rb").read())
     raw[-200] ^= 0xFF
     open(info1["path"], "wb").write(bytes(raw))
-    _, info3 = cell_learned(mixture, cfg, settings, tmp_path)
+    _, info3 = _cell_learned(mixture, cfg, settings, tmp_path)
     assert info3["source"] == "trained"
     # other training settings: another cache entry
     cfg1 = _cfg(compose_cfg, tmp_path, "solver.distill.epochs=1")
-    _, info4 = cell_learned(mixture, cfg1, learned_settings(cfg1, dict(cfg1.solver), schedule, range(32)), tmp_path)
+    _, info4 = _cell_learned(mixture, cfg1, learned_settings(cfg1, dict(cfg1.solver), schedule, range(32)), tmp_path)
     assert info4["source"] == "trained" and info4["path"] != info1["path"]
 
 
@@ -202,7 +209,7 @@ def test_the_start_with_the_lowest_training_error_is_kept_and_every_start_is_rec
     cfg = _cfg(compose_cfg, tmp_path)
     settings = learned_settings(cfg, dict(cfg.solver), dict(cfg.schedule), range(32))
     assert settings["starts"] == [{}, {"kind": "time_uniform", "rho": 1.0}]  # conf/solver/learned.yaml
-    params, _ = cell_learned(mixture, cfg, settings, tmp_path)
+    params, _ = _cell_learned(mixture, cfg, settings, tmp_path)
     tried = params.meta["starts_tried"]
     assert [t["schedule"]["kind"] for t in tried] == ["polynomial", "time_uniform"]
     errors = [t["final_error"] for t in tried]
@@ -216,7 +223,7 @@ def test_the_start_with_the_lowest_training_error_is_kept_and_every_start_is_rec
     # one start: the schedule's grid only, a single candidate
     one = learned_settings(cfg, {**dict(cfg.solver), "distill": {**dict(cfg.solver.distill), "starts": [{}]}},
                            dict(cfg.schedule), range(32))
-    single, _ = cell_learned(mixture, cfg, one, tmp_path)
+    single, _ = _cell_learned(mixture, cfg, one, tmp_path)
     assert [t["schedule"]["kind"] for t in single.meta["starts_tried"]] == ["polynomial"]
     with pytest.raises(ValueError, match=r"solver.distill.starts\[1\]=\{'kind': 'bogus'\}"):
         learned_settings(cfg, {**dict(cfg.solver), "distill": {"starts": [{}, {"kind": "bogus"}]}}, dict(cfg.schedule), range(32))
@@ -229,7 +236,7 @@ def test_training_seeds_must_be_disjoint_from_the_evaluation_seeds():
 
 
 def test_stage_evaluate_rejects_bad_values_before_any_compute(compose_cfg, monkeypatch, tmp_path):
-    from amedlab.validation import ConfigError, check_stage
+    from amedlab.specs import ConfigError, check_stage
 
     monkeypatch.chdir(tmp_path)
     base = ["stage=evaluate", "experiments=table2_digits", "solver=learned", "nfe=5", f"eval.cache_dir={tmp_path}"]
@@ -253,7 +260,7 @@ def test_row_label_says_what_is_learned():
 def test_evaluate_cell_records_the_learned_grid_and_the_counted_nfe(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    from amedlab.configs import CONF_DIR
+    from amedlab.resources import CONF_DIR
     from amedlab.stages import evaluate as evaluate_stage
     from amedlab.models.digits import make_digits_denoiser, save_denoiser
 

@@ -26,14 +26,14 @@ from hydra import compose, initialize_config_dir
 
 from amedlab import cli
 from amedlab.amed import AMEDPredictor
-from amedlab.configs import CONF_DIR
+from amedlab.resources import CONF_DIR
 from amedlab.evaluation.evaluate import check_finite
 from amedlab.stages import evaluate as evaluate_stage
 from amedlab.models.base import Denoiser
 from amedlab.models.digits import SHIPPED_TEACHER, load_denoiser, make_digits_denoiser, save_denoiser
 from amedlab.schedules import make_sigmas
 from amedlab.errors import ResultError, UserError
-from amedlab.validation import check_stage
+from amedlab.specs import check_stage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_NET = dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
@@ -89,7 +89,7 @@ def files(tmp_path_factory):
         with open(d / name, "wb") as fh:
             pickle.dump(Evil(sentinel), fh)
         f[name.replace(".", "_")] = str(d / name)
-    from amedlab.evaluation.digits_features import SHIPPED_CLASSIFIER
+    from amedlab.models.digits_features import SHIPPED_CLASSIFIER
 
     f["classifier"] = str(SHIPPED_CLASSIFIER)          # a checkpoint of another kind than a teacher
     f["amed_pred"] = str(_predictor(model, "amed", 5).save(d / "amed5.pt"))

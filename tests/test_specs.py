@@ -7,9 +7,9 @@ import torch
 from omegaconf import OmegaConf
 
 from amedlab.amed.distill import distill
-from amedlab.configs import CONF_DIR
+from amedlab.resources import CONF_DIR
 from amedlab.schedules import make_sigmas
-from amedlab.specs import DistillSpec, ScheduleSpec, SolverSpec, paper_defaults
+from amedlab.specs import DistillSpec, ScheduleSpec, SolverSpec, distill_spec, paper_defaults
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -26,7 +26,7 @@ def test_the_predictor_cache_key_is_unchanged(compose_cfg, overrides, key):
     cfg = compose_cfg(*overrides)
     node = OmegaConf.to_container(cfg.solver, resolve=True)
     schedule = cell_schedule(cfg.schedule, node["name"], cfg.eval.get("schedule_per_solver"))
-    assert DistillSpec.from_cfg(cfg, node, schedule).key("model-abc") == key
+    assert distill_spec(cfg, node, schedule).key("model-abc") == key
 
 
 def test_the_papers_defaults_are_the_config_files():

@@ -20,7 +20,7 @@ from PIL import Image
 
 from amedlab import cli
 from amedlab.cache import seal, seal_problem
-from amedlab.configs import cell_dirname
+from amedlab.specs.config import cell_dirname
 from amedlab.errors import DiskFullError
 from amedlab.models.digits import save_denoiser
 from amedlab.schedules import make_sigmas

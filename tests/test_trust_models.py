@@ -29,8 +29,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from amedlab import cli, validation
-from amedlab.configs import CONF_DIR
+from amedlab import cli
+from amedlab.specs import values as validation
+from amedlab.resources import CONF_DIR
 from amedlab.errors import ConfigError
 from amedlab.models import build_model
 from amedlab.models.digits import SHIPPED_TEACHER, make_digits_denoiser, save_denoiser
@@ -248,7 +249,6 @@ def test_an_untrusted_or_refused_pickle_is_not_logged_as_unpickled(files, caplog
 
 TARGET_CASES = [
     (["+eval._target_=os.system"], "eval._target_"),
-    (["+model._target_=os.system"], "model._target_"),
     (["+solver.options._target_=os.system"], "solver.options._target_"),  # a free node: no unknown-key check
     (["compare.solvers=[{_target_: os.system}]"], "compare.solvers[0]._target_"),
     (["+eval.schedule_per_solver.euler._target_=builtins.exec"], "eval.schedule_per_solver.euler._target_"),
@@ -262,12 +262,12 @@ def test_a_target_key_anywhere_is_one_named_error(overrides, key, tmp_path, monk
     assert "accepted: no _target_ key" in err, err
 
 
-def test_the_allow_list_lets_a_listed_target_through(monkeypatch):
-    assert validation.ALLOWED_TARGETS == ()
-    cfg = _compose(["stage=compare", "+model._target_=amedlab.models.build_model"])
-    with pytest.raises(ConfigError, match=r"model\._target_"):
+def test_the_allow_list_lets_only_the_extension_points_through(monkeypatch):
+    assert validation.ALLOWED_TARGETS == ("model._target_", "solver._target_")
+    cfg = _compose(["stage=compare", "+eval._target_=amedlab.models.build_model"])
+    with pytest.raises(ConfigError, match=r"eval\._target_"):
         validation.check_targets(cfg)
-    monkeypatch.setattr(validation, "ALLOWED_TARGETS", ("model._target_",))
+    monkeypatch.setattr(validation, "ALLOWED_TARGETS", ("eval._target_",))
     validation.check_targets(cfg)
     validation.check_targets(_compose(["stage=compare"]))  # the shipped config has none
 

@@ -18,12 +18,12 @@ from hydra import compose, initialize_config_dir
 
 from amedlab import cli
 from amedlab.cache import digest, seal
-from amedlab.configs import CONF_DIR
+from amedlab.resources import CONF_DIR
 from amedlab.errors import ConfigError
 from amedlab.evaluation import compare_cells as CC
 from amedlab.evaluation.evaluate import METRICS_FORMAT
 from amedlab.evaluation.table import SKIP_KINDS, build_rows, classify, write_tables
-from amedlab.validation import CHECKS, check_stage
+from amedlab.specs import CHECKS, check_stage
 
 LABELS = {"ipndm": "iPNDM", "euler": "DDIM (Euler)", "heun": "EDM (Heun)"}
 # (folder, solver, nfe, fid, rmse): the good cells; no uncertainty recorded (they still tabulate, without intervals)

@@ -15,11 +15,11 @@ from hydra import compose, initialize_config_dir
 
 from amedlab import cli
 from amedlab.amed import AMEDPredictor
-from amedlab.configs import CONF_DIR
+from amedlab.resources import CONF_DIR
 from amedlab.errors import ResultError
 from amedlab.evaluation.evaluate import cell_predictor
 from amedlab.learned import LearnedSolverParams
-from amedlab.learned.settings import learned_settings
+from amedlab.specs import learned_settings
 from amedlab.learned.train import cell_learned
 from amedlab.models.analytic import default_mixture
 from amedlab.models.digits import make_digits_denoiser, save_denoiser
@@ -34,6 +34,12 @@ TINY_NET = dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_bl
 
 
 @pytest.fixture(scope="module")
+
+def _cell_learned(model, cfg, settings, cache_dir):
+    from amedlab.io import plain
+
+    return cell_learned(model, settings, plain(cfg.eval.ode_reference), int(cfg.eval.batch_size), cfg.model.name, cache_dir)
+
 def mixture():
     return default_mixture().float()
 
@@ -106,14 +112,14 @@ def _learned(compose_cfg, tmp_path, *extra):
 def test_a_learned_solver_copied_to_another_settings_key_is_retrained_with_a_warning(compose_cfg, tmp_path, caplog):
     model = default_mixture()
     cfg2, two = _learned(compose_cfg, tmp_path, "solver.distill.lr=0.05")
-    params, info = cell_learned(model, cfg2, two, tmp_path)
+    params, info = _cell_learned(model, cfg2, two, tmp_path)
     assert info["source"] == "trained"
     cfg1, one = _learned(compose_cfg, tmp_path)
-    probe, probe_info = cell_learned(model, cfg1, one, tmp_path)              # where the default's file lives
+    probe, probe_info = _cell_learned(model, cfg1, one, tmp_path)              # where the default's file lives
     target = Path(probe_info["path"])
     shutil.copy(info["path"], target)
     with caplog.at_level(logging.WARNING, logger="amedlab.cache"):
-        again, info1 = cell_learned(model, cfg1, one, tmp_path)
+        again, info1 = _cell_learned(model, cfg1, one, tmp_path)
     assert info1["source"] == "trained" and info1["path"] == str(target)
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and str(target) in r.getMessage()]
     assert warning and "lr=0.05" in warning[0] and "0.02 expected" in warning[0], warning
@@ -148,13 +154,13 @@ def test_a_damaged_predictor_sidecar_is_rebuilt_without_retraining(damage, mixtu
 def test_a_damaged_learned_sidecar_is_rebuilt_without_retraining(compose_cfg, tmp_path, caplog, monkeypatch):
     model = default_mixture()
     cfg, settings = _learned(compose_cfg, tmp_path)
-    _, info = cell_learned(model, cfg, settings, tmp_path)
+    _, info = _cell_learned(model, cfg, settings, tmp_path)
     sidecar = Path(info["path"]).with_suffix(".json")
     records = json.loads(sidecar.read_text())["records"]
     sidecar.write_text("{")
     monkeypatch.setattr(learned_train, "train_learned", _no_training)
     with caplog.at_level(logging.WARNING, logger="amedlab.cache"):
-        _, cached = cell_learned(model, cfg, settings, tmp_path)
+        _, cached = _cell_learned(model, cfg, settings, tmp_path)
     assert cached["source"] == "cache" and cached["records"] == records
     assert any(str(sidecar) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert json.loads(sidecar.read_text())["records"] == records
@@ -216,7 +222,7 @@ def test_a_non_finite_loss_stops_the_learned_solver_at_that_update(compose_cfg, 
     monkeypatch.setattr(learned_train, "trajectory_loss", _nan_from_call(learned_train.trajectory_loss, 2, calls))
     cfg, settings = _learned(compose_cfg, tmp_path, "solver.distill.epochs=3")
     with pytest.raises(ResultError, match=r"solver\.distill\.lr=0\.02: training diverged at update 2 \(loss nan\)"):
-        cell_learned(default_mixture(), cfg, settings, tmp_path)
+        _cell_learned(default_mixture(), cfg, settings, tmp_path)
     assert len(calls) == 2 and _cached_files(tmp_path / "learned") == []
 
 
@@ -228,7 +234,7 @@ def test_a_non_finite_loss_stops_the_learned_solver_at_that_update(compose_cfg, 
 def test_a_diverging_learned_solver_is_a_named_error_and_nothing_is_cached(extra, compose_cfg, tmp_path):
     cfg, settings = _learned(compose_cfg, tmp_path, *extra)
     with pytest.raises(ResultError, match="training diverged at update") as err:
-        cell_learned(default_mixture(), cfg, settings, tmp_path)
+        _cell_learned(default_mixture(), cfg, settings, tmp_path)
     assert err.value.key == "solver.distill.lr" and "solver.distill.lr=1e+30" in str(err.value)
     assert "lower solver.distill.lr" in str(err.value)
     assert _cached_files(tmp_path / "learned") == []

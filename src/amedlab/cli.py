@@ -22,7 +22,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .configs import CONF_DIR
+from .resources import CONF_DIR
+from .specs import config as _config  # noqa: F401 -- registers the resolvers conf/config.yaml uses
 from .stages import STAGE_NAMES
 
 log = logging.getLogger(__name__)

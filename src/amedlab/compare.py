@@ -12,7 +12,8 @@ import torch
 from .models import counting
 from .evaluation.metrics import rmse
 from .solvers import Solver
-from .specs import ScheduleSpec, SolverSpec
+from .schedules import ScheduleSpec
+from .solvers.spec import SolverSpec
 
 log = logging.getLogger(__name__)
 

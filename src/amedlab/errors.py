@@ -1,6 +1,6 @@
 """The user errors: what the command line prints as one line (no traceback) with exit status 2.
 
-Raised by the checks of :mod:`amedlab.validation` before any compute, and by the library where a
+Raised by the checks of :mod:`amedlab.specs` before any compute, and by the library where a
 result must not be recorded. Kept apart so any module can raise them without importing the checks.
 """
 from __future__ import annotations

@@ -4,6 +4,8 @@ Polynomial: EDM (Karras et al. 2022), Eq. 5; time-uniform: the VP schedule (Song
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -75,3 +77,43 @@ def check_grid(sigmas: torch.Tensor, what: str) -> None:
         shown = ", ".join(f"{v:.6g}" for v in s.reshape(-1)[:12].tolist())
         raise ValueError(f"{what} is not finite, positive and strictly decreasing: [{shown}]; accepted: a setting "
                          "whose grid points are distinct (e.g. rho between 1 and 10)")
+
+
+def check_schedule_node(node: Mapping) -> None:
+    """A ``schedule`` mapping (kind, sigma_min, sigma_max, rho) whose ends and rho are valid."""
+    check_schedule_args(node["kind"], 2, float(node["sigma_min"]), float(node["sigma_max"]), float(node["rho"]))
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A schedule t_0 = sigma_max > ... > t_{N-1} = sigma_min (``conf/schedule/<kind>.yaml``).
+
+    Values are kept as the config gives them (an override ``schedule.rho=5`` stays the integer 5):
+    cache keys hash them that way. Conversion happens where a number is used (:meth:`grid`)."""
+
+    kind: str = "polynomial"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+    @classmethod
+    def from_cfg(cls, node: Mapping) -> ScheduleSpec:
+        return cls(node["kind"], node["sigma_min"], node["sigma_max"], node["rho"])
+
+    @classmethod
+    def named(cls, name: str) -> ScheduleSpec:
+        """The schedule of ``conf/schedule/<name>.yaml`` (the package's own file)."""
+        from .resources import package_conf
+
+        return cls.from_cfg(package_conf("schedule", name))
+
+    def check(self) -> None:
+        check_schedule_args(self.kind, 2, float(self.sigma_min), float(self.sigma_max), float(self.rho))
+
+    def grid(self, num_points: int) -> torch.Tensor:
+        """The float64 grid of ``num_points`` noise levels, sigma_max -> sigma_min (checked: finite, decreasing)."""
+        self.check()
+        return make_sigmas(self.kind, num_points, float(self.sigma_min), float(self.sigma_max), float(self.rho))
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho}

@@ -15,15 +15,16 @@ import warnings
 import pytorch_lightning as pl
 import torch
 
-from ..configs import solver_from_cfg
+from ..solvers.spec import solver_from_node
 from ..data.trajectories import TrajectoryDataModule, cached_trajectories
 from ..sampling import parse_seeds
-from ..specs import DistillSpec
+from ..amed.spec import DistillSpec
 from ..solvers.base import Solver, check_afs
-from ..learned.grid import LearnedGrid
-from .objectives import (any_rank, check_grid_lr, check_learn_grid, check_lr_schedule, check_objective, convergence,
-                         divergence, diverged, lr_factor, trajectory_loss, warn_if_unconverged)
-from .placement import held_teacher, lightning_placement, teacher_to
+from ..training.grid import LearnedGrid
+from ..training.loss import any_rank, divergence, diverged, trajectory_loss
+from ..training.placement import held_teacher, lightning_placement, teacher_to
+from .objectives import (check_grid_lr, check_learn_grid, check_lr_schedule, check_objective, convergence, lr_factor,
+                         warn_if_unconverged)
 from .predictor import AMEDPredictor
 from .solvers import AMED_SOLVERS, AMEDPlugin
 
@@ -173,8 +174,16 @@ class AMEDDistillation(pl.LightningModule):
         self.schedule.step()  # once per batch
 
 
-def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settings) -> AMEDPredictor:
+def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, features=None, sample_shape=None,
+            **settings) -> AMEDPredictor:
     """Distill an AMED predictor for ``denoiser``; returns it with its training settings in ``meta``.
+
+    ``denoiser``: a :class:`~amedlab.models.base.Denoiser` exposing per-sample features, or any
+    callable ``D(x, sigma) -> denoised`` with ``features=`` (``features(x, sigma) -> [N, F]``, called
+    with each evaluation) and, for a plain callable, ``sample_shape=`` (one sample, no batch
+    dimension); both are wrapped in :class:`amedlab.models.callable.CallableDenoiser`. Sample with the
+    predictor on the same wrapper (build it yourself: docs/extending.md). A model without features is
+    a ValueError that says how to add them.
 
     ``spec`` (:class:`amedlab.specs.DistillSpec`) holds every setting; keyword ``settings`` are its
     fields (``distill(model, solver="amed", nfe=5, num_trajectories=2000)``) and override ``spec``'s.
@@ -186,7 +195,7 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     ``trajectory`` (backprop through the whole student run, loss on the final sample plus
     ``intermediate_weight`` x the inner grid points; :mod:`amedlab.amed.objectives`). ``learn_grid``
     (trajectory objective only): the coarse grid's inner times are trained jointly with the predictor
-    (:class:`amedlab.learned.grid.LearnedGrid`, ends fixed; Adam at ``grid_lr``, default ``lr``); the
+    (:class:`amedlab.training.grid.LearnedGrid`, ends fixed; Adam at ``grid_lr``, default ``lr``); the
     predictor then samples on that grid only (``meta["sigmas"]``, ``AMEDPlugin.own_grid()``).
     ``meta["convergence"]`` says whether every interval settled. ``logger``: Lightning's. A training that
     diverges (a non-finite loss or parameter, a collapsed learned grid) stops at that update with a
@@ -207,10 +216,16 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, **settin
     check_learn_grid(s.learn_grid, s.objective, s.intermediate_weight)
     check_grid_lr(s.grid_lr, s.learn_grid)
     check_lr_schedule(s.lr_schedule)
-    solver_from_cfg(s.teacher)  # validates the teacher's name and options before any compute
-    feature_dim = int(getattr(denoiser, "feature_dim", 0))
-    if feature_dim < 1:
-        raise ValueError("the model exposes no per-sample features (feature_dim = 0); AMED's predictor needs them")
+    solver_from_node(s.teacher)  # validates the teacher's name and options before any compute
+    import dataclasses
+
+    from ..models.callable import with_features
+
+    wrapped = with_features(denoiser, features, sample_shape)  # the recipe in the error when there are none
+    if wrapped is not denoiser and s.model_name is None:
+        s = dataclasses.replace(s, model_name=wrapped.name)
+    denoiser = wrapped
+    feature_dim = int(denoiser.feature_dim)
     seeds = parse_seeds(s.seeds if s.seeds is not None else f"100000-{100000 + int(s.num_trajectories) - 1}")
 
     torch.manual_seed(s.seed)  # the predictor's initialisation

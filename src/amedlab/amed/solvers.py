@@ -94,3 +94,39 @@ def amed_plugin(predictor=None, base: str = "ipndm", **base_options) -> AMEDPlug
     """AMED-Plugin over ``base`` (euler, dpm2, ipndm, dpmpp)."""
     return AMEDPlugin(make_base_rule(base, **base_options), _predictor(predictor))
 
+
+
+# -- what the registry asks of a trained rule (amedlab.solvers.spec): its row name, a stand-in --------
+
+PLUGIN_BASE_NAMES = {"euler": "DDIM", "dpm2": "DPM-Solver-2", "ipndm": "iPNDM", "dpmpp": "DPM-Solver++"}
+
+
+def _variant_tags(node) -> list[str]:
+    """What an AMED row does differently from the paper's recipe (variable-step base, AFS, objective)."""
+    options, sdist = dict(node.get("options") or {}), dict(node.get("distill") or {})
+    tags = ["variable-step"] if options.get("variable_step") else []
+    if node.get("afs") == "mean":
+        tags.append("AFS-mean")
+    if sdist.get("objective", "interval") != "interval":
+        tags.append(f"{sdist['objective']} objective")
+    if sdist.get("learn_grid"):
+        tags.append("learned grid")
+    return tags
+
+
+def row_label(node) -> str:
+    """The Table 2 row name of an AMED solver config: the paper's, with what differs from its recipe."""
+    tags = _variant_tags(node)
+    if node["name"] == "amed_plugin":
+        base = str(dict(node.get("options") or {}).get("base", "ipndm"))
+        return f"AMED-Plugin (on {PLUGIN_BASE_NAMES.get(base, base)}{''.join(', ' + t for t in tags)})"
+    return "AMED-Solver" + (f" ({', '.join(tags)})" if tags else "")
+
+
+def stand_in() -> dict:
+    """A predictor that builds the rule when only its grid size matters (NFE counting, checks)."""
+    return {"predictor": AMEDPredictor(feature_dim=1)}
+
+
+for _rule in (amed, amed_plugin):
+    _rule.row_label, _rule.stand_in = row_label, stand_in

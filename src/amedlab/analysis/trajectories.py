@@ -29,7 +29,9 @@ from amedlab.compare import final_errors
 from amedlab.evaluation.metrics import rmse
 from amedlab.models.base import parse_dtype
 from amedlab.solvers import Solver, make_solver, num_points_for
-from amedlab.specs import DistillSpec, ScheduleSpec, SolverSpec
+from amedlab.amed.spec import DistillSpec
+from amedlab.schedules import ScheduleSpec
+from amedlab.solvers.spec import SolverSpec
 
 from .oracle import MODES, OracleRule, OracleSearch, ratio_of_mid_time
 from .pca import distribution, summarize_geometry, trajectory_geometry

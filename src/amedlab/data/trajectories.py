@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ..cache import digest, load_verified, save_verified, seeds_spec
-from ..configs import solver_from_cfg
+from ..solvers.spec import solver_from_node
 from ..models.base import device_of
 from ..sampling import seeded_noise
-from ..specs import ScheduleSpec
+from ..schedules import ScheduleSpec
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
@@ -66,7 +66,7 @@ def generate_trajectories(denoiser, teacher: Mapping, schedule: Mapping, num_poi
     are on the CPU (they are cached and served in batches). The noise is drawn on the CPU, one
     generator per seed, so it is the same on any device.
     """
-    solver = solver_from_cfg(teacher)
+    solver = solver_from_node(teacher)
     sigmas = teacher_grid(schedule, num_points, M)
     shape = tuple(denoiser.sample_shape)
     seeds = list(seeds)

@@ -1,7 +1,7 @@
 """Sampling sharded over processes by seed: the set of images is the same for any process count.
 
 Rank r of W takes seeds[r::W] (each sample depends on its own seed only), samples them with
-:func:`amedlab.evaluation.generate.generate`, and the shards are gathered back into seed order on
+:func:`amedlab.sampling.generate`, and the shards are gathered back into seed order on
 every rank. Works under torchrun / Lightning / SLURM (any initialised torch.distributed group).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .generate import generate
+from ..sampling import generate
 
 
 def world() -> tuple[int, int]:

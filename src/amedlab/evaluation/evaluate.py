@@ -23,17 +23,17 @@ from pathlib import Path
 
 import torch
 
-from ..amed.solvers import AMED_SOLVERS
 from ..cache import seeds_spec
-from ..configs import check_schedule_cfg, solver_from_cfg
+from ..schedules import check_schedule_node
 from ..io import plain
 from ..solvers import Solver
-from ..specs import DistillSpec
+from ..amed.spec import DistillSpec
 from . import uncertainty
 from .extractors import create_extractor, extract_features
 from .metrics import feature_statistics, fid_from_statistics, kid, rmse
 from .plots import sample_grid_png
-from .reference import ode_reference, real_reference
+from ..data.reference import ode_reference
+from .reference import real_reference
 
 log = logging.getLogger(__name__)
 
@@ -56,44 +56,40 @@ def cell_schedule(schedule: Mapping, solver_name: str, per_solver: Mapping | Non
             raise ValueError(f"eval.schedule_per_solver.{solver_name} has unknown keys {sorted(unknown)}; "
                              "accepted: kind, rho, sigma_min, sigma_max")
         out.update(plain(dict(override)))
-    check_schedule_cfg(out)
+    check_schedule_node(out)
     return out
 
 
-def input_files(cfg, solver_node: Mapping, weights: str | None, memo_dir=None) -> dict:
+def input_files(spec, memo_dir=None) -> dict:
     """Content digests of the files a cell reads (model, predictor, extractor weights, real data):
-    replacing a file at the same path makes another cell, never a skipped one."""
+    replacing a file at the same path makes another cell, never a skipped one. ``spec``: the cell's
+    :class:`~amedlab.specs.EvaluateSpec` (as every function here)."""
     from ..cache import file_digest
-    from ..models.digits import SHIPPED_TEACHER
 
-    model_path = cfg.model.get("path")
-    if model_path in (None, "") and cfg.model.get("name") == "digits_unet":
-        model_path = SHIPPED_TEACHER
-    real_path = cfg.eval.real.get("path") if cfg.eval.real.get("source") == "path" else None
-    return {"model": file_digest(model_path, memo_dir), "predictor": file_digest(solver_node.get("predictor"), memo_dir),
-            "extractor_weights": file_digest(weights, memo_dir), "real": file_digest(real_path, memo_dir)}
+    return {"model": file_digest(spec.model_path, memo_dir), "predictor": file_digest(spec.solver_node.get("predictor"), memo_dir),
+            "extractor_weights": file_digest(spec.weights, memo_dir), "real": file_digest(spec.real_path, memo_dir)}
 
 
-def cell_spec(cfg, plan, files: dict) -> dict:
+def cell_spec(spec, files: dict) -> dict:
     """Everything that determines a cell's numbers (not the batch size, threads or logger), files by
-    content (:func:`input_files`); ``plan`` is what :func:`amedlab.validation.check_stage` built."""
-    e = cfg.eval
-    spec = {
+    content (:func:`input_files`): the cell key's content."""
+    out = {
         "files": files,  # input_files(): the inputs by content
-        "format": METRICS_FORMAT, "model": plain(cfg.model), "solver": plan.solver_node, "nfe": int(plan.nfe),
-        "seed": int(cfg.seed),  # KID's random subsets (and a distillation's trajectories) use it
-        "schedule": plan.schedule, "seeds": seeds_spec(plan.seeds), "dtype": str(e.dtype),
-        "precision": str(e.get("precision", "fp32")), "extractor": plan.extractor, "extractor_weights": plan.weights,
-        "real": plain(e.real), "dataset": plain(cfg.dataset) if e.real.source == "dataset" else None,
-        "kid": [bool(e.kid), int(e.kid_subsets), int(e.kid_subset_size)], "ode_reference": {k: v for k, v in plain(e.ode_reference).items() if k != "chunk_size"},
+        "format": METRICS_FORMAT, "model": spec.model_config, "solver": spec.solver_node, "nfe": int(spec.nfe),
+        "seed": int(spec.seed),  # KID's random subsets (and a distillation's trajectories) use it
+        "schedule": spec.schedule, "seeds": seeds_spec(spec.seeds), "dtype": spec.dtype_name,
+        "precision": spec.precision, "extractor": spec.extractor, "extractor_weights": spec.weights,
+        "real": spec.real, "dataset": spec.dataset if spec.real.get("source") == "dataset" else None,
+        "kid": [spec.kid, spec.kid_subsets, spec.kid_subset_size],
+        "ode_reference": {k: v for k, v in spec.ode_reference.items() if k != "chunk_size"},
     }
-    boot = plan.bootstrap  # the intervals' settings (not what is kept on disk)
-    spec["bootstrap"] = {"format": uncertainty.FORMAT, **{k: boot[k] for k in uncertainty.NUMERIC_KEYS}}
-    if plan.distill is not None:  # an AMED cell that distils its predictor: the distillation's settings
-        spec["distill"] = plan.distill.settings()
-    if plan.learned is not None:  # a learned-solver cell: its training settings (defaults filled) and teacher
-        spec["learned"] = plan.learned
-    return spec
+    boot = spec.bootstrap  # the intervals' settings (not what is kept on disk)
+    out["bootstrap"] = {"format": uncertainty.FORMAT, **{k: boot[k] for k in uncertainty.NUMERIC_KEYS}}
+    if spec.distill is not None:  # an AMED cell that distils its predictor: the distillation's settings
+        out["distill"] = spec.distill.settings()
+    if spec.learned is not None:  # a learned-solver cell: its training settings (defaults filled) and teacher
+        out["learned"] = spec.learned
+    return out
 
 
 def check_finite(metrics: Mapping, what: str) -> None:
@@ -177,29 +173,30 @@ def cell_predictor(model, spec: DistillSpec, cache_dir: Path, use_cache: bool):
 # The stage
 # ------------------------------------------------------------------------------------------------
 
-def cell_solver(cfg, plan, model, files: Mapping, use_cache: bool) -> tuple[Solver, dict | None]:
+def cell_solver(spec, model, files: Mapping, use_cache: bool) -> tuple[Solver, dict | None]:
     """The cell's solver and a record of where its trained part came from: an AMED solver with its
-    predictor (``solver.predictor``, opened by the validation; else a cached or newly distilled one);
+    predictor (``solver.predictor``, opened by the checks; else a cached or newly distilled one);
     the learned solver with its grid + coefficients (cached or trained now, :mod:`amedlab.learned`)."""
-    if plan.solver.name == "learned":
+    if spec.learned is not None:
         from ..learned.train import cell_learned
 
-        params, info = cell_learned(model, cfg, plan.learned, plan.cache_dir, use_cache)
-        return solver_from_cfg(plan.solver.node(), params=params), info
-    if plan.solver.name not in AMED_SOLVERS:
-        return plan.solver.build(), None
-    if plan.predictor is not None:
-        predictor, info = plan.predictor, {"source": "file", "path": plan.solver.predictor, "sha256": files["predictor"],
+        params, info = cell_learned(model, spec.learned, spec.ode_reference, spec.batch_size, spec.model_config.get("name"),
+                                    spec.cache_dir, use_cache)
+        return spec.solver.build(params=params), info
+    if spec.predictor is not None:
+        predictor, info = spec.predictor, {"source": "file", "path": spec.solver.predictor, "sha256": files["predictor"],
                                            "records": []}
+    elif spec.distill is not None:
+        predictor, info = cell_predictor(model, spec.distill, spec.cache_dir, use_cache)
     else:
-        predictor, info = cell_predictor(model, plan.distill, plan.cache_dir, use_cache)
-    return plan.solver.build(predictor=predictor.to(plan.device)), info
+        return spec.solver.build(), None
+    return spec.solver.build(predictor=predictor.to(spec.device)), info
 
 
-def cell_grid(plan, solver: Solver) -> torch.Tensor:
+def cell_grid(spec, solver: Solver) -> torch.Tensor:
     """The grid the cell samples on (and records): the schedule's, or the one the solver learned."""
     own = solver.rule.own_grid()
-    return plan.schedule_spec.grid(plan.num_points) if own is None else own
+    return spec.schedule_spec.grid(spec.num_points) if own is None else own
 
 
 def save_samples(out_dir: Path, images: torch.Tensor, seeds, grid_size: int, keep: bool) -> Path | None:
@@ -219,30 +216,29 @@ def save_samples(out_dir: Path, images: torch.Tensor, seeds, grid_size: int, kee
     return grid_path
 
 
-def feature_metrics(cfg, plan, images: torch.Tensor) -> dict:
+def feature_metrics(spec, images: torch.Tensor) -> dict:
     """FID and KID of ``images`` against the real data in the extractor's feature space (torch-fidelity
     features; cached real statistics); also the features and the real reference, for the intervals."""
-    e, boot = cfg.eval, plan.bootstrap
-    real = real_reference(e.real, cfg.dataset, plan.extractor, plan.weights, plan.cache_dir, plan.device,
-                          int(e.batch_size), need_features=bool(e.kid) or (boot["enabled"] and boot["real"]))
-    fe = create_extractor(plan.extractor, plan.weights, plan.device)
-    features = extract_features(fe, images, int(e.batch_size))
+    boot = spec.bootstrap
+    real = real_reference(spec.real, spec.dataset, spec.extractor, spec.weights, spec.cache_dir, spec.device,
+                          spec.batch_size, need_features=spec.kid or (boot["enabled"] and boot["real"]))
+    fe = create_extractor(spec.extractor, spec.weights, spec.device)
+    features = extract_features(fe, images, spec.batch_size)
     out = {"fid": fid_from_statistics(feature_statistics(features), real), "features": features, "real": real,
            "kid": {"kid_mean": None, "kid_std": None, "kid_subset_size": None, "kid_subsets": None}}
-    if bool(e.kid) and real["features"] is not None:
-        out["kid"] = kid(features, real["features"], int(e.kid_subsets), int(e.kid_subset_size), seed=int(cfg.seed))
+    if spec.kid and real["features"] is not None:
+        out["kid"] = kid(features, real["features"], spec.kid_subsets, spec.kid_subset_size, seed=spec.seed)
     return out
 
 
-def trajectory_error(cfg, plan, model, solver: Solver, samples: torch.Tensor) -> tuple[float, torch.Tensor, dict]:
+def trajectory_error(spec, model, solver: Solver, samples: torch.Tensor) -> tuple[float, torch.Tensor, dict]:
     """(RMSE, reference, its description): the samples against the high-NFE solution from the same noise."""
-    e, batch = cfg.eval, int(cfg.eval.batch_size)
-    smin, smax = float(plan.schedule["sigma_min"]), float(plan.schedule["sigma_max"])
-    reference, ref_info = ode_reference(model, e.ode_reference, smin, smax, plan.seeds, plan.cache_dir, batch,
-                                        plan.dtype)
+    batch = spec.batch_size
+    smin, smax = float(spec.schedule["sigma_min"]), float(spec.schedule["sigma_max"])
+    reference, ref_info = ode_reference(model, spec.ode_reference, smin, smax, spec.seeds, spec.cache_dir, batch, spec.dtype)
     if solver.final_step == "denoise":  # the cell ends on D(x, sigma_min): compare like with like
         with torch.no_grad():
-            reference = torch.cat([model(r.to(plan.device), smin).cpu() for r in reference.split(batch)])
+            reference = torch.cat([model(r.to(spec.device), smin).cpu() for r in reference.split(batch)])
     return rmse(samples, reference), reference, ref_info
 
 

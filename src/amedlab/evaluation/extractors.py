@@ -25,7 +25,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from ..models.base import device_of
-from .digits_features import load_digits_classifier
+from ..models.digits_features import load_digits_classifier
 
 DIGITS = "amedlab-digits"
 INCEPTION = "inception-v3-compat"

@@ -1,9 +1,7 @@
-"""What every cell is compared with, computed once and cached on disk.
-
-- The real data's feature statistics (FID) and features (KID), once per (data, feature extractor):
-  ``<cache_dir>/real_stats/<extractor>-<key>.pt``.
-- The high-NFE solution of the ODE from the same noise, once per (model, seeds, reference solver):
-  ``<cache_dir>/ode_references/<key>.pt``. Every cell's trajectory error is measured against it.
+"""The real data every cell's FID and KID compare with: its feature statistics (FID) and features
+(KID), computed once per (data, feature extractor) and cached in
+``<cache_dir>/real_stats/<extractor>-<key>.pt``. (The high-NFE solution every cell's RMSE is measured
+against is :mod:`amedlab.data.reference`.)
 
 Keys hash everything that determines the content (the model's identity, the images' bytes, the
 extractor's weights, the seeds, ...; :func:`amedlab.cache.digest`). Files are written atomically and
@@ -20,13 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache import digest, file_digest, load_verified, locked, save_verified, seeds_spec, sha256_file
+from ..cache import digest, file_digest, load_verified, locked, save_verified, sha256_file
 from ..io import plain
-from ..models.base import device_of
-from ..configs import solver_from_cfg
-from ..specs import ScheduleSpec
 from .extractors import DIGITS, create_extractor, extract_features
-from .generate import generate
 from .metrics import feature_statistics, quantize
 
 log = logging.getLogger(__name__)
@@ -39,15 +33,15 @@ DIGITS_SPLITS = ("train", "held_out", "all")
 # Real-data reference (FID statistics, KID features)
 # ------------------------------------------------------------------------------------------------
 
-def real_images_digits(dataset_cfg: Mapping, split: str) -> torch.Tensor:
+def real_images_digits(dataset: Mapping, split: str) -> torch.Tensor:
     """The built-in digits (fixed split) as uint8 images, quantised like the samples."""
     from ..data.digits import digits_split, load_digits_tensors
 
     if split not in DIGITS_SPLITS:
         raise ValueError(f"eval.real.split={split!r}; accepted: {', '.join(DIGITS_SPLITS)}")
-    images, _ = load_digits_tensors(int(dataset_cfg.get("image_size", 8)), str(dataset_cfg.get("upsample_mode", "bilinear")))
+    images, _ = load_digits_tensors(int(dataset.get("image_size", 8)), str(dataset.get("upsample_mode", "bilinear")))
     if split != "all":
-        train, held_out = digits_split(float(dataset_cfg.get("held_out_fraction", 0.2)), int(dataset_cfg.get("split_seed", 0)))
+        train, held_out = digits_split(float(dataset.get("held_out_fraction", 0.2)), int(dataset.get("split_seed", 0)))
         images = images[train if split == "train" else held_out]
     return quantize(images)
 
@@ -102,23 +96,23 @@ def _read_array_source(p: Path, path) -> tuple[str, dict]:
     raise ValueError(f"eval.real.path={str(path)!r}: accepted: a folder of images, .npz or .npy")
 
 
-def real_reference(real_cfg: Mapping, dataset_cfg: Mapping, extractor: str, weights_path: str | None,
+def real_reference(real: Mapping, dataset: Mapping, extractor: str, weights_path: str | None,
                    cache_dir, device: str = "cpu", batch_size: int = 500, need_features: bool = True) -> dict:
     """Statistics ``{"mu", "sigma"}``, features (or None) and a description of the real data, cached."""
-    source = str(real_cfg.get("source", "dataset"))
+    source = str(real.get("source", "dataset"))
     if source == "dataset":
-        name = dataset_cfg.get("name")
+        name = dataset.get("name")
         if name != "digits":
             raise ValueError(f"eval.real.source=dataset supports dataset=digits (got {name!r}); "
                              "for other data set eval.real.source=path and eval.real.path")
-        split = str(real_cfg.get("split", "train"))
-        images = real_images_digits(dataset_cfg, split)
-        desc = {"source": "dataset", "dataset": plain(dict(dataset_cfg)), "split": split}
+        split = str(real.get("split", "train"))
+        images = real_images_digits(dataset, split)
+        desc = {"source": "dataset", "dataset": plain(dict(dataset)), "split": split}
         content = {"images_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()[:24]}
         kind, payload = "images", {"images": images}
     elif source == "path":
-        kind, payload = real_source_from_path(real_cfg.get("path"))
-        p = Path(str(real_cfg["path"])).expanduser().resolve()
+        kind, payload = real_source_from_path(real.get("path"))
+        p = Path(str(real["path"])).expanduser().resolve()
         desc = {"source": "path", "path": str(p), "kind": kind}
         if kind == "folder":
             content = {"files": digest([(f, file_digest(f, Path(cache_dir) / "file_digests")) for f in payload["files"]])}
@@ -163,61 +157,3 @@ def real_reference(real_cfg: Mapping, dataset_cfg: Mapping, extractor: str, weig
             "features": blob["features"].double() if need_features else None,
             "description": {**desc, "num_images": int(blob["num_images"]), "extractor": extractor,
                             "cache_file": str(path), "cached": cached}}
-
-
-# ------------------------------------------------------------------------------------------------
-# High-NFE reference solution (trajectory error)
-# ------------------------------------------------------------------------------------------------
-
-def ode_reference(denoiser, ref_cfg: Mapping, sigma_min: float, sigma_max: float, seeds, cache_dir,
-                  batch_size: int = 500, dtype=torch.float32) -> tuple[torch.Tensor, dict]:
-    """The high-NFE solution x(sigma_min) from x_T = sigma_max * z(seed), cached per chunk of seeds.
-
-    ``ref_cfg``: {solver: {name, afs, final_step, options}, nfe, schedule: {kind, rho}, chunk_size}.
-    Chunks (``chunk_size`` seeds each, default 250) are cached separately; processes running side by
-    side (a parallel launcher) each take chunks nobody holds, then wait for the rest. It is computed on
-    the denoiser's device.
-    """
-    solver_node = plain(dict(ref_cfg["solver"]))
-    solver_node["final_step"] = "sigma_min"  # the reference is the ODE solution at sigma_min
-    solver = solver_from_cfg(solver_node)
-    schedule = {"kind": str(ref_cfg["schedule"]["kind"]), "rho": float(ref_cfg["schedule"]["rho"]),
-                "sigma_min": float(sigma_min), "sigma_max": float(sigma_max)}
-    nfe = int(ref_cfg["nfe"])
-    sigmas = ScheduleSpec.from_cfg(schedule).grid(solver.num_points(nfe))
-    identity = denoiser.identity() if hasattr(denoiser, "identity") else type(denoiser).__name__
-    base = {"format": CACHE_FORMAT, "model_identity": identity, "solver": solver_node, "nfe": nfe,
-            "schedule": schedule, "dtype": str(dtype)}
-    seeds = list(seeds)
-    chunk = max(1, int(ref_cfg.get("chunk_size", 250) or 250))
-    chunks = [seeds[i : i + chunk] for i in range(0, len(seeds), chunk)]
-    specs = [plain({**base, "seeds": seeds_spec(c), "num_samples": len(c)}) for c in chunks]
-    paths = [Path(cache_dir) / "ode_references" / f"{digest(s)}.pt" for s in specs]
-    parts: list[torch.Tensor | None] = [None] * len(chunks)
-    computed = 0
-
-    def load_or_compute(k: int) -> None:
-        nonlocal computed
-        blob = load_verified(paths[k], specs[k], what="cache file")
-        if blob is None:
-            samples, counted = generate(denoiser, solver, sigmas, chunks[k], batch_size, dtype, str(device_of(denoiser)))
-            if counted != nfe:
-                raise RuntimeError(f"reference solver made {counted} calls, expected {nfe}")
-            save_verified(paths[k], {"spec": specs[k], "samples": samples})
-            computed += 1
-            log.info("high-NFE reference: chunk %d/%d (%d seeds) computed", k + 1, len(chunks), len(chunks[k]))
-        else:
-            samples = blob["samples"]
-        parts[k] = samples
-
-    for k in range(len(chunks)):  # first the chunks nobody else is computing
-        with locked(paths[k], wait=False) as got:
-            if got:
-                load_or_compute(k)
-    for k in range(len(chunks)):  # then wait for the others
-        if parts[k] is None:
-            with locked(paths[k]):
-                load_or_compute(k)
-    desc = {"solver": solver_node, "nfe": nfe, "schedule": schedule, "cache_dir": str(Path(cache_dir) / "ode_references"),
-            "chunks": len(chunks), "cached": computed == 0}
-    return torch.cat(parts), desc

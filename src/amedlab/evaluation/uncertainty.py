@@ -212,22 +212,22 @@ def real_digest(real_features: torch.Tensor | None, real_mu=None, real_sigma=Non
 
 
 def cell_bootstrap(gen_features: torch.Tensor, real_mu, real_sigma, real_features: torch.Tensor | None,
-                   cfg: Mapping | None = None, device: str = "cpu") -> tuple[dict, dict]:
+                   boot: Mapping | None = None, device: str = "cpu") -> tuple[dict, dict]:
     """Bootstrap replicates of FID and KID for one cell.
 
     Returns (summary, arrays): summary has the point estimates, ``se`` and normal interval of each
     spread (``samples``, ``real``, ``total``); arrays has the replicates (``fid_samples``, ...) that
     a later paired comparison subtracts. ``real_features`` None (statistics only): FID over samples.
     """
-    cfg = settings(cfg)
+    boot = settings(boot)
     t0 = time.perf_counter()
     dev = torch.device(device)
     gen = gen_features.detach().to(dev, torch.float64)
     n = gen.shape[0]
     real = None if real_features is None else real_features.detach().to(dev, torch.float64)
     m = None if real is None else real.shape[0]
-    B, z = int(cfg["resamples"]), z_value(cfg["level"])
-    use_real = bool(cfg["real"]) and real is not None
+    B, z = int(boot["resamples"]), z_value(boot["level"])
+    use_real = bool(boot["real"]) and real is not None
     # centre both sets by one common shift (FID is translation invariant): accurate float64 sums
     shift = gen.mean(0)
     gen = gen - shift
@@ -241,11 +241,11 @@ def cell_bootstrap(gen_features: torch.Tensor, real_mu, real_sigma, real_feature
     mu_g, s_g = _stats(gen, None)
     root_g, tr_g = psd_root(s_g), torch.trace(s_g)
     fid_hat = float(frechet(mu_g, s_g, mu_r, root_r, tr_r))
-    do_kid = bool(cfg["kid"]) and real is not None and n <= int(cfg["kid_max_samples"]) and m <= int(cfg["kid_max_samples"])
+    do_kid = bool(boot["kid"]) and real is not None and n <= int(boot["kid_max_samples"]) and m <= int(boot["kid_max_samples"])
     terms = _kid_terms(gen + shift, real + shift) if do_kid else None  # the kernel is not translation invariant
     kid_hat = float(_kid(terms)[0]) if do_kid else None
 
-    rng_g, rng_r = _streams(cfg["seed"], n, m)
+    rng_g, rng_r = _streams(boot["seed"], n, m)
     W = np.stack([_counts(rng_g, n) for _ in range(B)])          # replicate b: the same draws in every cell
     V = np.stack([_counts(rng_r, m) for _ in range(B)]) if use_real else None
     fid_s, fid_r, fid_t = np.empty(B), np.empty(B if use_real else 0), np.empty(B if use_real else 0)
@@ -278,39 +278,39 @@ def cell_bootstrap(gen_features: torch.Tensor, real_mu, real_sigma, real_feature
         "kid": {k: _summary(kid_hat, arrays[f"kid_{k}"], z) for k in ("samples", "real", "total")},
         "num_samples": n, "num_real": m, "seconds": time.perf_counter() - t0,
     }
-    if do_kid is False and bool(cfg["kid"]):
+    if do_kid is False and bool(boot["kid"]):
         summary["kid_note"] = ("no real features (statistics only)" if real is None else
-                               f"sets larger than eval.bootstrap.kid_max_samples={cfg['kid_max_samples']}")
+                               f"sets larger than eval.bootstrap.kid_max_samples={boot['kid_max_samples']}")
     return summary, arrays
 
 
-def pairing_key(seeds_key: str, n: int, real_id: str, m: int | None, cfg: Mapping) -> str:
+def pairing_key(seeds_key: str, n: int, real_id: str, m: int | None, boot: Mapping) -> str:
     """Cells with equal keys drew the same indices in every replicate: their replicates pair."""
-    cfg = settings(cfg)
+    boot = settings(boot)
     blob = {"format": FORMAT, "seeds": seeds_key, "n": n, "real": real_id, "m": m,
-            **{k: cfg[k] for k in NUMERIC_KEYS}}
+            **{k: boot[k] for k in NUMERIC_KEYS}}
     return digest(blob)
 
 
-def evaluate_cell(out_dir, seeds, gen_features, real: Mapping, samples, reference, cfg: Mapping | None,
+def evaluate_cell(out_dir, seeds, gen_features, real: Mapping, samples, reference, boot: Mapping | None,
                   device: str = "cpu") -> dict | None:
     """What ``stage=evaluate`` stores: the bootstrap, the RMSE interval, and ``uncertainty.npz`` (per-sample
     squared errors and the replicates by seed, the features when small). Returns the ``uncertainty``
     entry of ``metrics.json`` (None when ``eval.bootstrap.enabled`` is false)."""
-    cfg = settings(cfg)
-    if not cfg["enabled"]:
+    boot = settings(boot)
+    if not boot["enabled"]:
         return None
     t0 = time.perf_counter()
     sq_err = per_sample_sq_errors(samples, reference)
-    summary, arrays = cell_bootstrap(gen_features, real["mu"], real["sigma"], real.get("features"), cfg, device)
-    rm = rmse_interval(sq_err, cfg["level"])
+    summary, arrays = cell_bootstrap(gen_features, real["mu"], real["sigma"], real.get("features"), boot, device)
+    rm = rmse_interval(sq_err, boot["level"])
     real_id = real_digest(real.get("features"), real["mu"], real["sigma"])
     feats = gen_features.detach().cpu().float().numpy()
     size_mb = feats.nbytes / 2**20
-    keep = cfg["keep_features"] is True or (cfg["keep_features"] == "auto" and size_mb <= float(cfg["max_feature_mb"]))
+    keep = boot["keep_features"] is True or (boot["keep_features"] == "auto" and size_mb <= float(boot["max_feature_mb"]))
     spec = seeds_spec(seeds)
-    key = pairing_key(spec, len(sq_err), real_id, summary["num_real"], cfg)
-    meta = {"format": FORMAT, "pairing_key": key, "seeds": spec, "settings": {k: cfg[k] for k in NUMERIC_KEYS},
+    key = pairing_key(spec, len(sq_err), real_id, summary["num_real"], boot)
+    meta = {"format": FORMAT, "pairing_key": key, "seeds": spec, "settings": {k: boot[k] for k in NUMERIC_KEYS},
             "fid_estimate": summary["fid_estimate"], "kid_full": summary["kid_full"], "rmse": rm["estimate"]}
     buf = io.BytesIO()
     np.savez_compressed(buf, seeds=np.asarray(list(seeds), np.int64), sq_err=sq_err,
@@ -323,7 +323,7 @@ def evaluate_cell(out_dir, seeds, gen_features, real: Mapping, samples, referenc
         "method": ("bootstrap: seed indices (samples) and real-set indices (real) resampled with replacement, "
                    "separately and together (total); interval = estimate +- z * se (se = std of the replicates); "
                    "RMSE: delta method over per-sample MSE; KID: unbiased MMD^2 over all samples (kid_full)"),
-        "level": cfg["level"], "z": z_value(cfg["level"]), "resamples": int(cfg["resamples"]), "seed": int(cfg["seed"]),
+        "level": boot["level"], "z": z_value(boot["level"]), "resamples": int(boot["resamples"]), "seed": int(boot["seed"]),
         "pairing_key": key, "real_digest": real_id,
         "fid": summary["fid"], "fid_estimate": summary["fid_estimate"],
         "kid": summary["kid"], "kid_full": summary["kid_full"], **({"kid_note": summary["kid_note"]} if "kid_note" in summary else {}),

@@ -4,7 +4,7 @@
 :mod:`.train` the distillation against a high-accuracy teacher and the cached, per-cell training
 (``cell_learned``) that ``stage=evaluate`` calls.
 """
-from .settings import check_learned_settings, label, learned_settings
+from .settings import check_learned_settings, label
 from .solver import LearnedIPNDM, LearnedSolverParams, learned, map_to_num_points
 
 
@@ -18,4 +18,4 @@ def __getattr__(name):
 
 
 __all__ = ["LearnedIPNDM", "LearnedSolverParams", "learned", "map_to_num_points", "train_learned", "cell_learned",
-           "check_learned_settings", "label", "learned_settings"]
+           "check_learned_settings", "label"]

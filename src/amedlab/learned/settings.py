@@ -1,22 +1,20 @@
 """The settings of solver=learned (``solver.distill``): defaults, checks and the Table 2 row label.
 
 Kept apart from the training (:mod:`.train`, which needs Lightning) so the checks and the label are
-cheap to import (:mod:`amedlab.validation`, :mod:`amedlab.specs`).
+cheap to import (:mod:`amedlab.specs` builds a cell's settings with them).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from omegaconf import OmegaConf
-
-from ..configs import CONF_DIR, check_schedule_cfg
-from ..io import plain
+from ..resources import package_conf
+from ..schedules import check_schedule_node
 from ..limits import SEED_LIMIT, upper_bound
 
 LOSSES = ("final", "denoised")
 #: solver.distill defaults for solver=learned: the package's own conf/solver/learned.yaml (one source;
 #: a user's --config-dir cannot change what the Python API assumes)
-DEFAULTS = plain(OmegaConf.load(CONF_DIR / "solver" / "learned.yaml"))["distill"]
+DEFAULTS = package_conf("solver", "learned")["distill"]
 
 
 def label(node: Mapping) -> str:
@@ -26,18 +24,6 @@ def label(node: Mapping) -> str:
     afs = node.get("afs")
     tags = ["iPNDM base"] + ([("AFS-mean" if afs == "mean" else "AFS")] if afs else []) + ([f"{sdist['loss']} loss"] if sdist["loss"] != "final" else [])
     return f"Learned {what or 'nothing'} ({', '.join(tags)})"
-
-
-def learned_settings(cfg, solver_node: Mapping, schedule: Mapping, eval_seeds) -> dict:
-    """Everything a cell's learned parameters depend on (their cache key, with the model identity):
-    ``solver.distill`` checked against ``eval_seeds`` and filled, the NFE, schedule, AFS, order,
-    teacher (``eval.ode_reference``), dtype and seed."""
-    settings = check_learned_settings(plain(solver_node.get("distill") or {}), eval_seeds)
-    start_schedules(schedule, settings["starts"])  # every starting grid is a valid schedule, before any compute
-    ref = {k: v for k, v in plain(cfg.eval.ode_reference).items() if k != "chunk_size"}
-    return {"nfe": int(cfg.nfe), "schedule": plain(dict(schedule)), "afs": solver_node.get("afs", False),
-            "max_order": int((solver_node.get("options") or {}).get("max_order", 4)), "teacher": ref,
-            "dtype": str(cfg.eval.dtype), "seed": int(cfg.seed), **settings}
 
 
 START_KEYS = ("kind", "rho")  # the ends (sigma_min, sigma_max) are the cell's: the teacher's solution is at sigma_min
@@ -62,7 +48,7 @@ def start_schedules(schedule: Mapping, starts) -> list[dict]:
     for i, start in enumerate(starts):
         merged = {**dict(schedule), **dict(start)}
         try:
-            check_schedule_cfg(merged)
+            check_schedule_node(merged)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"solver.distill.starts[{i}]={dict(start)!r}: {err}") from None
         out.append(merged)

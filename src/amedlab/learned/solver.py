@@ -28,7 +28,7 @@ from torch import nn
 from ..cache import read_tensors, save_verified, verified
 from ..solvers.base import StepRule, bcast
 from ..solvers.multistep import adams_bashforth_weights
-from .grid import FLOOR, LearnedGrid
+from ..training.grid import FLOOR, LearnedGrid
 
 FORMAT_VERSION = 1
 
@@ -205,3 +205,12 @@ def map_to_num_points(params: LearnedSolverParams, num_points: int) -> LearnedSo
 
 
 __all__ = ["LearnedSolverParams", "LearnedIPNDM", "learned", "map_to_num_points", "step_orders", "FLOOR"]
+
+
+def _row_label(node) -> str:
+    from .settings import label
+
+    return label(node)
+
+
+learned.row_label = _row_label  # the Table 2 row name (amedlab.solvers.spec.solver_label)

@@ -4,7 +4,7 @@ The objective is the trajectory objective of :mod:`amedlab.amed.objectives` (``t
 the whole student run from the noise through the one driver loop, backpropagated into every grid
 time and coefficient; the loss is the squared error of the final sample against the teacher's
 solution of the ODE from the same noise (as in LD3, Tong et al., ICLR 2025, Sec. 3). The teacher is
-the project's cached high-NFE reference (:func:`amedlab.evaluation.reference.ode_reference`, the
+the project's cached high-NFE reference (:func:`amedlab.data.reference.ode_reference`, the
 solution every cell's RMSE is measured against), on a seed range disjoint from the evaluation seeds.
 Intermediate terms are not offered: the student's grid moves, so the teacher has no state there.
 
@@ -27,8 +27,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..amed.objectives import divergence, diverged, squared_error, trajectory_loss
-from ..amed.placement import held_teacher, lightning_placement, teacher_to
+from ..training.loss import divergence, diverged, squared_error, trajectory_loss
+from ..training.placement import held_teacher, lightning_placement, teacher_to
 from ..models.base import device_of
 from ..solvers.base import Solver
 from .settings import DEFAULTS, LOSSES, start_schedules
@@ -96,10 +96,20 @@ def train_learned(denoiser, noise: torch.Tensor, target: torch.Tensor, base_sigm
     (batch_size, epochs, lr, loss, learn_grid, learn_coefficients); unset ones take their defaults.
     A training that diverges (a non-finite loss or parameter, a collapsed grid) stops at that update
     with a :class:`amedlab.errors.ResultError` naming ``solver.distill.lr``.
+
+    ``denoiser``: a :class:`~amedlab.models.base.Denoiser` or any callable ``D(x, sigma) -> denoised``
+    (no features needed); a plain callable is wrapped in
+    :class:`amedlab.models.callable.CallableDenoiser` with the sample shape of ``noise`` [N, ...].
     """
     unknown = sorted(set(settings) - {*SOLVER_SETTINGS, *TRAINING_KEYS})
     if unknown:
         raise ValueError(f"train_learned: unknown settings {unknown}; accepted: {', '.join([*SOLVER_SETTINGS, *TRAINING_KEYS])}")
+    if not torch.is_tensor(noise) or noise.ndim < 2:
+        got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+        raise ValueError(f"train_learned: noise {got}; accepted: a tensor [N, *sample_shape]")
+    from ..models.callable import as_denoiser
+
+    denoiser = as_denoiser(denoiser, tuple(noise.shape[1:]))  # a plain callable gets the noise's sample shape
     s = {**SOLVER_SETTINGS, **{k: DEFAULTS[k] for k in TRAINING_KEYS}, **settings}
     afs, max_order, batch_size, epochs, lr, loss = s["afs"], s["max_order"], s["batch_size"], s["epochs"], s["lr"], s["loss"]
     learn_grid, learn_coefficients, seed = s["learn_grid"], s["learn_coefficients"], s["seed"]
@@ -158,22 +168,23 @@ def final_error(denoiser, params: LearnedSolverParams, noise: torch.Tensor, targ
     return total / len(noise)
 
 
-def teacher_solutions(model, ref_cfg: Mapping, sigma_min: float, sigma_max: float, seeds, cache_dir,
+def teacher_solutions(model, reference: Mapping, sigma_min: float, sigma_max: float, seeds, cache_dir,
                       batch_size: int = 500, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(noise, the teacher's x(sigma_min), info) for ``seeds``: the high-NFE reference of
-    :func:`amedlab.evaluation.reference.ode_reference`, cached per chunk of seeds like every cell's."""
-    from ..evaluation.reference import ode_reference
+    :func:`amedlab.data.reference.ode_reference`, cached per chunk of seeds like every cell's."""
+    from ..data.reference import ode_reference
     from ..sampling import seeded_noise
 
     t0 = time.perf_counter()
-    target, info = ode_reference(model, ref_cfg, sigma_min, sigma_max, seeds, cache_dir, batch_size, dtype)  # on the model's device
+    target, info = ode_reference(model, reference, sigma_min, sigma_max, seeds, cache_dir, batch_size, dtype)  # on the model's device
     noise = seeded_noise(list(seeds), tuple(model.sample_shape), float(sigma_max), dtype=dtype)
     return noise, target, {**info, "seconds": time.perf_counter() - t0}
 
 
-def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = True):
+def cell_learned(model, settings: Mapping, ode_reference: Mapping, batch_size: int, model_name: str | None, cache_dir,
+                 use_cache: bool = True):
     """(params, info) for a ``stage=evaluate`` cell: cached parameters trained for the same ``settings``
-    (:func:`.settings.learned_settings`, built once by the checks) and model, or new ones (teacher
+    (:func:`amedlab.specs.learned_settings`, built once by the checks) and model, or new ones (teacher
     solutions from the cached high-NFE reference), stored. New ones are trained from every grid of
     ``solver.distill.starts``; the one with the lowest :func:`final_error` on the training
     trajectories is kept. A cached file is used only if it holds these settings (and this model's
@@ -181,7 +192,7 @@ def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = Tru
     from ..cache import digest, trained_once
     from ..models.base import DTYPES
     from ..solvers import make_solver
-    from ..specs import ScheduleSpec
+    from ..schedules import ScheduleSpec
 
     schedule = settings["schedule"]
     identity = model.identity() if hasattr(model, "identity") else type(model).__name__
@@ -195,10 +206,9 @@ def cell_learned(model, cfg, settings: Mapping, cache_dir, use_cache: bool = Tru
         seeds = list(range(settings["first_seed"], settings["first_seed"] + settings["num_trajectories"]))
         dtype = DTYPES[settings["dtype"]]
         device = str(device_of(model))
-        noise, target, tinfo = teacher_solutions(model, cfg.eval.ode_reference, float(schedule["sigma_min"]),
-                                                 float(schedule["sigma_max"]), seeds, cache_dir,
-                                                 int(cfg.eval.batch_size), dtype)
-        meta = {"solver": "learned", "model_identity": identity, "model_name": cfg.model.name, "nfe": settings["nfe"],
+        noise, target, tinfo = teacher_solutions(model, ode_reference, float(schedule["sigma_min"]),
+                                                 float(schedule["sigma_max"]), seeds, cache_dir, int(batch_size), dtype)
+        meta = {"solver": "learned", "model_identity": identity, "model_name": model_name, "nfe": settings["nfe"],
                 "num_points": num_points, "schedule": settings["schedule"], "teacher": settings["teacher"],
                 "seeds": f"{seeds[0]}-{seeds[-1]}", "teacher_cached": tinfo["cached"], "teacher_seconds": tinfo["seconds"]}
         noise, target = noise.to(device), target.to(device)

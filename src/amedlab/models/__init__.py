@@ -1,5 +1,7 @@
 """Denoisers: the protocol, NFE counting, analytic models, the digits U-Net and checkpoint adapters."""
 from .base import CountingDenoiser, Denoiser, counting
-from .factory import available_models, build_model, register_model
+from .callable import CallableDenoiser
+from .factory import available_models, build_model, model_class, register_model
 
-__all__ = ["Denoiser", "CountingDenoiser", "counting", "build_model", "available_models", "register_model"]
+__all__ = ["Denoiser", "CountingDenoiser", "CallableDenoiser", "counting", "build_model", "available_models",
+           "register_model", "model_class"]

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def _check_keys(cfg: Mapping, name: str, accepted: tuple[str, ...]) -> None:
-    unknown = set(cfg) - set(accepted)
+def _check_keys(node: Mapping, name: str, accepted: tuple[str, ...]) -> None:
+    unknown = set(node) - set(accepted)
     if unknown:
         raise ValueError(f"model.name={name} does not take {sorted(unknown)}; accepted keys: {', '.join(accepted)}")
 
@@ -127,17 +127,17 @@ def _find_dir_with(candidates: list[Path], filename: str) -> Path | None:
 
 
 @register_model("diffusers")
-def build_diffusers(cfg: Mapping) -> DiffusersVPDenoiser:
+def build_diffusers(node: Mapping) -> DiffusersVPDenoiser:
     """``model: {name: diffusers, path: <dir>, scheduler_path: null | <dir>, feature_block: mid_block | null}``.
 
     ``path``: a ``UNet2DModel.save_pretrained`` directory (``config.json`` + weights) or a pipeline
     directory with a ``unet/`` subfolder. ``scheduler_path``: a directory with ``scheduler_config.json``;
     null looks in ``<path>/scheduler``, ``<path>/../scheduler`` and ``<path>``.
     """
-    _check_keys(cfg, "diffusers", ("name", "path", "scheduler_path", "feature_block"))
-    if cfg.get("path") in (None, ""):
+    _check_keys(node, "diffusers", ("name", "path", "scheduler_path", "feature_block"))
+    if node.get("path") in (None, ""):
         raise ValueError("model.path=null: set it to a UNet2DModel save_pretrained directory (model=diffusers)")
-    root = existing_folder("model.path", cfg["path"], "a UNet2DModel save_pretrained folder or a pipeline folder "
+    root = existing_folder("model.path", node["path"], "a UNet2DModel save_pretrained folder or a pipeline folder "
                            "with unet/ (model=diffusers)")
     unet_dir = _find_dir_with([root, root / "unet"], "config.json")
     if unet_dir is None:
@@ -150,8 +150,8 @@ def build_diffusers(cfg: Mapping) -> DiffusersVPDenoiser:
                          "continuous timesteps; accepted: positional (DDPM-style VP models)")
     if unet_cfg.get("num_class_embeds") or unet_cfg.get("class_embed_type"):
         raise ValueError("model.path: class-conditional UNet2DModel is not supported; accepted: unconditional")
-    if cfg.get("scheduler_path") not in (None, ""):
-        sched_dir = existing_folder("model.scheduler_path", cfg["scheduler_path"],
+    if node.get("scheduler_path") not in (None, ""):
+        sched_dir = existing_folder("model.scheduler_path", node["scheduler_path"],
                                     "a folder with the DDPM scheduler's scheduler_config.json, or null")
         if not (sched_dir / "scheduler_config.json").is_file():
             raise FileNotFoundError(f"model.scheduler_path={str(sched_dir)!r}: no scheduler_config.json there")
@@ -165,7 +165,7 @@ def build_diffusers(cfg: Mapping) -> DiffusersVPDenoiser:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"{sched_dir}/scheduler_config.json: prediction_type={prediction_type!r}; "
                          f"accepted: {', '.join(PREDICTION_TYPES)}")
-    feature_block = cfg.get("feature_block", "mid_block") or None
+    feature_block = node.get("feature_block", "mid_block") or None
     if feature_block not in (None, "mid_block"):
         raise ValueError(f"model.feature_block={feature_block!r}; accepted: mid_block or null (no features)")
     if importlib.util.find_spec("diffusers") is None:
@@ -346,24 +346,24 @@ def _unpickle_trusted(path: Path, raw: bytes, given: str, source_dir) -> object:
 
 
 @register_model("edm_pkl")
-def build_edm_pkl(cfg: Mapping) -> EDMPickleDenoiser:
+def build_edm_pkl(node: Mapping) -> EDMPickleDenoiser:
     """``model: {name: edm_pkl, path: <file.pkl>, trust_pickle: false, source_dir: null, feature_block: null,
     class_label: null}``."""
-    _check_keys(cfg, "edm_pkl", ("name", "path", "trust_pickle", "source_dir", "feature_block", "class_label"))
-    if cfg.get("path") in (None, ""):
+    _check_keys(node, "edm_pkl", ("name", "path", "trust_pickle", "source_dir", "feature_block", "class_label"))
+    if node.get("path") in (None, ""):
         raise ValueError("model.path=null: set it to an NVlabs EDM network pickle, e.g. "
                          "edm-cifar10-32x32-uncond-vp.pkl (nothing is downloaded)")
-    given = str(cfg["path"])
+    given = str(node["path"])
     path = existing_file("model.path", given, EDM_ACCEPTED)
     raw = path.read_bytes()
     what = _not_a_network_pickle(path, raw)  # magic bytes and a static scan of the opcodes: nothing runs
     if what:
         raise ConfigError(f"model.path={given!r} {what}; accepted: {EDM_ACCEPTED}", "model.path")
-    if cfg.get("trust_pickle") is not True:
-        raise PermissionError(f"model.trust_pickle={cfg.get('trust_pickle')!r}: loading {path} runs the code inside "
+    if node.get("trust_pickle") is not True:
+        raise PermissionError(f"model.trust_pickle={node.get('trust_pickle')!r}: loading {path} runs the code inside "
                               "the pickle; set model.trust_pickle=true only for files you trust")
-    _ensure_edm_source(cfg.get("source_dir"))
-    data = _unpickle_trusted(path, raw, given, cfg.get("source_dir"))
+    _ensure_edm_source(node.get("source_dir"))
+    data = _unpickle_trusted(path, raw, given, node.get("source_dir"))
     del raw
     if not isinstance(data, Mapping):
         raise ConfigError(f"model.path={given!r} holds a {type(data).__name__}, not a dict with an 'ema' network; "
@@ -378,13 +378,13 @@ def build_edm_pkl(cfg: Mapping) -> EDMPickleDenoiser:
             raise ConfigError(f"model.path={given!r}: data['ema'] has no {attr!r}, so it is not an NVlabs EDM "
                               f"network; accepted: {EDM_ACCEPTED}", "model.path")
     enc = getattr(net.model, "enc", None)
-    feature_block = cfg.get("feature_block")
+    feature_block = node.get("feature_block")
     if feature_block in (None, "", "auto"):
         feature_block = lowest_resolution_block(enc) if enc is not None else None
     elif enc is None or feature_block not in enc:
         raise ValueError(f"model.feature_block={feature_block!r} is not in net.model.enc; "
                          f"accepted: {list(enc) if enc is not None else []} or null (auto)")
-    class_label = cfg.get("class_label")
+    class_label = node.get("class_label")
     label_dim = int(getattr(net, "label_dim", 0) or 0)
     if label_dim and (class_label is None or not 0 <= int(class_label) < label_dim):
         raise ValueError(f"model.class_label={class_label!r}: this network is class-conditional; "

@@ -122,11 +122,11 @@ def default_mixture(dim: int = 2, num_components: int = 4, std: float = 0.3, see
 
 
 @register_model("gaussian")
-def _build_gaussian(cfg) -> Gaussian:
-    return Gaussian(dim=int(cfg.get("dim", 2)), mean=cfg.get("mean", 0.0), std=float(cfg.get("std", 0.5)))
+def _build_gaussian(node) -> Gaussian:
+    return Gaussian(dim=int(node.get("dim", 2)), mean=node.get("mean", 0.0), std=float(node.get("std", 0.5)))
 
 
 @register_model("gaussian_mixture")
-def _build_mixture(cfg) -> GaussianMixture:
-    return default_mixture(int(cfg.get("dim", 2)), int(cfg.get("num_components", 4)),
-                           float(cfg.get("std", 0.3)), int(cfg.get("seed", 0)))
+def _build_mixture(node) -> GaussianMixture:
+    return default_mixture(int(node.get("dim", 2)), int(node.get("num_components", 4)),
+                           float(node.get("std", 0.3)), int(node.get("seed", 0)))

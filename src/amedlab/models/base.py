@@ -140,11 +140,16 @@ def data_mean(denoiser, sigma: float, like: torch.Tensor, num: int = 64) -> torc
     if known is None:
         known = getattr(model, "_estimated_data_mean", None)
     if known is None:
-        z = torch.randn(num, *model.sample_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        # a plain callable D(x, sigma) has no sample_shape: one sample of ``like`` [B, ...] has the shape
+        shape = tuple(getattr(model, "sample_shape", None) or like.shape[1:])
+        z = torch.randn(num, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         z = z.to(device=like.device, dtype=like.dtype) * sigma
         with torch.no_grad():
             known = model(z, torch.full((num,), float(sigma), device=like.device, dtype=like.dtype)).mean(0)
-        model._estimated_data_mean = known
+        try:
+            model._estimated_data_mean = known
+        except AttributeError:  # an object that takes no attributes (a bound method): computed each time
+            pass
     return known.to(device=like.device, dtype=like.dtype)
 
 

@@ -117,9 +117,9 @@ def resolve_checkpoint_path(value, key: str, default: Path) -> Path:
 
 
 @register_model("digits_unet")
-def build_digits_unet(cfg: Mapping) -> EDMPrecond:
+def build_digits_unet(node: Mapping) -> EDMPrecond:
     """``model: {name: digits_unet, path: null | <file>}``; null loads the shipped teacher."""
-    unknown = set(cfg) - {"name", "path"}
+    unknown = set(node) - {"name", "path"}
     if unknown:
         raise ValueError(f"model.name=digits_unet does not take {sorted(unknown)}; accepted keys: name, path")
-    return load_denoiser(resolve_checkpoint_path(cfg.get("path"), "model.path", SHIPPED_TEACHER))
+    return load_denoiser(resolve_checkpoint_path(node.get("path"), "model.path", SHIPPED_TEACHER))

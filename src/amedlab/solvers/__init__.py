@@ -1,4 +1,7 @@
-"""Solver registry: ``make_solver(name, **options)`` and the NFE <-> grid-size helpers."""
+"""Solver registry: ``make_solver(name, **options)`` and the NFE <-> grid-size helpers.
+
+A user's step rule (docs/extending.md): ``register_solver(name, MyRule)`` from Python, or
+``solver._target_=mypkg.MyRule`` in a config (``make_solver(name, target=...)``, :func:`rule_class`)."""
 from __future__ import annotations
 
 import importlib
@@ -33,7 +36,14 @@ _PLUGINS: dict[str, str] = {
 
 
 def register_solver(name: str, factory: Callable[..., StepRule] | str) -> None:
-    """Add a step rule under ``name``: its factory, or ``"module:attr"`` to import when first used."""
+    """Add a step rule under ``name``: its factory, or ``"module:attr"`` to import when first used.
+
+    The factory (typically a :class:`StepRule` subclass) is called with the solver's options as
+    keyword arguments (``make_solver(name, **options)``, ``solver.options`` in a config) and returns
+    the rule; its signature is what ``make_solver`` checks the options against. Registering a name
+    again replaces it. From a config without Python code, ``solver._target_=mypkg.MyRule`` names the
+    class instead (:func:`rule_class`). docs/extending.md has a complete example.
+    """
     if isinstance(factory, str):
         _PLUGINS[name] = factory
         _RULES.pop(name, None)
@@ -54,20 +64,44 @@ def _factory(name: str) -> Callable[..., StepRule]:
     return _RULES[name]
 
 
-def make_solver(name: str, afs: bool | str | None = None, final_step: str = "sigma_min", **options) -> Solver:
+def rule_class(target) -> type[StepRule]:
+    """The :class:`StepRule` subclass named by ``solver._target_`` (a dotted path ``mypkg.MyRule``):
+    imported and checked to be such a class; nothing is called. A ValueError names the key otherwise."""
+    from ..targets import import_class
+
+    return import_class(target, "solver._target_", StepRule)
+
+
+def rule_factory(name: str, target: str | None = None) -> Callable[..., StepRule]:
+    """What builds the rule of a solver node: the ``_target_`` class when given, else the factory
+    registered under ``name`` (for a factory's attributes, e.g. a ``stand_in`` or ``row_label``)."""
+    return rule_class(target) if target is not None else _factory(name)
+
+
+def make_solver(name: str, afs: bool | str | None = None, final_step: str = "sigma_min", target: str | None = None,
+                **options) -> Solver:
     """Build a solver. ``afs``: analytical first step, False / True (GENIE) / "mean" (with the data
     mean); None: the rule's default, e.g. what an AMED predictor was trained with, else off; ``final_step``: ``sigma_min`` (paper tables) or
-    ``denoise`` (one extra evaluation, EDM's final step to 0). Other options go to the step rule."""
-    factory = _factory(name)
+    ``denoise`` (one extra evaluation, EDM's final step to 0). ``target``: ``solver._target_``, the
+    dotted path of a user's :class:`StepRule` subclass (:func:`rule_class`), built instead of the
+    registered ``name`` (then only a label). Other options go to the step rule."""
+    factory = rule_factory(name, target)
     params = inspect.signature(factory).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in options if k not in params]
     if unknown and not accepts_any:
         accepted = ", ".join(["afs", "final_step", *params]) or "none"
-        raise ValueError(f"solver {name!r} has no option {', '.join(unknown)}; accepted: {accepted}")
+        what = f"{name!r} ({target})" if target is not None else repr(name)
+        raise ValueError(f"solver {what} has no option {', '.join(unknown)}; accepted: {accepted}")
     if final_step not in FINAL_STEPS:
         raise ValueError(f"solver.final_step={final_step!r}; accepted: {', '.join(FINAL_STEPS)}")
+    if target is not None:
+        from ..targets import check_arguments
+
+        check_arguments(factory, options, "solver._target_", "solver.options")  # required options, before the call
     rule = factory(**options)
+    if target is not None and "name" not in vars(rule) and "name" not in vars(type(rule)):
+        rule.name = str(name)  # a class that names no rule itself (or inherits its parent's name): the config's
     return Solver(rule, afs=rule.default_afs if afs is None else afs, final_step=final_step)
 
 
@@ -82,7 +116,8 @@ def num_points_for(name: str, nfe: int, afs: bool | None = None, final_step: str
 
 
 __all__ = [
-    "Solver", "StepRule", "Point", "State", "make_solver", "register_solver", "available_solvers",
+    "Solver", "StepRule", "Point", "State", "make_solver", "register_solver", "available_solvers", "rule_class",
+    "rule_factory",
     "nfe_for", "num_points_for", "evaluate", "afs_point", "first_point", "bcast", "mean_direction_step",
     "Euler", "Heun", "MeanDirection", "DPMSolver2", "IPNDM", "DPMSolverPP", "UniPC",
 ]

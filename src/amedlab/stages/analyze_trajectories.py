@@ -15,10 +15,10 @@ import torch
 from ..analysis.plots import plot_oracle, plot_pca
 from ..analysis.report import format_report
 from ..analysis.trajectories import analyze, coarse_num_points
-from ..configs import load_group
-from ..io import atomic_write_json, run_dir
-from ..specs import SolverSpec
-from ..validation import check_stage, user_errors
+from ..specs import load_group
+from ..io import plain, atomic_write_json, run_dir
+from ..solvers.spec import SolverSpec
+from ..specs import check_stage, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def run(cfg):
             raise ValueError(f"analysis.num_threads={threads!r} must be null or >= 1")
         torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
-    model = build_model(cfg.model)
-    results, raw = analyze(model, acfg, cfg.schedule, int(cfg.seed), str(cfg.get("device", "cpu")))
+    model = build_model(plain(cfg.model))
+    results, raw = analyze(model, plain(acfg), plain(cfg.schedule), int(cfg.seed), str(cfg.get("device", "cpu")))
     results["model"] = dict(cfg.model)
     out = run_dir()
     if acfg.get("plots", True):

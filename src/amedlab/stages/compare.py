@@ -10,15 +10,13 @@ import torch
 
 from ..compare import compare, format_table
 from ..io import atomic_write_json, run_dir
-from ..validation import check_stage
+from ..specs import check_stage
 
 
 def run(cfg):
-    plan = check_stage(cfg, "compare")  # every check before any compute
-    dtype = getattr(torch, str(cfg.compare.dtype))
-    nfes = [int(n) for n in cfg.compare.nfes]
-    num_samples = int(cfg.compare.num_samples)
-    results = compare(plan.model, plan.solvers, nfes, plan.schedule, num_samples, int(cfg.seed), dtype)
+    spec = check_stage(cfg, "compare")  # every check before any compute
+    nfes, num_samples = spec.nfes, spec.num_samples
+    results = compare(spec.model, spec.solvers, nfes, spec.schedule, num_samples, spec.seed, getattr(torch, spec.dtype))
     table = format_table(results, nfes)
     out = run_dir() / "compare.json"
     atomic_write_json(out, {"model": cfg.model.name, "schedule": dict(cfg.schedule), "metric": "rmse_vs_exact",

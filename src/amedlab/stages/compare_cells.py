@@ -3,7 +3,7 @@
 The paired difference A - B of each metric at every NFE with its interval (``table.significance``),
 printed and written as ``compare_<A>_vs_<B>.md`` and ``.json`` next to the table. The library part
 is :mod:`amedlab.evaluation.compare_cells`. Every input is checked first
-(:func:`amedlab.validation.check_compare_cells`); the sweep's files are read as stage=table reads them.
+(:func:`amedlab.specs.check_compare_cells`); the sweep's files are read as stage=table reads them.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ..evaluation.compare_cells import compare_rows, output_stem, to_markdown
 from ..evaluation.table import significance_settings
-from ..io import atomic_write_json, atomic_write_text
-from ..validation import check_stage
+from ..io import atomic_write_json, atomic_write_text, plain
+from ..specs import check_stage
 
 
 def run(cfg):
@@ -21,7 +21,7 @@ def run(cfg):
     ccfg = cfg.compare_cells
     rows = [str(r) for r in ccfg.rows]
     metrics = [str(m) for m in ccfg.metrics]
-    level, source = significance_settings(cfg.get("table") or {})
+    level, source = significance_settings(plain(cfg.get("table") or {}))
     result = compare_rows(sweep, rows[0], rows[1], metrics, level, source)
     md = to_markdown(result)
     out = Path(str(ccfg.get("out_dir") or sweep))

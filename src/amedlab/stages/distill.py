@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from ..amed.distill import distill
 from ..io import atomic_write_json, run_dir
-from ..validation import check_stage
+from ..specs import check_stage
 
 
 def run(cfg):
-    plan = check_stage(cfg, "distill")  # every check and the model file, before any compute
-    predictor = distill(plan.model, plan.distill)
+    spec = check_stage(cfg, "distill")  # every check and the model file, before any compute
+    predictor = distill(spec.model, spec.distill)
     out = run_dir()
     path = predictor.save(out / "predictor.pt")
     atomic_write_json(out / "distill.json", {"predictor": str(path), "meta": predictor.meta, "records": predictor.records})

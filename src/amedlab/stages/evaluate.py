@@ -20,10 +20,10 @@ from ..evaluation.evaluate import (METRICS_FILE, METRICS_FORMAT, bits_environmen
                                    trajectory_error)
 from ..evaluation.metrics import quantize
 from ..cache import digest, seal, seeds_spec
-from ..evaluation.wandb_logger import make_logger
+from ..wandb_logger import make_logger
 from ..io import atomic_write_json
 from ..models.base import with_precision
-from ..validation import check_stage
+from ..specs import check_stage
 
 
 def _hydra_context() -> tuple[list[str], str | None, str]:
@@ -50,56 +50,56 @@ def _skip(out_dir: Path, key: str, outputs) -> dict | None:
 
 
 def run(cfg):
-    plan = check_stage(cfg, "evaluate")  # every check, every file opened and the specs built, before any compute
-    e, nfe, seeds, out_dir = cfg.eval, plan.nfe, plan.seeds, plan.out_dir
-    files = input_files(cfg, plan.solver_node, plan.weights, memo_dir=plan.cache_dir / "file_digests")
-    key = digest(cell_spec(cfg, plan, files))
-    outputs = extra_outputs(out_dir, int(e.sample_grid), bool(e.save_samples))
-    if bool(e.skip_finished) and (done := _skip(out_dir, key, outputs)) is not None:
+    spec = check_stage(cfg, "evaluate")  # every check, every file opened, before any compute: the cell's spec
+    nfe, seeds, out_dir = spec.nfe, spec.seeds, spec.out_dir
+    files = input_files(spec, memo_dir=spec.cache_dir / "file_digests")
+    key = digest(cell_spec(spec, files))
+    outputs = extra_outputs(out_dir, spec.sample_grid, spec.save_samples)
+    if spec.skip_finished and (done := _skip(out_dir, key, outputs)) is not None:
         return done["fid"]
     overrides, group, run_name = _hydra_context()
     t_start, timing = time.perf_counter(), {}
-    if e.get("num_threads"):
-        torch.set_num_threads(int(e.num_threads))
-    label, model = plan.solver.label, plan.model.to(plan.device).eval()
-    with make_logger(cfg.get("logger"), run_name, group, "evaluate", out_dir) as logger:
-        logger.log_config(cfg)
-        solver, predictor_info = cell_solver(cfg, plan, model, files, bool(e.predictor_cache))
+    if spec.num_threads:
+        torch.set_num_threads(spec.num_threads)
+    label, model = spec.solver.label, spec.model.to(spec.device).eval()
+    with make_logger(spec.logger, run_name, group, "evaluate", out_dir) as logger:
+        logger.log_config(spec.config)
+        solver, predictor_info = cell_solver(spec, model, files, spec.predictor_cache)
         if predictor_info is not None:
-            logger.log_distillation(predictor_info.pop("records"), "learned" if plan.solver.name == "learned" else "distill")
-        sigmas = cell_grid(plan, solver)  # the learned solver's own grid is the one recorded
+            logger.log_distillation(predictor_info.pop("records"), "learned" if spec.learned is not None else "distill")
+        sigmas = cell_grid(spec, solver)  # the learned solver's own grid is the one recorded
         t0 = time.perf_counter()
         # seeds sharded over processes when a torch.distributed group is up (torchrun / SLURM tasks)
-        samples, counted = generate_sharded(with_precision(model, plan.precision), solver, sigmas, seeds, int(e.batch_size),
-                                            plan.dtype, plan.device, progress=f"{label} NFE {nfe}")
+        samples, counted = generate_sharded(with_precision(model, spec.precision), solver, sigmas, seeds, spec.batch_size,
+                                            spec.dtype, spec.device, progress=f"{label} NFE {nfe}")
         timing["sampling_s"] = time.perf_counter() - t0
         if counted != nfe:
             raise RuntimeError(f"{label}: {counted} model calls counted, nfe={nfe} asked")
         images = quantize(samples)
-        grid_path = save_samples(out_dir, images, seeds, int(e.sample_grid), bool(e.get("save_samples", False)))
+        grid_path = save_samples(out_dir, images, seeds, spec.sample_grid, spec.save_samples)
         t0 = time.perf_counter()
-        fm = feature_metrics(cfg, plan, images)  # FID / KID against the real data
+        fm = feature_metrics(spec, images)  # FID / KID against the real data
         timing["metrics_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-        traj_rmse, reference, ref_info = trajectory_error(cfg, plan, model, solver, samples)
+        traj_rmse, reference, ref_info = trajectory_error(spec, model, solver, samples)
         timing["reference_s"] = time.perf_counter() - t0
         # intervals (bootstrap over seeds and over the real set) and the per-sample data for paired comparisons
         unc = uncertainty.evaluate_cell(out_dir, seeds, fm["features"], fm["real"], samples.cpu(),
-                                        reference.cpu(), plan.bootstrap, plan.device)
+                                        reference.cpu(), spec.bootstrap, spec.device)
         timing.update(distill_s=(predictor_info or {}).get("distill_seconds", 0.0),
                       uncertainty_s=(unc or {}).get("seconds", 0.0), total_s=time.perf_counter() - t_start)
         metrics = {
-            "complete": True, "format": METRICS_FORMAT, "cell_key": key, "label": label, "solver": plan.solver.name,
-            "nfe": nfe, "nfe_counted": counted, "num_points": plan.num_points, "fid": fm["fid"], **fm["kid"],
+            "complete": True, "format": METRICS_FORMAT, "cell_key": key, "label": label, "solver": spec.solver.name,
+            "nfe": nfe, "nfe_counted": counted, "num_points": spec.num_points, "fid": fm["fid"], **fm["kid"],
             "rmse": traj_rmse, "num_samples": len(seeds), "seeds": seeds_spec(seeds),
-            "schedule": plan.schedule, "sigmas": sigmas.tolist(), "solver_config": plan.solver_node,
-            "model": {"name": cfg.model.name, "identity": model.identity() if hasattr(model, "identity") else None},
-            "feature_extractor": plan.extractor, "feature_extractor_weights": plan.weights or "shipped",
+            "schedule": spec.schedule, "sigmas": sigmas.tolist(), "solver_config": spec.solver_node,
+            "model": {"name": spec.model_config.get("name"), "identity": model.identity() if hasattr(model, "identity") else None},
+            "feature_extractor": spec.extractor, "feature_extractor_weights": spec.weights or "shipped",
             "real_data": fm["real"]["description"], "ode_reference": ref_info, "uncertainty": unc,
             "predictor": predictor_info, "overrides": overrides, "sample_grid": str(grid_path) if grid_path else None,
-            "timing": timing, "device": plan.device, "torch_threads": torch.get_num_threads(),
-            "batch_size": int(e.batch_size), "precision": plan.precision, "world_size": world()[1],
+            "timing": timing, "device": spec.device, "torch_threads": torch.get_num_threads(),
+            "batch_size": spec.batch_size, "precision": spec.precision, "world_size": world()[1],
             "sample_shape": list(samples.shape[1:]), "real_shape": fm["real"]["description"].get("shape"),
-            "environment": bits_environment(plan.device, plan.dtype),  # what decides the last bits (README, reliability)
+            "environment": bits_environment(spec.device, spec.dtype),  # what decides the last bits (README, reliability)
         }
         check_finite(metrics, f"{label} NFE {nfe}")
         path = atomic_write_json(out_dir / METRICS_FILE, seal(metrics))

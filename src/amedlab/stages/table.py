@@ -8,20 +8,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..evaluation.table import _value, significance_settings, write_tables
-from ..evaluation.wandb_logger import make_logger
-from ..validation import check_stage
+from ..io import plain
+from ..wandb_logger import make_logger
+from ..specs import check_stage
 
 
 def run(cfg):
-    check_stage(cfg, "table")  # every key, the sweep directory and the output directory (amedlab.validation)
+    check_stage(cfg, "table")  # every key, the sweep directory and the output directory (amedlab.specs)
     tcfg = cfg.get("table") or {}
-    level, source = significance_settings(tcfg)
+    level, source = significance_settings(plain(tcfg))
     result = write_tables(cfg.sweep_dir, tcfg.get("out_dir"), list(tcfg.get("metrics") or ["fid", "rmse"]), level, source)
     rows, nfes = result["rows"], result["nfes"]
     main = list(tcfg.get("metrics") or ["fid"])[0]
     sweep_name = Path(str(cfg.sweep_dir)).resolve().name
     out_dir = Path(tcfg.get("out_dir") or cfg.sweep_dir)
-    with make_logger(cfg.get("logger"), f"table-{sweep_name}", sweep_name, "table", out_dir) as logger:
+    with make_logger(plain(cfg.get("logger") or {}), f"table-{sweep_name}", sweep_name, "table", out_dir) as logger:
         columns = ["solver"] + [f"NFE {n}" for n in nfes]
         for m in tcfg.get("metrics") or ["fid"]:
             logger.log_table(f"table2/{m}", columns, [[label] + [_value(cells.get(n), m) for n in nfes]

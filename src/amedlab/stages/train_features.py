@@ -11,27 +11,24 @@ import time
 import pytorch_lightning as pl
 
 from ..data.digits import DigitsDataModule
-from ..evaluation.digits_features import save_classifier
+from ..models.digits_features import save_classifier
 from ..training.features import accuracy, module_from_config
 from ..io import plain
-from ..training.teacher import (check_dataset_is_digits, check_positive, hydra_command, make_trainer, output_dir,
-                                set_threads, write_json)
-from ..validation import check_stage
+from ..specs.config import hydra_command
+from ..training.teacher import make_trainer, output_dir, set_threads, write_json
+from ..specs import check_stage
 
 
 def run(cfg) -> float:
     """Train the classifier; returns its held-out accuracy."""
-    check_stage(cfg, "train_features")
-    check_dataset_is_digits(cfg, "train_features")
-    fcfg = cfg.train.features
-    for key in ("steps", "batch_size", "lr", "channels", "feature_dim", "val_every_steps"):
-        check_positive(fcfg, key, "train.features")
+    spec = check_stage(cfg, "train_features")
+    fcfg = spec.node
     out = output_dir()
     set_threads(fcfg)
-    pl.seed_everything(int(cfg.seed), workers=True)
-    datamodule = DigitsDataModule.from_config(cfg.dataset, batch_size=int(fcfg.batch_size))
+    pl.seed_everything(spec.seed, workers=True)
+    datamodule = DigitsDataModule.from_config(spec.dataset, batch_size=int(fcfg["batch_size"]))
     module = module_from_config(fcfg)
-    trainer = make_trainer(cfg, fcfg, out, datamodule)
+    trainer = make_trainer(spec.device, spec.logger, fcfg, out, datamodule)
     start = time.time()
     trainer.fit(module, datamodule=datamodule)
     wall = time.time() - start

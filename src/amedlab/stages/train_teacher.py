@@ -15,24 +15,22 @@ import torch
 from ..data.digits import DigitsDataModule
 from ..models.digits import save_denoiser
 from ..io import plain
-from ..training.teacher import (check_teacher_config, hydra_command, json_text, make_trainer,
-                                module_from_config, output_dir, set_threads, write_json)
-from ..validation import check_stage, user_errors
+from ..specs.config import hydra_command
+from ..training.teacher import json_text, make_trainer, module_from_config, output_dir, set_threads, write_json
+from ..specs import check_stage
 
 
 def run(cfg) -> float:
     """Train the teacher; returns the final held-out EDM loss of the EMA weights."""
-    check_stage(cfg, "train_teacher")
-    with user_errors("train.teacher.net"):
-        check_teacher_config(cfg)
-    tcfg = cfg.train.teacher
+    spec = check_stage(cfg, "train_teacher")
+    tcfg = spec.node
     out = output_dir()
     set_threads(tcfg)
-    pl.seed_everything(int(cfg.seed), workers=True)
-    datamodule = DigitsDataModule.from_config(cfg.dataset, batch_size=int(tcfg.batch_size))
-    net_cfg = {**dict(tcfg.net), "img_resolution": int(cfg.dataset.image_size), "in_channels": 1, "out_channels": 1}
-    module = module_from_config({**dict(tcfg), "net": net_cfg})
-    trainer = make_trainer(cfg, tcfg, out, datamodule)
+    pl.seed_everything(spec.seed, workers=True)
+    datamodule = DigitsDataModule.from_config(spec.dataset, batch_size=int(tcfg["batch_size"]))
+    net_cfg = {**dict(tcfg["net"]), "img_resolution": int(spec.dataset["image_size"]), "in_channels": 1, "out_channels": 1}
+    module = module_from_config({**tcfg, "net": net_cfg})
+    trainer = make_trainer(spec.device, spec.logger, tcfg, out, datamodule)
     start = time.time()
     trainer.fit(module, datamodule=datamodule)
     wall = time.time() - start
@@ -43,7 +41,7 @@ def run(cfg) -> float:
         "command": hydra_command(),
         "seed": int(cfg.seed),
         "steps": int(trainer.global_step),
-        "batch_size": int(tcfg.batch_size),
+        "batch_size": int(tcfg["batch_size"]),
         "wall_time_s": round(wall, 1),
         "device": str(cfg.device),
         "torch_threads": torch.get_num_threads(),

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from amedlab.evaluation.digits_features import DigitsClassifier
+from amedlab.models.digits_features import DigitsClassifier
 
 
 def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:

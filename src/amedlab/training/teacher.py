@@ -7,7 +7,6 @@ the network), ``metrics.json`` and ``recipe.json`` (command, seed, steps, wall t
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -15,11 +14,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from amedlab.evaluation.wandb_logger import lightning_loggers
+from amedlab.wandb_logger import lightning_loggers
 from amedlab.io import atomic_write_text, run_dir
 from amedlab.models.digits import make_digits_denoiser
 from amedlab.models.precond import edm_loss
 from amedlab.training.ema import EMA
+from amedlab.training.placement import trainer_device
 
 VAL_SEED = 1234  # fixed noise for the held-out loss, so its curve is comparable across steps
 
@@ -31,31 +31,9 @@ def output_dir() -> Path:
     return run_dir(Path("outputs") / "no_hydra")
 
 
-def hydra_command() -> str:
-    """The command line that reproduces this run: ``python -m amedlab <overrides>``."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        overrides = sys.argv[1:]
-    return " ".join(["python -m amedlab", *overrides])
-
-
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically, keys sorted (recipes diff cleanly)."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def trainer_device(device: str) -> tuple[str, list[int] | int]:
-    """``device`` ('cpu', 'cuda', 'cuda:1') -> Lightning's (accelerator, devices)."""
-    if device == "cpu":
-        return "cpu", 1
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available; accepted here: cpu")
-        return "gpu", [int(device.split(":")[1])] if ":" in device else 1
-    raise ValueError(f"device={device!r}; accepted: cpu, cuda, cuda:<index>")
 
 
 def log_every_n_steps(datamodule) -> int:
@@ -77,29 +55,17 @@ def set_threads(node) -> None:
         torch.set_num_threads(int(node.get("num_threads")))
 
 
-def make_trainer(cfg, node, out: Path, datamodule) -> pl.Trainer:
-    """A Lightning trainer for ``node`` (train.teacher / train.features): stops at ``steps`` or
-    ``max_minutes``, validates every ``val_every_steps``, logs into the run directory, no checkpoints
-    (the stage writes its own, atomically)."""
-    accelerator, devices = trainer_device(str(cfg.device))
+def make_trainer(device: str, logger: Mapping | None, node: Mapping, out: Path, datamodule) -> pl.Trainer:
+    """A Lightning trainer for ``node`` (the train.teacher / train.features settings) on ``device``: stops
+    at ``steps`` or ``max_minutes``, validates every ``val_every_steps``, logs into the run directory
+    (and to wandb with the ``logger`` settings), no checkpoints (the stage writes its own, atomically)."""
+    accelerator, devices = trainer_device(str(device))
     return pl.Trainer(
-        max_steps=int(node.steps), max_time=max_time(node), accelerator=accelerator, devices=devices,
-        logger=lightning_loggers(cfg, out), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, val_check_interval=int(node.val_every_steps), check_val_every_n_epoch=None,
+        max_steps=int(node["steps"]), max_time=max_time(node), accelerator=accelerator, devices=devices,
+        logger=lightning_loggers(logger, out), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, val_check_interval=int(node["val_every_steps"]), check_val_every_n_epoch=None,
         log_every_n_steps=log_every_n_steps(datamodule), num_sanity_val_steps=0, default_root_dir=str(out),
     )
-
-
-def check_dataset_is_digits(cfg, stage: str) -> None:
-    name = cfg.dataset.get("name")
-    if name != "digits":
-        raise ValueError(f"stage={stage} trains on the built-in digits only; dataset.name={name!r}, accepted: digits")
-
-
-def check_positive(node, key: str, prefix: str) -> None:
-    value = node.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{prefix}.{key}={value!r} must be a number > 0")
 
 
 # --- the teacher ------------------------------------------------------------------------------
@@ -144,18 +110,6 @@ def module_from_config(tcfg: Mapping) -> TeacherModule:
                          warmup_steps=int(tcfg["warmup_steps"]), p_mean=float(tcfg["p_mean"]),
                          p_std=float(tcfg["p_std"]), ema_halflife_steps=float(tcfg["ema_halflife_steps"]),
                          ema_rampup=tcfg.get("ema_rampup"))
-
-
-def check_teacher_config(cfg) -> None:
-    check_dataset_is_digits(cfg, "train_teacher")
-    tcfg = cfg.train.teacher
-    for key in ("steps", "batch_size", "lr", "sigma_data", "p_std", "ema_halflife_steps", "val_every_steps"):
-        check_positive(tcfg, key, "train.teacher")
-    res = int(cfg.dataset.image_size)
-    levels = len(tcfg.net.channel_mult)
-    if res % 2 ** (levels - 1) or res >> (levels - 1) < 2:
-        raise ValueError(f"train.teacher.net.channel_mult={list(tcfg.net.channel_mult)} has {levels} levels, too many "
-                         f"for dataset.image_size={res}; accepted: a lowest resolution of at least 2x2")
 
 
 def json_text(obj) -> str:

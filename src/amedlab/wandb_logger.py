@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import plain
+from .io import plain
 
 log = logging.getLogger(__name__)
 MODES = ("offline", "online", "disabled")
@@ -30,7 +30,7 @@ class RunLogger:
     enabled = False
     mode = "none"
 
-    def log_config(self, cfg) -> None: ...
+    def log_config(self, config: Mapping) -> None: ...
 
     def log_metrics(self, metrics: Mapping, summary: bool = False) -> None: ...
 
@@ -49,13 +49,13 @@ class RunLogger:
         self.finish()
 
 
-def check_logger_cfg(cfg: Mapping) -> None:
+def check_logger_settings(node: Mapping) -> None:
     """Raise a clear error for a bad ``logger`` config, before any compute."""
-    name = cfg.get("name", "none")
+    name = node.get("name", "none")
     if name not in ("none", "wandb"):
         raise ValueError(f"logger={name!r}; accepted: none, wandb")
     if name == "wandb":
-        mode = str(cfg.get("mode", "offline"))
+        mode = str(node.get("mode", "offline"))
         if mode not in MODES:
             raise ValueError(f"logger.mode={mode!r}; accepted: {', '.join(MODES)}")
 
@@ -79,14 +79,14 @@ class LoggerSettings:
         return self.name == "wandb" and self.mode != "disabled"
 
 
-def logger_settings(cfg: Mapping | None) -> LoggerSettings:
+def logger_settings(node: Mapping | None) -> LoggerSettings:
     """The checked settings of the ``logger`` node (None or no node: ``logger=none``)."""
-    cfg = cfg or {"name": "none"}
-    check_logger_cfg(cfg)
+    node = node or {"name": "none"}
+    check_logger_settings(node)
     return LoggerSettings(
-        name=str(cfg.get("name", "none")), mode=str(cfg.get("mode", "offline")),
-        project=cfg.get("project") or "amedlab", entity=cfg.get("entity") or None, group=cfg.get("group") or None,
-        tags=tuple(cfg.get("tags") or ()), dir=cfg.get("dir") or None, init_timeout=float(cfg.get("init_timeout", 60)),
+        name=str(node.get("name", "none")), mode=str(node.get("mode", "offline")),
+        project=node.get("project") or "amedlab", entity=node.get("entity") or None, group=node.get("group") or None,
+        tags=tuple(node.get("tags") or ()), dir=node.get("dir") or None, init_timeout=float(node.get("init_timeout", 60)),
     )
 
 
@@ -114,8 +114,8 @@ class WandbLogger(RunLogger):
         self.mode = mode
         self.directory = directory
 
-    def log_config(self, cfg) -> None:
-        self.run.config.update(plain(cfg), allow_val_change=True)
+    def log_config(self, config: Mapping) -> None:
+        self.run.config.update(plain(config), allow_val_change=True)
 
     def log_metrics(self, metrics: Mapping, summary: bool = False) -> None:
         flat = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float, bool)) or v is None}
@@ -156,23 +156,23 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def make_logger(cfg: Mapping | None, name: str, group: str | None, job_type: str, directory) -> RunLogger:
-    """``cfg`` is the ``logger`` config node; ``none`` (or no node) gives the no-op logger."""
-    settings = logger_settings(cfg)
+def make_logger(node: Mapping | None, name: str, group: str | None, job_type: str, directory) -> RunLogger:
+    """``node``: the ``logger`` settings (plain values); ``none`` (or None) gives the no-op logger."""
+    settings = logger_settings(node)
     if not settings.wandb:
         return RunLogger()
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(settings, name, group, job_type, Path(directory))
 
 
-def lightning_loggers(cfg, out: Path) -> list:
+def lightning_loggers(node: Mapping | None, out: Path) -> list:
     """The training stages' Lightning loggers: CSV metrics in the run directory ``out`` always; wandb
     as well with ``logger=wandb`` (the same settings as :func:`make_logger`: offline unless
-    ``logger.mode=online``, none with ``logger.mode=disabled``). ``cfg`` is the whole run config."""
+    ``logger.mode=online``, none with ``logger.mode=disabled``). ``node``: the ``logger`` settings."""
     from pytorch_lightning.loggers import CSVLogger
 
     loggers = [CSVLogger(str(out), name="", version="")]
-    settings = logger_settings(cfg.get("logger"))
+    settings = logger_settings(node)
     if settings.wandb:
         from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 

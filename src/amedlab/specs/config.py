@@ -1,33 +1,17 @@
-"""Bridges from config nodes to objects, and config validation that runs before any compute."""
+"""Reading the composed config: the config folders in Hydra's order, a group's option file, and the
+resolvers ``conf/config.yaml`` uses (``amedlab.root`` for experiments=<name> from any folder,
+``amedlab.cell_dir`` for a sweep cell's folder)."""
 from __future__ import annotations
 
+import hashlib
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .schedules import check_schedule_args
-from .solvers import Solver, make_solver
+from ..resources import CONF_DIR, EXPERIMENTS_ROOT
 
-_PACKAGE = Path(__file__).resolve().parent
-
-
-def _config_locations() -> tuple[Path, Path]:
-    """(the primary config folder, the folder holding ``experiments/``).
-
-    In a source checkout (``src/amedlab``, run with PYTHONPATH=src or installed editable) the
-    top-level ``conf/`` and ``experiments/`` are used, so edits take effect without reinstalling.
-    An installed wheel carries both as ``amedlab/conf/`` and ``amedlab/conf/experiments/`` (mapped
-    by ``[tool.setuptools.package-dir]`` in pyproject.toml).
-    """
-    checkout = _PACKAGE.parents[1]
-    if _PACKAGE.parent.name == "src" and (checkout / "conf" / "config.yaml").is_file():
-        return checkout / "conf", checkout
-    return _PACKAGE / "conf", _PACKAGE / "conf"
-
-
-CONF_DIR, EXPERIMENTS_ROOT = _config_locations()
-# conf/config.yaml puts ${amedlab.root:} on Hydra's search path: experiments=<name> from any folder
 OmegaConf.register_new_resolver("amedlab.root", lambda: str(EXPERIMENTS_ROOT), replace=True)
 
 
@@ -35,8 +19,6 @@ def cell_dirname(override_dirname: str) -> str:
     """A sweep cell's folder name from its overrides, always ONE path component inside the sweep folder:
     a swept path value (``eval.digits_classifier=../../x``) must not choose where results go. Path
     separators become ``%2F``; a name over 200 bytes is cut and ends in a digest of the whole."""
-    import hashlib
-
     name = str(override_dirname).replace("%", "%25").replace("/", "%2F").replace("\\", "%5C").replace("\0", "")
     if name in (".", ".."):
         name = name.replace(".", "%2E")
@@ -51,7 +33,7 @@ OmegaConf.register_new_resolver("amedlab.cell_dir", cell_dirname, replace=True)
 
 def config_dirs() -> list[Path]:
     """The folders configs are read from, in Hydra's order: inside a Hydra job its search path (a
-    ``--config-dir`` included), else :data:`CONF_DIR`."""
+    ``--config-dir`` included), else the package's ``conf/``."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -75,12 +57,12 @@ def load_group(group: str, name: str) -> Mapping:
                      f"accepted: {', '.join(choices)}")
 
 
-def solver_from_cfg(node: Mapping, **extra) -> Solver:
-    """``node`` is a ``solver`` config: name, afs, final_step, options."""
-    options = dict(node.get("options") or {})
-    options.update(extra)
-    return make_solver(node["name"], afs=node.get("afs", False), final_step=node.get("final_step", "sigma_min"), **options)
+def hydra_command() -> str:
+    """The command line that reproduces this run: ``python -m amedlab <overrides>``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
 
-
-def check_schedule_cfg(node: Mapping) -> None:
-    check_schedule_args(node["kind"], 2, float(node["sigma_min"]), float(node["sigma_max"]), float(node["rho"]))
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = sys.argv[1:]
+    return " ".join(["python -m amedlab", *overrides])

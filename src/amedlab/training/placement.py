@@ -27,7 +27,6 @@ def lightning_placement(denoiser, accelerator: str = "auto", devices=1) -> tuple
     """
     if accelerator != "auto" or str(devices) not in ("1", "auto"):
         return accelerator, devices
-    from ..training.teacher import trainer_device
 
     device = device_of(denoiser)
     if device.type == "cuda":
@@ -68,3 +67,14 @@ def teacher_to(denoiser, device: torch.device) -> None:
         log.info("distillation: the teacher moves from %s to %s for training (moved back afterwards)",
                  device_of(denoiser), device)
         denoiser.to(device)
+
+
+def trainer_device(device: str) -> tuple[str, list[int] | int]:
+    """``device`` ('cpu', 'cuda', 'cuda:1') -> Lightning's (accelerator, devices)."""
+    if device == "cpu":
+        return "cpu", 1
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available; accepted here: cpu")
+        return "gpu", [int(device.split(":")[1])] if ":" in device else 1
+    raise ValueError(f"device={device!r}; accepted: cpu, cuda, cuda:<index>")
