@@ -29,7 +29,7 @@ from _models import add_model_args, model_from_args
 from amedlab.amed.distill import distill
 from amedlab.solvers.spec import solver_from_node
 from amedlab.specs import load_group
-from amedlab.specs import grid_for
+from amedlab.schedules import grid_for
 from amedlab.data.trajectories import cached_trajectories
 
 CLASSICAL = ["euler", "heun", "dpm2", "ipndm", "dpmpp3m", "unipc"]

@@ -14,7 +14,7 @@ import torch
 from amedlab.amed import AMEDPredictor
 from amedlab.solvers.spec import solver_from_node
 from amedlab.specs import load_group
-from amedlab.specs import grid_for
+from amedlab.schedules import grid_for
 from amedlab.models.base import PRECISIONS, with_precision
 from amedlab.models.digits import SHIPPED_TEACHER, load_denoiser
 from amedlab.sampling import seeded_noise

@@ -21,13 +21,14 @@ from amedlab.evaluation.evaluate import cell_schedule
 from amedlab.evaluation.extractors import check_extractor_weights, resolve_extractor_name
 from amedlab.models.base import PRECISIONS
 from amedlab.sampling import parse_seeds
-from amedlab.specs import check_known_keys, check_schedule, check_solver_node, choice_at
+from amedlab.specs.solver import check_schedule, check_solver_node
+from amedlab.specs.values import check_known_keys, choice_at
 
 
 def check_cell(cfg) -> str:
     """The evaluate stage's checks that need no device, model or directory; a one-line summary.
 
-    (The full check, ``amedlab.specs.check_evaluate``, also loads the model on ``device`` and
+    (The full check, ``amedlab.specs.evaluate.check_evaluate``, also loads the model on ``device`` and
     probes the output directories: what this dry run on a CPU machine must not do.)"""
     e = cfg.eval
     node = dict(cfg.solver)

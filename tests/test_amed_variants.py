@@ -243,7 +243,7 @@ def test_learn_grid_gradient_reaches_the_grid_logits_and_the_predictor():
     data, _ = cached_trajectories(model, {"name": "heun"}, {"kind": "time_uniform", "sigma_min": 0.002, "sigma_max": 80.0,
                                                             "rho": 1.0}, 4, 1, range(16), None)
     module = AMEDDistillation(model, solver.rule, sigmas, True, objective="trajectory", learn_grid=True, grid_lr=0.05)
-    assert [g["lr"] for g in module.configure_optimizers().param_groups] == [5e-3, 0.05]  # predictor, grid
+    assert [g["lr"] for g in module.optimizer_groups()] == [5e-3, 0.05]  # predictor, grid
     assert {id(p) for p in module.trained_parameters()} >= {id(module.grid.grid_logits), id(predictor.head_r.weight)}
     loss, _ = trajectory_loss(solver, model, data["states"], module.current_sigmas())
     loss.backward()

@@ -1,5 +1,6 @@
 """The real entry point and the real configs, on tiny settings."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -67,3 +68,17 @@ def test_python_api_distill_then_sample(tmp_path):
     pred = amedlab.distill(model, solver="amed_plugin", nfe=3, num_trajectories=64, batch_size=64, cache_dir=tmp_path)
     x = make_solver("amed_plugin", predictor=pred).sample(model, torch.randn(3, 2) * 80, torch.tensor(pred.meta["sigmas"]))
     assert x.shape == (3, 2) and torch.isfinite(x).all()
+
+
+def test_help_lists_every_stage_and_version_is_the_package_version():
+    import os
+
+    from amedlab import __version__
+    from amedlab.stages import STAGE_NAMES
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    helped = subprocess.run([sys.executable, "-m", "amedlab", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert helped.returncode == 0 and "Stages:" in helped.stdout and len(helped.stdout.splitlines()) < 60
+    assert all(f"\n  {name} " in helped.stdout for name in STAGE_NAMES), helped.stdout
+    version = subprocess.run([sys.executable, "-m", "amedlab", "--version"], capture_output=True, text=True, env=env, timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == f"amedlab {__version__}"

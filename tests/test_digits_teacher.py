@@ -160,11 +160,13 @@ def test_training_wandb_logger_reads_the_logger_config_and_stays_offline(tmp_pat
     logger.mode=online, and no wandb logger with mode=disabled."""
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
+    from amedlab.io import plain
+
     cfg = compose_cfg("stage=train_teacher", "logger=wandb", "logger.group=g1")
-    csv, wandb = teacher_stage.lightning_loggers(cfg, tmp_path)
+    csv, wandb = teacher_stage.lightning_loggers(plain(cfg.logger), tmp_path)
     assert isinstance(csv, CSVLogger) and isinstance(wandb, WandbLogger)
     assert wandb._offline is True and wandb._wandb_init["group"] == "g1" and wandb._wandb_init["project"] == "amedlab"
-    online = teacher_stage.lightning_loggers(compose_cfg("stage=train_teacher", "logger=wandb", "logger.mode=online"), tmp_path)
+    online = teacher_stage.lightning_loggers(plain(compose_cfg("stage=train_teacher", "logger=wandb", "logger.mode=online").logger), tmp_path)
     assert online[1]._offline is False
-    disabled = teacher_stage.lightning_loggers(compose_cfg("stage=train_teacher", "logger=wandb", "logger.mode=disabled"), tmp_path)
+    disabled = teacher_stage.lightning_loggers(plain(compose_cfg("stage=train_teacher", "logger=wandb", "logger.mode=disabled").logger), tmp_path)
     assert len(disabled) == 1

@@ -236,7 +236,8 @@ def test_training_seeds_must_be_disjoint_from_the_evaluation_seeds():
 
 
 def test_stage_evaluate_rejects_bad_values_before_any_compute(compose_cfg, monkeypatch, tmp_path):
-    from amedlab.specs import ConfigError, check_stage
+    from amedlab.errors import ConfigError
+    from amedlab.specs import check_stage
 
     monkeypatch.chdir(tmp_path)
     base = ["stage=evaluate", "experiments=table2_digits", "solver=learned", "nfe=5", f"eval.cache_dir={tmp_path}"]

@@ -526,7 +526,7 @@ def test_every_amed_solver_accepts_the_shared_distillation_keys(files, tmp_path,
     monkeypatch.chdir(tmp_path)
     plan = check_stage(_compose(_overrides("evaluate", ["solver=amed", "+solver.distill.objective=trajectory"], files,
                                            tmp_path)), "evaluate")
-    assert plan.distill.objective == "trajectory"
+    assert plan.trained_settings.objective == "trajectory" and plan.trained.key == "distill"
     with pytest.raises(UserError, match="solver.distill.objectve"):
         check_stage(_compose(_overrides("evaluate", ["solver=amed", "+solver.distill.objectve=trajectory"], files,
                                         tmp_path)), "evaluate")

@@ -19,11 +19,11 @@ from amedlab.resources import CONF_DIR
 from amedlab.errors import ResultError
 from amedlab.evaluation.evaluate import cell_predictor
 from amedlab.learned import LearnedSolverParams
-from amedlab.specs import learned_settings
 from amedlab.learned.train import cell_learned
 from amedlab.models.analytic import default_mixture
 from amedlab.models.digits import make_digits_denoiser, save_denoiser
-from amedlab.specs import DistillSpec
+from amedlab.io import plain
+from amedlab.specs import DistillSpec, learned_settings
 
 distill_module = importlib.import_module("amedlab.amed.distill")
 learned_train = importlib.import_module("amedlab.learned.train")
@@ -34,12 +34,6 @@ TINY_NET = dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_bl
 
 
 @pytest.fixture(scope="module")
-
-def _cell_learned(model, cfg, settings, cache_dir):
-    from amedlab.io import plain
-
-    return cell_learned(model, settings, plain(cfg.eval.ode_reference), int(cfg.eval.batch_size), cfg.model.name, cache_dir)
-
 def mixture():
     return default_mixture().float()
 
@@ -78,7 +72,7 @@ def test_a_predictor_copied_to_another_settings_key_is_retrained_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="amedlab.cache"):
         retrained, info1 = cell_predictor(mixture, one, tmp_path, True)
     assert info1["source"] == "distilled" and info1["path"] == str(target)
-    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and str(target) in r.getMessage()]
+    warning = _warnings_naming(caplog, target)
     assert warning and "epochs=2" in warning[0] and "1 expected" in warning[0], warning
     assert retrained.meta["epochs"] == 1 and trained.meta["epochs"] == 2
     # the retrained file is now the cache for its own settings
@@ -95,6 +89,17 @@ def test_a_predictor_copied_to_another_settings_key_is_retrained_with_a_warning(
         _, info2 = cell_predictor(mixture, one, tmp_path, True)
     assert info2["source"] == "distilled"
     assert any("records no settings" in r.getMessage() and str(target) in r.getMessage() for r in caplog.records)
+
+
+
+def _warnings_naming(caplog, path) -> list[str]:
+    """The warnings logged about the cache file ``path``."""
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and str(path) in r.getMessage()]
+
+def _cell_learned(model, cfg, settings, cache_dir):
+    """``cell_learned`` on a composed config's cell (as ``stage=evaluate`` calls it)."""
+    return cell_learned(model, settings, plain(cfg.eval.ode_reference), int(cfg.eval.batch_size), cfg.model.name,
+                        cache_dir)
 
 
 def _learned_cfg(compose_cfg, tmp_path, *extra):
@@ -121,7 +126,7 @@ def test_a_learned_solver_copied_to_another_settings_key_is_retrained_with_a_war
     with caplog.at_level(logging.WARNING, logger="amedlab.cache"):
         again, info1 = _cell_learned(model, cfg1, one, tmp_path)
     assert info1["source"] == "trained" and info1["path"] == str(target)
-    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and str(target) in r.getMessage()]
+    warning = _warnings_naming(caplog, target)
     assert warning and "lr=0.05" in warning[0] and "0.02 expected" in warning[0], warning
     assert again.meta["lr"] == 0.02 and params.meta["lr"] == 0.05
     # the file itself stays a learned solver's parameters (make_solver("learned", params=<path>))
@@ -188,9 +193,9 @@ def test_a_diverging_distillation_stops_at_the_first_bad_update(mixture, tmp_pat
     records = []
     real_record = distill_module.AMEDDistillation._record
 
-    def record(self, i, loss, batch_size):
+    def record(self, fit, i, loss):
         records.append(loss)
-        return real_record(self, i, loss, batch_size)
+        return real_record(self, fit, i, loss)
 
     monkeypatch.setattr(distill_module.AMEDDistillation, "_record", record)
     with pytest.raises(ResultError, match=r"at update \d+ ") as err:

@@ -176,8 +176,14 @@ def refuse_hydra_callbacks() -> None:
 
 
 def main() -> None:
-    """``python -m amedlab``: Hydra's main with user errors as one message and exit status 2."""
+    """``python -m amedlab`` (or the ``amedlab`` command): Hydra's main with user errors as one message
+    and exit status 2; ``--version`` prints the package's version."""
     global _user_full_error
+    if sys.argv[1:] in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"amedlab {__version__}")
+        return
     refuse_hydra_callbacks()
     if os.environ.get(_FULL_ERROR) == "1":
         _user_full_error = True

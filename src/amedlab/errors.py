@@ -5,6 +5,8 @@ result must not be recorded. Kept apart so any module can raise them without imp
 """
 from __future__ import annotations
 
+import contextlib
+
 from hydra.errors import CompactHydraException
 
 
@@ -31,3 +33,21 @@ class ResultError(UserError, RuntimeError):
 
 class DiskFullError(UserError, OSError):
     """No space (or quota) left while writing a file: nothing partial is left (writes are atomic)."""
+
+
+@contextlib.contextmanager
+def user_errors(key: str):
+    """Turn a library's error about a user's value into a ConfigError naming ``key`` (a UserError passes
+    unchanged). Used by the checks of :mod:`amedlab.specs` and by a trained rule's hook checking a
+    cell's settings (:mod:`amedlab.solvers.trained`)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, TypeError, KeyError, OSError, ModuleNotFoundError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, KeyError):
+            msg = f"missing entry {msg}"
+        if key not in msg:
+            msg = f"{key}: {msg}"
+        raise (MissingFileError if isinstance(err, FileNotFoundError) else ConfigError)(msg, key) from err

@@ -117,3 +117,8 @@ class ScheduleSpec:
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho}
+
+
+def grid_for(solver, nfe: int, schedule: Mapping) -> torch.Tensor:
+    """The sigma grid giving exactly ``nfe`` counted evaluations for ``solver`` on ``schedule`` (a mapping)."""
+    return ScheduleSpec.from_cfg(schedule).grid(solver.num_points(int(nfe)))

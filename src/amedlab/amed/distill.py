@@ -1,45 +1,36 @@
-"""Distillation of g_phi against cached teacher trajectories (AMED, Sec. 3.4), on Lightning.
+"""Distillation of g_phi against cached teacher trajectories (AMED, Sec. 3.4), through the shared fit.
 
 Per batch of trajectories, one optimizer step per interval: the student takes one AMED step from
 x_i and the loss is the batch mean of ||x_{i+1}^student - x_{i+1}^teacher||^2. Single-step students
 restart each interval from the teacher state; multistep students continue from their own detached
-output (their history must be their own). ``distill(denoiser, spec)`` is the Python API;
-``python -m amedlab stage=distill`` is :mod:`amedlab.stages.distill`.
+output (their history must be their own). :class:`AMEDDistillation` is what
+:func:`amedlab.training.fit.fit` trains (both objectives, learn_grid); :class:`PredictorCell` /
+:func:`cell_predictor` the per-cell cache (:func:`amedlab.training.fit.train_cached`).
+``distill(denoiser, spec)`` is the Python API; ``python -m amedlab stage=distill`` is
+:mod:`amedlab.stages.distill`.
 """
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 
-import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from ..solvers.spec import solver_from_node
 from ..data.trajectories import TrajectoryDataModule, cached_trajectories
 from ..sampling import parse_seeds
 from ..amed.spec import DistillSpec
 from ..solvers.base import Solver, check_afs
+from ..training.fit import Update, fit, train_cached
 from ..training.grid import LearnedGrid
-from ..training.loss import any_rank, divergence, diverged, trajectory_loss
-from ..training.placement import held_teacher, lightning_placement, teacher_to
+from ..training.loss import divergence, trajectory_loss
 from .objectives import (check_grid_lr, check_learn_grid, check_lr_schedule, check_objective, convergence, lr_factor,
                          warn_if_unconverged)
 from .predictor import AMEDPredictor
 from .solvers import AMED_SOLVERS, AMEDPlugin
 
 log = logging.getLogger(__name__)
-
-
-def _average_gradients(module: torch.nn.Module) -> None:
-    """Mean of the gradients over processes (no-op on one). Explicit, because the distillation takes
-    several backward passes per training step (one per interval) and DDP's reducer syncs only one."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for p in module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
 
 
 def student_intervals(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: torch.Tensor, afs):
@@ -63,34 +54,49 @@ def interval_losses(denoiser, rule: AMEDPlugin, states: torch.Tensor, sigmas: to
     return [loss.item() for _, loss in student_intervals(denoiser, rule, states, sigmas, afs)]
 
 
-class AMEDDistillation(pl.LightningModule):
-    """Trains ``rule.predictor``; the denoiser is frozen (gradients flow through its input only).
+class _Trained(nn.Module):
+    """What AMED's distillation trains: the predictor and, with learn_grid, the coarse grid; the
+    schedule's grid rides along as a buffer (it moves to the training device with them)."""
 
-    The denoiser is held, not registered as a submodule: Lightning moves its module to the CPU when
-    ``fit`` ends, and the denoiser is the caller's model. Freeze it around ``fit`` with
-    ``placement.held_teacher`` (as :func:`distill` does), which also restores it afterwards.
-    """
+    def __init__(self, predictor: AMEDPredictor, grid: LearnedGrid | None, sigmas: torch.Tensor) -> None:
+        super().__init__()
+        self.predictor, self.grid = predictor, grid
+        self.register_buffer("sigmas", sigmas.clone())
+
+
+class AMEDDistillation:
+    """AMED's :class:`~amedlab.training.fit.TrainedMethod`: trains ``rule.predictor`` (and with
+    ``learn_grid`` the coarse grid's inner times) against teacher trajectories; the denoiser is frozen
+    (gradients flow through its input only). :func:`amedlab.training.fit.fit` runs it.
+
+    ``objective``: ``interval`` (one update per interval: the student restarts from, or continues
+    after, the teacher's state) or ``trajectory`` (one update per batch through the whole run)."""
 
     def __init__(self, denoiser, rule: AMEDPlugin, sigmas: torch.Tensor, afs, lr: float = 5e-3,
                  objective: str = "interval", intermediate_weight: float = 0.0, learn_grid: bool = False,
                  grid_lr: float | None = None, lr_schedule: str = "constant") -> None:
-        super().__init__()
         check_learn_grid(learn_grid, objective, intermediate_weight)
         check_grid_lr(grid_lr, learn_grid)
         check_lr_schedule(lr_schedule)
-        self.lr_schedule = lr_schedule
-        object.__setattr__(self, "denoiser", denoiser)  # bypasses nn.Module's registration
+        self.denoiser, self.rule, self.afs = denoiser, rule, afs
         self.objective, self.intermediate_weight = objective, float(intermediate_weight)
-        self.rule, self.predictor = rule, rule.predictor
-        self.register_buffer("sigmas", sigmas.clone())
-        # learn_grid: the coarse grid's inner times are trained with the predictor (ends fixed, monotone)
-        self.grid = LearnedGrid(sigmas) if learn_grid else None
-        self.afs, self.lr = afs, float(lr)
+        self.lr_schedule, self.lr = lr_schedule, float(lr)
         self.grid_lr_given = grid_lr is not None
         self.grid_lr = self.lr if grid_lr is None else float(grid_lr)
-        self.automatic_optimization = False
-        self.records: list[dict] = []  # per interval and batch: loss and r/c/a statistics
-        self.updates = 0  # optimizer steps taken
+        # learn_grid: the coarse grid's inner times are trained with the predictor (ends fixed, monotone)
+        self.trained = _Trained(rule.predictor, LearnedGrid(sigmas) if learn_grid else None, sigmas)
+
+    @property
+    def predictor(self) -> AMEDPredictor:
+        return self.trained.predictor
+
+    @property
+    def grid(self) -> LearnedGrid | None:
+        return self.trained.grid
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.trained.sigmas
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.predictor.parameters()) + ([] if self.grid is None else list(self.grid.parameters()))
@@ -99,32 +105,19 @@ class AMEDDistillation(pl.LightningModule):
         """The grid the student runs on: the schedule's, or the learned one (differentiable)."""
         return self.sigmas if self.grid is None else self.grid.sigmas()
 
-    def configure_optimizers(self):
+    # -- the TrainedMethod protocol --
+    def parameters_module(self) -> nn.Module:
+        return self.trained
+
+    def optimizer_groups(self) -> list[dict]:
         groups = [{"params": list(self.predictor.parameters()), "lr": self.lr}]
         if self.grid is not None:
             groups.append({"params": list(self.grid.parameters()), "lr": self.grid_lr})
-        return torch.optim.Adam(groups)
+        return groups
 
-    def on_fit_start(self):
-        teacher_to(self.denoiser, self.device)  # a DDP rank's own GPU; held_teacher moves it back
-
-    def on_train_start(self):
-        # distill.lr_schedule: one step per batch over every batch of every epoch (stepped in training_step)
-        batches = max(int(self.trainer.estimated_stepping_batches), 1)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizers().optimizer, lambda done: lr_factor(self.lr_schedule, done / batches))
-        # DDP's reducer syncs one backward per forward; we take one per interval and average ourselves.
-        wrapped = self.trainer.strategy.model
-        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-            wrapped.require_backward_grad_sync = False
-
-    def _record(self, i: int, loss: float, batch_size: int) -> None:
-        rec = {"interval": i, "epoch": self.current_epoch, "loss": loss, "lr": self.optimizers().param_groups[0]["lr"]}
-        for name, v in zip("rca", self.rule.last_outputs[i]):
-            v = v.detach()
-            rec[f"{name}_mean"], rec[f"{name}_std"] = v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
-        self.records.append(rec)
-        self.log_dict({f"interval_{i}/{k}": v for k, v in rec.items() if k != "interval"}, on_step=True, batch_size=batch_size)
+    def lr_factor(self, progress: float) -> float:
+        """distill.lr_schedule: the rate's factor at the training progress (stepped once per batch)."""
+        return lr_factor(self.lr_schedule, progress)
 
     def rate_to_lower(self, grid_broken: bool) -> tuple[str, float]:
         """(key, value) of the learning rate a divergence is blamed on: ``solver.distill.grid_lr`` when it
@@ -134,44 +127,36 @@ class AMEDDistillation(pl.LightningModule):
             return "solver.distill.grid_lr", self.grid_lr
         return "distill.lr", self.lr
 
-    def check_update(self, loss: float | None, collective: bool = True) -> None:
-        """After an optimizer step: stop (a ResultError naming the rate to lower) at the first non-finite
-        loss, non-finite predictor parameter or unusable learned grid; with ``collective`` every process
-        stops together (after ``fit`` the parameters are the same on every process: no collective)."""
+    def check(self, loss: float | None) -> tuple[str | None, str, float]:
+        """A non-finite loss, non-finite or runaway predictor parameter, or an unusable learned grid."""
         grid_reason = None if self.grid is None else self.grid.problem()
         reason = divergence(loss, {"predictor": self.predictor}) or grid_reason
-        if any_rank(reason is not None, self.device) if collective else reason is not None:
-            key, value = self.rate_to_lower(grid_reason is not None)
-            raise diverged(key, value, self.updates, reason or "on another process")
+        return (reason, *self.rate_to_lower(grid_reason is not None))
 
-    def training_step(self, batch, batch_idx):
+    def _record(self, fit, i: int, loss: float) -> dict:
+        rec = {"interval": i, "epoch": fit.current_epoch, "loss": loss, "lr": fit.optimizers().param_groups[0]["lr"]}
+        for name, v in zip("rca", self.rule.last_outputs[i]):
+            v = v.detach()
+            rec[f"{name}_mean"], rec[f"{name}_std"] = v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
+        return rec
+
+    def updates(self, batch, fit):
         (states,) = batch
-        opt = self.optimizers()
         if self.objective == "trajectory":
-            # one update per batch: backprop through the whole student run (objectives.trajectory_loss)
-            opt.zero_grad()
+            # one update per batch: backprop through the whole student run (training.loss.trajectory_loss)
             loss, errors = trajectory_loss(Solver(self.rule, afs=self.afs), self.denoiser, states,
                                            self.current_sigmas(), self.intermediate_weight)
-            self.manual_backward(loss)
-            _average_gradients(self)
-            opt.step()
-            self.updates += 1
-            self.check_update(loss.item())
-            for i, err in enumerate(errors):
+
+            def records(value: float) -> list[dict]:
                 # a learned grid's inner points are not the teacher's (those lie on the schedule's grid):
                 # every interval records the final error, the objective, beside its own r statistics
-                self._record(i, (err if self.grid is None else errors[-1]).item(), len(states))
+                return [self._record(fit, i, (err if self.grid is None else errors[-1]).item())
+                        for i, err in enumerate(errors)]
+
+            yield Update(loss, len(states), records)
         else:
             for i, loss in student_intervals(self.denoiser, self.rule, states, self.sigmas, self.afs):
-                opt.zero_grad()
-                self.manual_backward(loss)
-                _average_gradients(self.predictor)
-                opt.step()
-                self.updates += 1
-                value = loss.item()
-                self.check_update(value)
-                self._record(i, value, len(states))
-        self.schedule.step()  # once per batch
+                yield Update(loss, len(states), lambda value, i=i: [self._record(fit, i, value)])
 
 
 def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, features=None, sample_shape=None,
@@ -239,34 +224,52 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, features
                                            s.gen_batch_size)
     cache_seconds = time.perf_counter() - t0
 
-    module = AMEDDistillation(denoiser, student.rule, sigmas, s.afs, s.lr, s.objective, s.intermediate_weight,
+    method = AMEDDistillation(denoiser, student.rule, sigmas, s.afs, s.lr, s.objective, s.intermediate_weight,
                               s.learn_grid, s.grid_lr, s.lr_schedule)
-    trainer, train_seconds = _fit(module, denoiser, s, data["states"], logger)
-    module.check_update(None, collective=False)  # the trained parameters once more, whatever the loop checked
+    # the data module shards itself under DDP (the same global batches as one process)
+    batches = TrajectoryDataModule(data["states"], int(s.batch_size), s.seed)
+    done = fit(method, denoiser, batches, epochs=int(s.epochs), accelerator=s.accelerator, devices=s.devices,
+               strategy=s.strategy, logger=logger)
     predictor = predictor.cpu()
-    trained_sigmas = module.current_sigmas().detach().cpu()
-    predictor.meta = _meta(s, denoiser, module.records, sigmas, trained_sigmas, {
-        "num_trajectories": len(seeds), "world_size": trainer.world_size, "trajectories_cached": was_cached,
-        "trajectory_seconds": cache_seconds, "train_seconds": train_seconds})
+    trained_sigmas = method.current_sigmas().detach().cpu()
+    predictor.meta = _meta(s, denoiser, done.records, sigmas, trained_sigmas, {
+        "num_trajectories": len(seeds), "world_size": done.world_size, "trajectories_cached": was_cached,
+        "trajectory_seconds": cache_seconds, "train_seconds": done.seconds})
     warn_if_unconverged(predictor.meta["convergence"], f"{s.solver} distillation for nfe={int(s.nfe)}")
-    predictor.records = module.records
+    predictor.records = done.records
     return predictor
 
 
-def _fit(module: AMEDDistillation, denoiser, s: DistillSpec, states: torch.Tensor, logger) -> tuple[pl.Trainer, float]:
-    """Lightning's fit of ``module`` on the teacher ``states``; returns (trainer, seconds)."""
-    # the frozen teacher is in eval mode on purpose; Lightning's banner and tips are noise here
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-    accelerator, devices = lightning_placement(denoiser, s.accelerator, s.devices)  # where the teacher is
-    trainer = pl.Trainer(max_epochs=int(s.epochs), logger=logger, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=False, accelerator=accelerator, devices=devices, strategy=s.strategy,
-                         use_distributed_sampler=False)  # the data module shards itself (same batches as one process)
-    t1 = time.perf_counter()
-    with held_teacher(denoiser):  # the caller's model comes back as it was: mode, flags, device
-        trainer.fit(module, datamodule=TrajectoryDataModule(states, int(s.batch_size), s.seed))
-    return trainer, time.perf_counter() - t1
+class PredictorCell:
+    """A cell's predictor, cached (:func:`amedlab.training.fit.train_cached`): the
+    :class:`~amedlab.training.fit.CachedTraining` of AMED. Its key is :meth:`DistillSpec.key`'s content
+    (the model identity and :meth:`DistillSpec.settings`); new ones are :func:`distill`-ed."""
+
+    what, folder = "cached predictor", "predictors"
+
+    def __init__(self, model, spec: DistillSpec) -> None:
+        self.model, self.spec = model, spec
+
+    def stem(self) -> str:
+        return f"{self.spec.solver}-nfe{int(self.spec.nfe)}"
+
+    def settings(self) -> dict:
+        return {"model_identity": self.model.identity(), **self.spec.settings()}  # what spec.key digests
+
+    def load(self, blob: dict, path) -> AMEDPredictor:
+        return AMEDPredictor.from_blob(blob, path)
+
+    def train(self) -> tuple[AMEDPredictor, dict]:
+        predictor = distill(self.model, self.spec)
+        return predictor, {"settings": self.spec.settings(), "meta": predictor.meta, "records": predictor.records}
+
+
+def cell_predictor(model, spec: DistillSpec, cache_dir, use_cache: bool = True):
+    """(predictor, info): a cached predictor distilled with the same ``spec`` for the same model, or a
+    new one (a predictor file given as ``solver.predictor`` is opened and checked by the validation).
+    The cached file holds the settings it was distilled for (those of :meth:`DistillSpec.key`) and is
+    used only if they are this cell's; a distillation that diverges is a ResultError, nothing cached."""
+    return train_cached(PredictorCell(model, spec), cache_dir, use_cache, new_source="distilled")
 
 
 def _meta(s: DistillSpec, denoiser, records: list[dict], schedule_sigmas: torch.Tensor, sigmas: torch.Tensor,

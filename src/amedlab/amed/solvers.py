@@ -96,7 +96,7 @@ def amed_plugin(predictor=None, base: str = "ipndm", **base_options) -> AMEDPlug
 
 
 
-# -- what the registry asks of a trained rule (amedlab.solvers.spec): its row name, a stand-in --------
+# -- what the registry asks of a trained rule (amedlab.solvers): its row name, a stand-in, its training --
 
 PLUGIN_BASE_NAMES = {"euler": "DDIM", "dpm2": "DPM-Solver-2", "ipndm": "iPNDM", "dpmpp": "DPM-Solver++"}
 
@@ -129,4 +129,5 @@ def stand_in() -> dict:
 
 
 for _rule in (amed, amed_plugin):
-    _rule.row_label, _rule.stand_in = row_label, stand_in
+    # the trained hook (amedlab.solvers.trained) by name: imported when the evaluation first asks for it
+    _rule.row_label, _rule.stand_in, _rule.trained = row_label, stand_in, "amedlab.amed.trained:TRAINING"

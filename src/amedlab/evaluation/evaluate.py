@@ -4,10 +4,12 @@
 The stage samples ``eval.seeds`` (one generator per seed), quantises them as the paper does, and writes to the
 run directory ``metrics.json`` (FID and KID through torch-fidelity against cached real-data
 statistics, the RMSE against a cached high-NFE solution from the same noise, the schedule and grid
-actually used, the counted NFE, timings) and ``samples.png``. An AMED cell first loads its predictor
-(``solver.predictor``), or reuses one distilled earlier for the same settings
+actually used, the counted NFE, timings) and ``samples.png``. A cell whose rule needs a trained part
+asks the rule's ``trained`` hook for it (:mod:`amedlab.solvers.trained`): an AMED cell loads its
+predictor (``solver.predictor``), or reuses one distilled earlier for the same settings
 (``<eval.cache_dir>/predictors``), or distills it (teacher trajectories cached in
-``distill.cache_dir``, shared by all cells).
+``distill.cache_dir``, shared by all cells); a learned-solver cell its grid + coefficients
+(``<eval.cache_dir>/learned``).
 
 A run directory that already holds a complete ``metrics.json`` for the same cell (same key: the
 settings that determine the numbers) is not recomputed: re-running a sweep skips finished cells
@@ -27,7 +29,7 @@ from ..cache import seeds_spec
 from ..schedules import check_schedule_node
 from ..io import plain
 from ..solvers import Solver
-from ..amed.spec import DistillSpec
+from ..solvers.trained import key_content
 from . import uncertainty
 from .extractors import create_extractor, extract_features
 from .metrics import feature_statistics, fid_from_statistics, kid, rmse
@@ -85,10 +87,9 @@ def cell_spec(spec, files: dict) -> dict:
     }
     boot = spec.bootstrap  # the intervals' settings (not what is kept on disk)
     out["bootstrap"] = {"format": uncertainty.FORMAT, **{k: boot[k] for k in uncertainty.NUMERIC_KEYS}}
-    if spec.distill is not None:  # an AMED cell that distils its predictor: the distillation's settings
-        out["distill"] = spec.distill.settings()
-    if spec.learned is not None:  # a learned-solver cell: its training settings (defaults filled) and teacher
-        out["learned"] = spec.learned
+    if spec.trained is not None and spec.trained_settings is not None:  # a cell that trains its rule's part:
+        # what it is trained for, under the hook's key (AMED: DistillSpec.settings() under distill)
+        out[spec.trained.key] = key_content(spec.trained, spec.trained_settings)
     return out
 
 
@@ -147,50 +148,31 @@ def finished_metrics(out_dir: Path, key: str, outputs=()) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# AMED: the predictor of a cell
-# ------------------------------------------------------------------------------------------------
-
-def cell_predictor(model, spec: DistillSpec, cache_dir: Path, use_cache: bool):
-    """(predictor, info): a cached predictor distilled with the same ``spec`` for the same model, or a
-    new one (a predictor file given as ``solver.predictor`` is opened and checked by the validation).
-    The cached file holds the settings it was distilled for (those of :meth:`DistillSpec.key`) and is
-    used only if they are this cell's; a distillation that diverges is a ResultError, nothing cached."""
-    from ..amed.distill import distill
-    from ..amed.predictor import AMEDPredictor
-    from ..cache import trained_once
-
-    def train():
-        predictor = distill(model, spec)
-        return predictor, {"settings": spec.settings(), "meta": predictor.meta, "records": predictor.records}
-
-    identity = model.identity()
-    path = cache_dir / "predictors" / f"{spec.solver}-nfe{int(spec.nfe)}-{spec.key(identity)}.pt"
-    return trained_once(path, "cached predictor", AMEDPredictor.from_blob, train, use_cache, new_source="distilled",
-                        settings={"model_identity": identity, **spec.settings()})  # what spec.key digests
-
-
-# ------------------------------------------------------------------------------------------------
 # The stage
 # ------------------------------------------------------------------------------------------------
 
-def cell_solver(spec, model, files: Mapping, use_cache: bool) -> tuple[Solver, dict | None]:
-    """The cell's solver and a record of where its trained part came from: an AMED solver with its
-    predictor (``solver.predictor``, opened by the checks; else a cached or newly distilled one);
-    the learned solver with its grid + coefficients (cached or trained now, :mod:`amedlab.learned`)."""
-    if spec.learned is not None:
-        from ..learned.train import cell_learned
+def cell_predictor(model, spec, cache_dir: Path, use_cache: bool):
+    """AMED's per-cell predictor cache (kept here for callers of the former location):
+    :func:`amedlab.amed.distill.cell_predictor`."""
+    from ..amed.distill import cell_predictor as cached
 
-        params, info = cell_learned(model, spec.learned, spec.ode_reference, spec.batch_size, spec.model_config.get("name"),
-                                    spec.cache_dir, use_cache)
-        return spec.solver.build(params=params), info
-    if spec.predictor is not None:
-        predictor, info = spec.predictor, {"source": "file", "path": spec.solver.predictor, "sha256": files["predictor"],
-                                           "records": []}
-    elif spec.distill is not None:
-        predictor, info = cell_predictor(model, spec.distill, spec.cache_dir, use_cache)
-    else:
+    return cached(model, spec, cache_dir, use_cache)
+
+
+def cell_solver(spec, model, files: Mapping, use_cache: bool) -> tuple[Solver, dict | None]:
+    """The cell's solver and a record of where its trained part came from. A rule that needs one is
+    asked through its ``trained`` hook (:mod:`amedlab.solvers.trained`): the part given as a file
+    (``solver.predictor``, opened by the checks), or the hook's ``prepare`` (cached or trained now:
+    AMED's predictor, the learned grid + coefficients, a user's)."""
+    hook = spec.trained
+    if hook is None:
         return spec.solver.build(), None
-    return spec.solver.build(predictor=predictor.to(spec.device)), info
+    if spec.trained_part is not None:
+        part, info = spec.trained_part, {"source": "file", "path": spec.solver.predictor, "sha256": files["predictor"],
+                                         "records": []}
+    else:
+        part, info = hook.prepare(model, spec.trained_settings, spec.trained_cell, use_cache)
+    return spec.solver.build(**hook.build_kwargs(part, spec.device)), info
 
 
 def cell_grid(spec, solver: Solver) -> torch.Tensor:

@@ -214,3 +214,5 @@ def _row_label(node) -> str:
 
 
 learned.row_label = _row_label  # the Table 2 row name (amedlab.solvers.spec.solver_label)
+# the trained hook (amedlab.solvers.trained) by name: imported when the evaluation first asks for it
+learned.trained = "amedlab.learned.trained:TRAINING"

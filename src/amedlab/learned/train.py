@@ -1,6 +1,6 @@
 """Training the learned grid + coefficients (:mod:`.solver`) against a high-accuracy teacher.
 
-The objective is the trajectory objective of :mod:`amedlab.amed.objectives` (``trajectory_loss``):
+The objective is the trajectory objective of :mod:`amedlab.training.loss` (``trajectory_loss``):
 the whole student run from the noise through the one driver loop, backpropagated into every grid
 time and coefficient; the loss is the squared error of the final sample against the teacher's
 solution of the ODE from the same noise (as in LD3, Tong et al., ICLR 2025, Sec. 3). The teacher is
@@ -11,24 +11,23 @@ Intermediate terms are not offered: the student's grid moves, so the teacher has
 ``loss``: ``final`` (x at sigma_min) or ``denoised`` (D(x, sigma_min) against D(teacher, sigma_min);
 one more model call per training batch, none at sampling).
 
-``cell_learned`` is what ``stage=evaluate`` calls: the parameters for a cell's settings from the
-digest-verified cache (``<eval.cache_dir>/learned/``), or trained and stored there with what they
-were trained for (model identity, nfe, schedule, afs, teacher, trajectories, seeds).
+:class:`LearnedDistillation` is what the shared fit trains (:func:`amedlab.training.fit.fit`);
+``cell_learned`` (the learned rule's ``prepare``, what ``stage=evaluate`` calls) the parameters for a
+cell's settings from the digest-verified cache (``<eval.cache_dir>/learned/``), or trained and stored
+there with what they were trained for (model identity, nfe, schedule, afs, teacher, trajectories,
+seeds) through :func:`amedlab.training.fit.train_cached`.
 """
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..training.loss import divergence, diverged, squared_error, trajectory_loss
-from ..training.placement import held_teacher, lightning_placement, teacher_to
+from ..training.fit import Update, fit, train_cached
+from ..training.loss import divergence, squared_error, trajectory_loss
 from ..models.base import device_of
 from ..solvers.base import Solver
 from .settings import DEFAULTS, LOSSES, start_schedules
@@ -36,34 +35,28 @@ from .solver import LearnedIPNDM, LearnedSolverParams
 
 log = logging.getLogger(__name__)
 
-class LearnedDistillation(pl.LightningModule):
-    """Trains ``params`` (grid logits, coefficient corrections); the denoiser is frozen and held, not
-    registered (as :class:`amedlab.amed.distill.AMEDDistillation`)."""
+
+class LearnedDistillation:
+    """The learned solver's :class:`~amedlab.training.fit.TrainedMethod`: trains ``params`` (grid
+    logits, coefficient corrections) through the whole student run; the denoiser is frozen.
+    ``loss``: ``final`` (the trajectory objective with the two ends only) or ``denoised``."""
 
     def __init__(self, denoiser, params: LearnedSolverParams, afs, lr: float, loss: str = "final") -> None:
-        super().__init__()
-        object.__setattr__(self, "denoiser", denoiser)
-        self.params, self.afs, self.lr, self.loss_kind = params, afs, float(lr), loss
+        self.denoiser, self.params, self.afs, self.lr, self.loss_kind = denoiser, params, afs, float(lr), loss
         self.rule = LearnedIPNDM(params, params.max_order)
-        self.records: list[dict] = []
 
-    def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.params.parameters() if p.requires_grad], lr=self.lr)
+    def parameters_module(self) -> LearnedSolverParams:
+        return self.params
 
-    def on_fit_start(self):
-        teacher_to(self.denoiser, self.device)
+    def optimizer_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.params.parameters() if p.requires_grad], "lr": self.lr}]
 
-    def check_update(self, loss: float | None = None) -> None:
-        """Stop (a ResultError naming ``solver.distill.lr``) at the first non-finite loss, non-finite
-        grid or coefficient parameter, or unusable learned grid."""
-        reason = divergence(loss, {"grid/coefficient": self.params}, self.params)
-        if reason is not None:
-            raise diverged("solver.distill.lr", self.lr, max(len(self.records), 1), reason)
+    def check(self, loss: float | None) -> tuple[str | None, str, float]:
+        """A non-finite loss, non-finite or runaway grid or coefficient parameter, or an unusable
+        learned grid: ``solver.distill.lr`` is the rate to lower."""
+        return divergence(loss, {"grid/coefficient": self.params}, self.params), "solver.distill.lr", self.lr
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.check_update()  # after the optimizer step: the parameters it left
-
-    def training_step(self, batch, batch_idx):
+    def updates(self, batch, fit):
         noise, target = batch
         sigmas = self.params.sigmas()
         solver = Solver(self.rule, afs=self.afs)
@@ -74,10 +67,7 @@ class LearnedDistillation(pl.LightningModule):
             x = solver.sample(self.denoiser, noise, sigmas)
             smin = sigmas[-1].to(dtype=x.dtype, device=x.device) * torch.ones(len(x), dtype=x.dtype, device=x.device)
             loss = squared_error(self.denoiser(x, smin), target)
-        self.records.append({"interval": 0, "loss": loss.item()})
-        self.check_update(self.records[-1]["loss"])  # before the step: a non-finite loss stops here
-        self.log("learned/loss", loss.detach(), on_step=True, batch_size=len(noise))
-        return loss
+        yield Update(loss, len(noise))  # one update per batch, recorded as {"interval": 0, "loss": ...}
 
 
 #: train_learned's settings: the solver's own options, the shuffling seed, and solver.distill's training
@@ -123,33 +113,20 @@ def train_learned(denoiser, noise: torch.Tensor, target: torch.Tensor, base_sigm
             smin = float(base_sigmas[-1])
             target = torch.cat([denoiser(t, torch.full((len(t),), smin, dtype=t.dtype, device=t.device))
                                 for t in target.split(500)])
-    module = LearnedDistillation(denoiser, params, afs, lr, loss)
+    method = LearnedDistillation(denoiser, params, afs, lr, loss)
     order = torch.randperm(len(noise), generator=torch.Generator().manual_seed(int(seed)))
     loader = DataLoader(TensorDataset(noise[order], target[order]), batch_size=int(batch_size), shuffle=False, drop_last=True)
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    # the driver's callback reads float(sigma) of the differentiable grid: harmless here
-    warnings.filterwarnings("ignore", message=".*Converting a tensor with requires_grad=True to a scalar.*")
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-    accelerator, devices = lightning_placement(denoiser)
-    trainer = pl.Trainer(max_epochs=int(epochs), logger=logger, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=False, accelerator=accelerator, devices=devices)
-    t0, c0 = time.perf_counter(), time.process_time()
-    with held_teacher(denoiser):
-        trainer.fit(module, train_dataloaders=loader)
-    module.check_update()  # the trained parameters once more, whatever the loop checked
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    done = fit(method, denoiser, loader, epochs=int(epochs), logger=logger)
     params = params.cpu()
-    losses = [r["loss"] for r in module.records]
+    losses = [r["loss"] for r in done.records]
     tail = max(1, len(losses) // 10)
     params.meta = {**dict(meta or {}), "afs": afs, "max_order": int(max_order), "num_trajectories": len(noise),
                    "batch_size": int(batch_size), "epochs": int(epochs), "lr": float(lr), "loss": loss,
                    "learn_grid": bool(learn_grid), "learn_coefficients": bool(learn_coefficients), "seed": int(seed),
                    "updates": len(losses), "loss_first": losses[0], "loss_end": sum(losses[-tail:]) / tail,
-                   "train_seconds": seconds, "train_cpu_seconds": cpu_seconds,
+                   "train_seconds": done.seconds, "train_cpu_seconds": done.cpu_seconds,
                    "base_sigmas": [float(s) for s in base_sigmas], **params.summary()}
-    params.records = module.records
+    params.records = done.records
     return params
 
 
@@ -181,36 +158,46 @@ def teacher_solutions(model, reference: Mapping, sigma_min: float, sigma_max: fl
     return noise, target, {**info, "seconds": time.perf_counter() - t0}
 
 
-def cell_learned(model, settings: Mapping, ode_reference: Mapping, batch_size: int, model_name: str | None, cache_dir,
-                 use_cache: bool = True):
-    """(params, info) for a ``stage=evaluate`` cell: cached parameters trained for the same ``settings``
-    (:func:`amedlab.specs.learned_settings`, built once by the checks) and model, or new ones (teacher
-    solutions from the cached high-NFE reference), stored. New ones are trained from every grid of
-    ``solver.distill.starts``; the one with the lowest :func:`final_error` on the training
-    trajectories is kept. A cached file is used only if it holds these settings (and this model's
-    identity); a training that diverges is a ResultError naming ``solver.distill.lr``, nothing cached."""
-    from ..cache import digest, trained_once
-    from ..models.base import DTYPES
-    from ..solvers import make_solver
-    from ..schedules import ScheduleSpec
+class LearnedCell:
+    """A cell's learned solver, cached (:func:`amedlab.training.fit.train_cached`): the
+    :class:`~amedlab.training.fit.CachedTraining` of solver=learned. Its key is the model identity and
+    the cell's ``settings``; new ones are trained from every start and the best one kept."""
 
-    schedule = settings["schedule"]
-    identity = model.identity() if hasattr(model, "identity") else type(model).__name__
-    keyed = {"model_identity": identity, **settings}  # the cache key's content, stored in the cached file
-    key = digest(keyed)
-    path = Path(cache_dir) / "learned" / f"learned-nfe{settings['nfe']}-{key}.pt"
+    what, folder = "cached learned solver", "learned"
 
-    def train():
+    def __init__(self, model, settings: Mapping, ode_reference: Mapping, batch_size: int, model_name: str | None,
+                 cache_dir) -> None:
+        self.model, self.cell, self.ode_reference = model, settings, ode_reference
+        self.batch_size, self.model_name, self.cache_dir = batch_size, model_name, cache_dir
+        self.identity = model.identity() if hasattr(model, "identity") else type(model).__name__
+
+    def stem(self) -> str:
+        return f"learned-nfe{self.cell['nfe']}"
+
+    def settings(self) -> dict:
+        return {"model_identity": self.identity, **self.cell}  # the cache key's content, stored in the cached file
+
+    def load(self, blob: dict, path) -> LearnedSolverParams:
+        return LearnedSolverParams.from_blob(blob, path)
+
+    def train(self) -> tuple[LearnedSolverParams, dict]:
+        from ..models.base import DTYPES
+        from ..schedules import ScheduleSpec
+        from ..solvers import make_solver
+
+        settings, model, schedule = self.cell, self.model, self.cell["schedule"]
         rule_solver = make_solver("learned", afs=settings["afs"], max_order=settings["max_order"])
         num_points = rule_solver.num_points(settings["nfe"])
         seeds = list(range(settings["first_seed"], settings["first_seed"] + settings["num_trajectories"]))
         dtype = DTYPES[settings["dtype"]]
         device = str(device_of(model))
-        noise, target, tinfo = teacher_solutions(model, ode_reference, float(schedule["sigma_min"]),
-                                                 float(schedule["sigma_max"]), seeds, cache_dir, int(batch_size), dtype)
-        meta = {"solver": "learned", "model_identity": identity, "model_name": model_name, "nfe": settings["nfe"],
-                "num_points": num_points, "schedule": settings["schedule"], "teacher": settings["teacher"],
-                "seeds": f"{seeds[0]}-{seeds[-1]}", "teacher_cached": tinfo["cached"], "teacher_seconds": tinfo["seconds"]}
+        noise, target, tinfo = teacher_solutions(model, self.ode_reference, float(schedule["sigma_min"]),
+                                                 float(schedule["sigma_max"]), seeds, self.cache_dir,
+                                                 int(self.batch_size), dtype)
+        meta = {"solver": "learned", "model_identity": self.identity, "model_name": self.model_name,
+                "nfe": settings["nfe"], "num_points": num_points, "schedule": settings["schedule"],
+                "teacher": settings["teacher"], "seeds": f"{seeds[0]}-{seeds[-1]}", "teacher_cached": tinfo["cached"],
+                "teacher_seconds": tinfo["seconds"]}
         noise, target = noise.to(device), target.to(device)
         tried = []
         for start in start_schedules(schedule, settings["starts"]):
@@ -228,6 +215,16 @@ def cell_learned(model, settings: Mapping, ode_reference: Mapping, batch_size: i
                  params.meta["train_cpu_seconds_all_starts"], [round(s, 4) for s in params.meta["sigmas"]])
         return params, {"settings": settings, "meta": params.meta, "records": params.records}
 
-    params, info = trained_once(path, "cached learned solver", LearnedSolverParams.from_blob, train, use_cache,
-                                settings=keyed)
+
+def cell_learned(model, settings: Mapping, ode_reference: Mapping, batch_size: int, model_name: str | None, cache_dir,
+                 use_cache: bool = True):
+    """(params, info) for a ``stage=evaluate`` cell: cached parameters trained for the same ``settings``
+    (the learned rule's ``cell_settings``, :func:`amedlab.specs.learned_settings`, built once by the
+    checks) and model, or new ones (teacher solutions from the cached high-NFE reference), stored
+    (:class:`LearnedCell`). New ones are trained from every grid of ``solver.distill.starts``; the one
+    with the lowest :func:`final_error` on the training trajectories is kept. A cached file is used only
+    if it holds these settings (and this model's identity); a training that diverges is a ResultError
+    naming ``solver.distill.lr``, nothing cached."""
+    params, info = train_cached(LearnedCell(model, settings, ode_reference, batch_size, model_name, cache_dir),
+                                cache_dir, use_cache)
     return params, {**info, "meta": params.meta}

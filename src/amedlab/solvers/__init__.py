@@ -1,7 +1,9 @@
 """Solver registry: ``make_solver(name, **options)`` and the NFE <-> grid-size helpers.
 
 A user's step rule (docs/extending.md): ``register_solver(name, MyRule)`` from Python, or
-``solver._target_=mypkg.MyRule`` in a config (``make_solver(name, target=...)``, :func:`rule_class`)."""
+``solver._target_=mypkg.MyRule`` in a config (``make_solver(name, target=...)``, :func:`rule_class`).
+A rule that needs a trained part carries a ``trained`` hook on its factory (:mod:`.trained`,
+:func:`trained_hook`): the evaluation asks the hook, never the rule's name."""
 from __future__ import annotations
 
 import importlib
@@ -78,6 +80,44 @@ def rule_factory(name: str, target: str | None = None) -> Callable[..., StepRule
     return rule_class(target) if target is not None else _factory(name)
 
 
+def _hook(factory):
+    """A factory's ``trained`` hook: the object, or ``"module:attr"`` imported on first use (so that a
+    rule's module need not import its training)."""
+    hook = getattr(factory, "trained", None)
+    if isinstance(hook, str):
+        module, attr = hook.split(":")
+        hook = getattr(importlib.import_module(module), attr)
+    return hook
+
+
+def trained_hook(name: str, target: str | None = None):
+    """The ``trained`` hook of a solver's rule (its ``_target_`` class or registered factory), or None
+    for a rule that needs no trained part (:mod:`amedlab.solvers.trained`)."""
+    return _hook(rule_factory(name, target))
+
+
+def trained_solvers(reads: str | None = None) -> list[str]:
+    """The registered names whose rule needs a trained part; with ``reads``, those whose hook reads that
+    part of the config (``"distill"``: what ``stage=distill`` trains)."""
+    out = []
+    for name in available_solvers():
+        hook = _hook(_factory(name))
+        if hook is not None and (reads is None or reads in getattr(hook, "reads", ())):
+            out.append(name)
+    return out
+
+
+def solver_family(name) -> tuple:
+    """``name`` and every registered name sharing its trained hook (one training, the same settings:
+    amed and amed_plugin); ``(name,)`` for any other name."""
+    if not isinstance(name, str) or name not in available_solvers():
+        return (name,)
+    hook = _hook(_factory(name))
+    if hook is None:
+        return (name,)
+    return tuple(n for n in available_solvers() if _hook(_factory(n)) is hook)
+
+
 def make_solver(name: str, afs: bool | str | None = None, final_step: str = "sigma_min", target: str | None = None,
                 **options) -> Solver:
     """Build a solver. ``afs``: analytical first step, False / True (GENIE) / "mean" (with the data
@@ -117,7 +157,7 @@ def num_points_for(name: str, nfe: int, afs: bool | None = None, final_step: str
 
 __all__ = [
     "Solver", "StepRule", "Point", "State", "make_solver", "register_solver", "available_solvers", "rule_class",
-    "rule_factory",
+    "rule_factory", "trained_hook", "trained_solvers", "solver_family",
     "nfe_for", "num_points_for", "evaluate", "afs_point", "first_point", "bcast", "mean_direction_step",
     "Euler", "Heun", "MeanDirection", "DPMSolver2", "IPNDM", "DPMSolverPP", "UniPC",
 ]

@@ -11,17 +11,24 @@ plain values (``tests/test_architecture.py`` holds it so). Modules: :mod:`.value
 known keys, device, folders), :mod:`.solver` (schedule, solver node, model), :mod:`.distill`,
 :mod:`.evaluate`, :mod:`.stages`, :mod:`.config` (config folders and resolvers).
 """
-from ..amed.spec import DistillSpec, paper_defaults
-from ..resources import CONF_DIR
-from ..schedules import ScheduleSpec
-from ..solvers.spec import SolverSpec, solver_label
-from .config import load_group
-from .distill import DistillStageSpec, check_distill_settings, check_predictor_file, distill_spec
-from .evaluate import EvaluateSpec, check_data_fits, learned_settings
-from .stages import CHECKS, CompareSpec, check_stage
-from .values import ALLOWED_TARGETS, check_known_keys, check_targets, fail, user_errors
+import importlib
 
-__all__ = ["CHECKS", "CONF_DIR", "ALLOWED_TARGETS", "CompareSpec", "DistillSpec", "DistillStageSpec", "EvaluateSpec",
-           "ScheduleSpec", "SolverSpec", "check_data_fits", "check_distill_settings", "check_known_keys",
-           "check_predictor_file", "check_stage", "check_targets", "distill_spec", "fail", "learned_settings",
-           "load_group", "paper_defaults", "solver_label", "user_errors"]
+#: name -> the module defining it (imported on first use: the command line imports this package for the
+#: resolvers of :mod:`.config` before any stage runs, and should not pay for the rest at start-up)
+_WHERE = {
+    "DistillSpec": "..amed.spec", "paper_defaults": "..amed.spec", "ConfigError": "..errors", "UserError": "..errors",
+    "CONF_DIR": "..resources", "ScheduleSpec": "..schedules", "SolverSpec": "..solvers.spec", "solver_label": "..solvers.spec",
+    "load_group": ".config", "DistillStageSpec": ".distill", "check_distill_settings": ".distill",
+    "check_predictor_file": ".distill", "config_reader": ".distill", "distill_spec": ".distill",
+    "EvaluateSpec": ".evaluate", "cell_settings": ".evaluate", "check_data_fits": ".evaluate",
+    "learned_settings": ".evaluate", "trained_cell": ".evaluate", "CHECKS": ".stages", "CompareSpec": ".stages",
+    "check_stage": ".stages", "ALLOWED_TARGETS": ".values", "check_known_keys": ".values", "check_targets": ".values",
+    "fail": ".values", "user_errors": ".values",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)

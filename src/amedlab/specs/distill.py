@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from ..amed.solvers import AMED_SOLVERS
 from ..amed.spec import DistillSpec
 from ..io import plain
 from ..schedules import ScheduleSpec
@@ -131,6 +130,27 @@ def check_predictor_file(path_value, solver_node: Mapping, nfe: int, sigmas: tor
     return predictor
 
 
+def config_reader(cfg, solver_node: Mapping, schedule: Mapping, nfe: int, num_points: int, model):
+    """``read(what)`` for a trained rule's hook (:class:`amedlab.solvers.trained.TrainedCell`): the
+    checked reading of the parts of the config a hook may name, built only when it asks.
+
+    - ``"distill"``: the ``distill`` group (with ``solver.distill`` and ``predictor``) as the cell's
+      :class:`DistillSpec` (checked, its cache folder writable);
+    - ``"solver.predictor"``: the predictor file, opened and checked against the cell.
+    """
+    def read(what: str):
+        if what == "distill":
+            check_distill_settings(cfg, model)
+            check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
+            return distill_spec(cfg, solver_node, schedule)  # also the predictor's cache key
+        if what == "solver.predictor":
+            sigmas = ScheduleSpec.from_cfg(schedule).grid(num_points)
+            return check_predictor_file(_get(cfg, "solver.predictor"), solver_node, nfe, sigmas, model)
+        raise ValueError(f"a trained rule asked to read {what!r}; accepted: distill, solver.predictor")
+
+    return read
+
+
 @dataclass(frozen=True)
 class DistillStageSpec:
     """``stage=distill``: the model and the distillation's settings."""
@@ -140,10 +160,13 @@ class DistillStageSpec:
 
 
 def check_distill(cfg) -> DistillStageSpec:
+    from ..solvers import trained_solvers
+
     check_common(cfg, "distill")
     name = _get(cfg, "solver.name")
-    if name not in AMED_SOLVERS:
-        raise fail("solver", name, ", ".join(AMED_SOLVERS), "stage=distill distils an AMED predictor")
+    distilled = trained_solvers(reads="distill")  # the rules trained from the distill group (AMED's)
+    if name not in distilled:
+        raise fail("solver", name, ", ".join(distilled), "stage=distill needs solver=amed or solver=amed_plugin (a rule whose trained part is a distilled predictor)")
     check_device(cfg)
     nfe = int_at(cfg, "nfe", 1)
     schedule = check_schedule(cfg.schedule)

@@ -3,6 +3,7 @@
 the model and the extractor, every grid built), then passed to the library."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,14 +13,12 @@ from types import SimpleNamespace
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..amed.solvers import AMED_SOLVERS
-from ..amed.spec import DistillSpec
 from ..io import plain
-from ..learned.settings import check_learned_settings, start_schedules
 from ..models.base import DTYPES
 from ..schedules import ScheduleSpec
 from ..solvers.spec import SolverSpec
-from .distill import check_distill_settings, check_predictor_file, distill_spec
+from ..solvers.trained import TrainedCell, given_part
+from .distill import config_reader
 from .solver import DIGITS_NAME, build_checked_model, check_schedule, check_solver_node
 from .values import _get, _run_dir, bool_at, check_common, check_device, check_writable, choice_at, fail, int_at, user_errors
 
@@ -223,25 +222,61 @@ class EvaluateSpec:
     cache_dir: Path
     logger: dict                    # ``logger`` as plain values
     config: dict                    # the whole config as plain values (what the logger records)
-    predictor: object = None        # a predictor file's predictor (``solver.predictor``)
-    distill: DistillSpec | None = None   # an AMED cell that distils: its settings
-    learned: dict | None = None     # a learned-solver cell: its training settings
+    trained: object = None          # a trained rule's hook (amedlab.solvers.trained); None: no trained part
+    trained_settings: object = None  # what its part is trained for (None: the part is given as a file)
+    trained_part: object = None     # the part given as a file (``solver.predictor``), opened and checked
+    trained_cell: TrainedCell | None = None  # the cell as the hook sees it (plain values)
 
     @property
     def schedule_spec(self) -> ScheduleSpec:
         return ScheduleSpec.from_cfg(self.schedule)
 
 
-def learned_settings(cfg, solver_node: Mapping, schedule: Mapping, eval_seeds) -> dict:
-    """Everything a cell's learned parameters depend on (their cache key, with the model identity):
-    ``solver.distill`` checked against ``eval_seeds`` and filled, the NFE, schedule, AFS, order,
-    teacher (``eval.ode_reference``), dtype and seed."""
-    settings = check_learned_settings(plain(solver_node.get("distill") or {}), eval_seeds)
-    start_schedules(schedule, settings["starts"])  # every starting grid is a valid schedule, before any compute
-    ref = {k: v for k, v in plain(cfg.eval.ode_reference).items() if k != "chunk_size"}
-    return {"nfe": int(cfg.nfe), "schedule": plain(dict(schedule)), "afs": solver_node.get("afs", False),
-            "max_order": int((solver_node.get("options") or {}).get("max_order", 4)), "teacher": ref,
-            "dtype": str(cfg.eval.dtype), "seed": int(cfg.seed), **settings}
+def trained_cell(cfg, solver_node: Mapping, schedule: Mapping, eval_seeds, model=None,
+                 device: str = "cpu") -> TrainedCell:
+    """The cell as a trained rule's hook sees it: plain values, and ``read`` for the parts of the config
+    it may name (:func:`amedlab.specs.distill.config_reader`)."""
+    nfe = int(cfg.nfe)
+    num_points = SolverSpec.from_node(solver_node).num_points(nfe)
+    return TrainedCell(solver=plain(dict(solver_node)), nfe=nfe, num_points=num_points, schedule=plain(dict(schedule)),
+                       seed=int(cfg.seed), eval_seeds=eval_seeds, dtype=str(cfg.eval.dtype),
+                       ode_reference=plain(cfg.eval.ode_reference), batch_size=int(cfg.eval.batch_size),
+                       model_name=cfg.model.get("name"), device=device,
+                       read=config_reader(cfg, solver_node, schedule, nfe, num_points, model))
+
+
+def cell_settings(cfg, solver_node: Mapping, schedule: Mapping, eval_seeds, model=None):
+    """What the cell's trained part is trained for (its cache key, with the model identity), asked of the
+    rule's ``trained`` hook; None for a rule without one or a part given as a file. A bad value is a
+    ConfigError naming its key (``solver.distill.*``, ``distill.*``), before any compute."""
+    from ..solvers import trained_hook
+
+    hook = trained_hook(solver_node["name"], solver_node.get("_target_"))
+    if hook is None:
+        return None
+    with user_errors("solver.distill"):
+        return hook.cell_settings(trained_cell(cfg, solver_node, schedule, eval_seeds, model))
+
+
+#: solver=learned's settings from a config (its hook's, as for any trained rule): the name tests and
+#: benchmarks know
+learned_settings = cell_settings
+
+
+def _check_trained(cfg, solver_node: Mapping, schedule: Mapping, values, model, device: str):
+    """(hook, settings, given part, cell) of a rule that needs a trained part, all None for one that
+    does not: the rule's ``trained`` hook is asked, never its name (:mod:`amedlab.solvers.trained`)."""
+    from ..solvers import trained_hook
+
+    with user_errors("solver._target_" if solver_node.get("_target_") is not None else "solver.name"):
+        hook = trained_hook(solver_node["name"], solver_node.get("_target_"))
+    if hook is None:
+        return None, None, None, None
+    cell = trained_cell(cfg, solver_node, schedule, values.seeds, model, device)
+    with user_errors("solver.distill"):  # a hook's own errors name their keys
+        settings = hook.cell_settings(cell)
+        given = given_part(hook, cell)
+    return hook, settings, given, cell
 
 
 def check_evaluate(cfg) -> EvaluateSpec:
@@ -252,27 +287,13 @@ def check_evaluate(cfg) -> EvaluateSpec:
     device = check_device(cfg)
     solver_node, nfe, schedule, num_points = _check_cell_solver(cfg)
     values = _check_eval_values(cfg)
-    learned = None
-    if solver_node["name"] == "learned":  # its training settings (also its cache key), seeds disjoint from eval's
-        with user_errors("solver.distill"):
-            learned = learned_settings(cfg, solver_node, schedule, values.seeds)
-        for i, start in enumerate(start_schedules(schedule, learned["starts"])):  # every starting grid training builds
-            with user_errors(f"solver.distill.starts[{i}]"):
-                ScheduleSpec.from_cfg(start).grid(num_points)
     extractor, weights, fe_name, real, fe = _check_real_and_extractor(cfg)
     _check_ode_reference(cfg, schedule)
     model = _check_image_model(cfg, extractor, fe_name)
     real_key = "eval.real.path" if real[0] != "dataset" else "dataset.image_size"
     check_data_fits(real, model.sample_shape, fe, extractor, real_key, _get(cfg, real_key))
-    predictor = distill = None
-    if solver_node["name"] in AMED_SOLVERS:  # the predictor file, or the settings to distill one
-        if solver_node["predictor"]:
-            sigmas = ScheduleSpec.from_cfg(schedule).grid(num_points)
-            predictor = check_predictor_file(_get(cfg, "solver.predictor"), solver_node, nfe, sigmas, model)
-        else:
-            check_distill_settings(cfg, model)
-            check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
-            distill = distill_spec(cfg, solver_node, schedule)  # also the predictor's cache key
+    # a rule that needs a trained part: its settings (also its cache key) or the file that holds it
+    trained, settings, given, cell = _check_trained(cfg, solver_node, schedule, values, model, device)
     # where results and caches go (last: a bad value above leaves no directory behind)
     out_dir = check_writable("hydra.run.dir", _run_dir())
     cache_dir = check_writable("eval.cache_dir", _get(cfg, "eval.cache_dir"))
@@ -291,5 +312,6 @@ def check_evaluate(cfg) -> EvaluateSpec:
         predictor_cache=bool(e.predictor_cache), real=plain(e.real),
         real_path=str(e.real.path) if e.real.get("source") == "path" else None, dataset=plain(cfg.dataset),
         extractor=extractor, weights=weights, ode_reference=plain(e.ode_reference), out_dir=out_dir,
-        cache_dir=cache_dir, logger=plain(cfg.get("logger") or {}), config=plain(cfg), predictor=predictor,
-        distill=distill, learned=learned)
+        cache_dir=cache_dir, logger=plain(cfg.get("logger") or {}), config=plain(cfg), trained=trained,
+        trained_settings=settings, trained_part=given,
+        trained_cell=None if cell is None else dataclasses.replace(cell, cache_dir=cache_dir, read=None))

@@ -4,7 +4,6 @@ keys refused, the device and the writable folders checked; :func:`check_common` 
 checks first."""
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
 import os
@@ -15,8 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..amed.solvers import AMED_SOLVERS
-from ..errors import ConfigError, MissingFileError, UserError
+from ..errors import ConfigError, MissingFileError, UserError, user_errors  # noqa: F401 (user_errors: the checks' own)
 from ..io import plain
 from ..resources import CONF_DIR
 
@@ -38,22 +36,6 @@ def fail(key: str, value, accepted: str | None = None, why: str | None = None, m
     if accepted:
         msg += f"; accepted: {accepted}"
     return (MissingFileError if missing else ConfigError)(msg, key)
-
-
-@contextlib.contextmanager
-def user_errors(key: str):
-    """Turn a library's error about a user's value into a ConfigError naming ``key``."""
-    try:
-        yield
-    except UserError:
-        raise
-    except (ValueError, TypeError, KeyError, OSError, ModuleNotFoundError) as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if isinstance(err, KeyError):
-            msg = f"missing entry {msg}"
-        if key not in msg:
-            msg = f"{key}: {msg}"
-        raise (MissingFileError if isinstance(err, FileNotFoundError) else ConfigError)(msg, key) from err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,14 +117,16 @@ GROUPS = {"model": "name", "schedule": "kind", "solver": "name", "dataset": "nam
 
 def _known_config(cfg) -> DictConfig:
     """conf/config.yaml with each group's chosen option (or the union of its options)."""
+    from ..solvers import solver_family
+
     ref = OmegaConf.load(CONF_DIR / "config.yaml")
     ref = OmegaConf.create({k: v for k, v in OmegaConf.to_container(ref, resolve=False).items() if k not in ("defaults", "hydra")})
     for group, field in GROUPS.items():
         options = [OmegaConf.load(f) for f in sorted((CONF_DIR / group).glob("*.yaml"))]
         if field is not None:  # the options that configure the same thing (e.g. every solver file with name: amed)
             chosen = _get(cfg, f"{group}.{field}")
-            # the AMED solvers share one distillation (DistillSpec reads the same keys for each)
-            kin = AMED_SOLVERS if group == "solver" and chosen in AMED_SOLVERS else (chosen,)
+            # rules sharing one trained hook share its settings (amed and amed_plugin: one DistillSpec)
+            kin = solver_family(chosen) if group == "solver" else (chosen,)
             same = [o for o in options if o.get(field) in kin]
             options = same or options
         elif group != "logger" and (CONF_DIR / group / "default.yaml").is_file():

@@ -66,7 +66,7 @@ def run(cfg):
         logger.log_config(spec.config)
         solver, predictor_info = cell_solver(spec, model, files, spec.predictor_cache)
         if predictor_info is not None:
-            logger.log_distillation(predictor_info.pop("records"), "learned" if spec.learned is not None else "distill")
+            logger.log_distillation(predictor_info.pop("records"), spec.trained.key)
         sigmas = cell_grid(spec, solver)  # the learned solver's own grid is the one recorded
         t0 = time.perf_counter()
         # seeds sharded over processes when a torch.distributed group is up (torchrun / SLURM tasks)
