@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from amed_quality import reference
 
 from amedlab.amed.distill import distill
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.solvers.spec import solver_from_node
 from amedlab.models import build_model
 from amedlab.evaluation.evaluate import cell_schedule

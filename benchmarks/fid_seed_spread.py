@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.solvers.spec import solver_from_node
 from amedlab.evaluation import uncertainty as U
 from amedlab.evaluation.extractors import DIGITS, create_extractor, extract_features

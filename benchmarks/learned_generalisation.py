@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.evaluation.extractors import DIGITS, create_extractor, extract_features
 from amedlab.sampling import generate
 from amedlab.evaluation.metrics import feature_statistics, fid_from_statistics, quantize, rmse

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.evaluation.evaluate import cell_schedule
 from amedlab.evaluation.extractors import check_extractor_weights, resolve_extractor_name
 from amedlab.models.base import PRECISIONS

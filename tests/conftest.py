@@ -14,7 +14,7 @@ def compose_cfg():
     """Compose the real ``conf/`` with overrides, as the command line does (no run directory)."""
     from hydra import compose, initialize_config_dir
 
-    from amedlab.resources import CONF_DIR
+    from amedlab.specs import CONF_DIR
 
     def _compose(*overrides):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -180,7 +180,7 @@ def test_stage_writes_json_and_figures(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     from amedlab.stages import analyze_trajectories as trajectories
-    from amedlab.resources import CONF_DIR
+    from amedlab.specs import CONF_DIR
     from amedlab.specs import load_group
 
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from amedlab.amed import AMEDPredictor
 from amedlab.cli import resolve_stage
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 
 
 def _cfg(*overrides):

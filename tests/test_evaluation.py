@@ -8,7 +8,7 @@ import torch
 import torch_fidelity
 from hydra import compose, initialize_config_dir
 
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.data.digits import digits_split, load_digits_tensors
 from amedlab.stages import evaluate as evaluate_stage
 from amedlab.evaluation.extractors import (DIGITS, INCEPTION, UInt8Images, check_extractor_weights, create_extractor,

@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from setuptools import find_packages
 
 import amedlab
-from amedlab.resources import CONF_DIR, EXPERIMENTS_ROOT
+from amedlab.resources import EXPERIMENTS_ROOT
+from amedlab.specs import CONF_DIR
 from amedlab.specs import load_group
 
 ROOT = Path(__file__).resolve().parents[1]

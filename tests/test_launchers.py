@@ -5,7 +5,7 @@ import sys
 
 from hydra import compose, initialize_config_dir
 
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 
 
 def test_joblib_launcher_runs_a_parallel_sweep(tmp_path):

@@ -261,7 +261,7 @@ def test_row_label_says_what_is_learned():
 def test_evaluate_cell_records_the_learned_grid_and_the_counted_nfe(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    from amedlab.resources import CONF_DIR
+    from amedlab.specs import CONF_DIR
     from amedlab.stages import evaluate as evaluate_stage
     from amedlab.models.digits import make_digits_denoiser, save_denoiser
 

@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 
 from amedlab import cli
 from amedlab.amed import AMEDPredictor
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.evaluation.evaluate import check_finite
 from amedlab.stages import evaluate as evaluate_stage
 from amedlab.models.base import Denoiser

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from amedlab.amed.distill import distill
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.schedules import make_sigmas
 from amedlab.specs import DistillSpec, ScheduleSpec, SolverSpec, distill_spec, paper_defaults
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.stages import table as table_stage
 from amedlab.evaluation import uncertainty as U
 from amedlab.models.digits import make_digits_denoiser, save_denoiser

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from amedlab.cache import digest, seal
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.evaluation.evaluate import METRICS_FORMAT
 from amedlab.stages import table as table_stage
 from amedlab.evaluation.table import write_tables

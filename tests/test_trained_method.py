@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from amedlab import solvers
 from amedlab.models.digits import make_digits_denoiser, save_denoiser
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 
 TINY_NET = dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
 

@@ -31,7 +31,7 @@ from hydra import compose, initialize_config_dir
 
 from amedlab import cli
 from amedlab.specs import values as validation
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.errors import ConfigError
 from amedlab.models import build_model
 from amedlab.models.digits import SHIPPED_TEACHER, make_digits_denoiser, save_denoiser

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from amedlab import cli
 from amedlab.cache import digest, seal
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.errors import ConfigError
 from amedlab.evaluation import compare_cells as CC
 from amedlab.evaluation.evaluate import METRICS_FORMAT

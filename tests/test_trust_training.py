@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from amedlab import cli
 from amedlab.amed import AMEDPredictor
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.errors import ResultError
 from amedlab.evaluation.evaluate import cell_predictor
 from amedlab.learned import LearnedSolverParams

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from amedlab.cache import digest, seal
-from amedlab.resources import CONF_DIR
+from amedlab.specs import CONF_DIR
 from amedlab.evaluation.evaluate import METRICS_FORMAT
 from amedlab.evaluation import compare_cells as compare_stage
 from amedlab.stages import compare_cells as compare_cells_stage

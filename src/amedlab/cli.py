@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .resources import CONF_DIR
-from .specs import config as _config  # noqa: F401 -- registers the resolvers conf/config.yaml uses
+from . import specs as _specs  # noqa: F401 -- registers the resolvers conf/config.yaml uses
 from .stages import STAGE_NAMES
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,8 @@ known keys, device, folders), :mod:`.solver` (schedule, solver node, model), :mo
 """
 import importlib
 
+from . import config as _config  # noqa: F401 -- registers the resolvers conf/config.yaml uses
+
 #: name -> the module defining it (imported on first use: the command line imports this package for the
 #: resolvers of :mod:`.config` before any stage runs, and should not pay for the rest at start-up)
 _WHERE = {
