@@ -105,6 +105,8 @@ CASES = [
     ("grids", "evaluate", ["solver=learned", "solver.distill.starts=[{{rho: 1e300}}]"], "solver.distill.starts[0]"),
     ("grids", "distill", ["schedule.rho=1e300"], "schedule"),
     ("grids", "compare", ["schedule.rho=1e300"], "schedule"),
+    ("grids", "evaluate", ["schedule.sigma_max=1e308"], "schedule.sigma_max"),
+    ("grids", "evaluate", ["schedule.sigma_min=1e-320"], "schedule.sigma_min"),
     # -- data that fits together: checked before sampling --
     ("data", "evaluate", ["eval.real.source=path", "eval.feature_extractor=amedlab-digits", "eval.real.path={rgb_npy}"], "eval.real.path"),
     ("data", "evaluate", ["eval.real.source=path", "eval.feature_extractor=amedlab-digits", "eval.real.path={big_npy}"], "eval.real.path"),

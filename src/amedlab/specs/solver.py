@@ -9,6 +9,13 @@ from ..io import plain
 from .values import _get, fail, user_errors
 
 
+#: the noise levels and rho a schedule may take (inclusive): sigma_max far above any published model's
+#: (EDM 80, VP about 157) and far from float32's overflow once squared; sigma_min far below any
+#: published one (EDM 0.002) but not a denormal that makes the last step divide by ~0; rho beyond
+#: these only rounds the grid's points onto each other
+SCHEDULE_RANGE = {"sigma_min": (1e-6, 1e3), "sigma_max": (1e-6, 1e6), "rho": (1e-3, 1e3)}
+
+
 def check_schedule(node, key: str = "schedule") -> dict:
     from ..schedules import SCHEDULES, check_schedule_args
 
@@ -17,9 +24,9 @@ def check_schedule(node, key: str = "schedule") -> dict:
         raise fail(f"{key}.kind", kind, ", ".join(SCHEDULES))
     out = {"kind": kind}
     for name in ("sigma_min", "sigma_max", "rho"):
-        value = _get(node, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not value > 0:
-            raise fail(f"{key}.{name}", value, "a finite number > 0")
+        value, (lo, hi) = _get(node, name), SCHEDULE_RANGE[name]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not lo <= value <= hi:
+            raise fail(f"{key}.{name}", value, f"a number in [{lo:g}, {hi:g}]")
         out[name] = float(value)
     with user_errors(key):
         check_schedule_args(kind, 2, out["sigma_min"], out["sigma_max"], out["rho"])
