@@ -107,6 +107,10 @@ CASES = [
     ("grids", "compare", ["schedule.rho=1e300"], "schedule"),
     ("grids", "evaluate", ["schedule.sigma_max=1e308"], "schedule.sigma_max"),
     ("grids", "evaluate", ["schedule.sigma_min=1e-320"], "schedule.sigma_min"),
+    # -- a rule that needs training where nothing can train it --
+    ("values", "evaluate", ["eval.ode_reference.solver.name=amed"], "eval.ode_reference.solver.name"),
+    ("values", "evaluate", ["solver=amed", "solver.distill.teacher.name=learned"], "solver.distill.teacher.name"),
+    ("values", "compare", ["compare.solvers=[amed]"], "compare.solvers[amed].name"),
     # -- data that fits together: checked before sampling --
     ("data", "evaluate", ["eval.real.source=path", "eval.feature_extractor=amedlab-digits", "eval.real.path={rgb_npy}"], "eval.real.path"),
     ("data", "evaluate", ["eval.real.source=path", "eval.feature_extractor=amedlab-digits", "eval.real.path={big_npy}"], "eval.real.path"),

@@ -68,7 +68,7 @@ def check_distill_settings(cfg, model=None) -> None:
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1):
             raise fail(f"solver.distill.{name}", v, "a number in [0, 1)")
     if _get(sdist, "teacher") is not None:
-        check_solver_node(_get(sdist, "teacher"), "solver.distill.teacher")
+        check_solver_node(_get(sdist, "teacher"), "solver.distill.teacher", untrained=True)
     from ..amed.objectives import check_grid_lr, check_learn_grid, check_objective
 
     objective, weight = _get(sdist, "objective") or "interval", _get(sdist, "intermediate_weight") or 0.0

@@ -162,7 +162,7 @@ def _check_ode_reference(cfg, schedule: Mapping) -> None:
     int_at(cfg, "eval.ode_reference.chunk_size", 1, null=True)
     ref_solver = dict(plain(_get(ref, "solver") or {}))
     ref_solver["final_step"] = "sigma_min"
-    _, ref_points = check_solver_node(ref_solver, "eval.ode_reference.solver", int(_get(ref, "nfe")))
+    _, ref_points = check_solver_node(ref_solver, "eval.ode_reference.solver", int(_get(ref, "nfe")), untrained=True)
     ref_sched = plain(_get(ref, "schedule") or {})
     ref_sched = check_schedule({**ref_sched, "sigma_min": schedule["sigma_min"], "sigma_max": schedule["sigma_max"]},
                                "eval.ode_reference.schedule")

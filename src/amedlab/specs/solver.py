@@ -33,14 +33,24 @@ def check_schedule(node, key: str = "schedule") -> dict:
     return out
 
 
-def check_solver_node(node, key: str = "solver", nfe: int | None = None, predictor=None):
+def check_solver_node(node, key: str = "solver", nfe: int | None = None, predictor=None, untrained: bool = False):
     """Build the solver (a stand-in predictor for AMED) to check name, afs, final_step and options;
-    with ``nfe``, also that the NFE is reachable. Returns (solver, num_points or None)."""
+    with ``nfe``, also that the NFE is reachable. ``untrained``: where no trained part can be given (a
+    reference or teacher solver, ``stage=compare``), a rule that needs one is refused. Returns
+    (solver, num_points or None)."""
+    from ..solvers import available_solvers, trained_hook, trained_solvers
     from ..solvers.spec import solver_from_node
     from ..solvers.base import check_afs
 
     if not isinstance(_get(node, "name"), str):
         raise fail(f"{key}.name", _get(node, "name"), "a solver name (conf/solver/*.yaml)")
+    if untrained:
+        with user_errors(f"{key}.name"):
+            needs_training = trained_hook(_get(node, "name"), _get(node, "_target_")) is not None
+        if needs_training:
+            plain_rules = [n for n in available_solvers() if n not in trained_solvers()]
+            raise fail(f"{key}.name", _get(node, "name"), ", ".join(plain_rules),
+                       "this rule needs a trained part, which only a stage=evaluate cell provides")
     label = _get(node, "label")
     if label is not None and not (isinstance(label, str) and label.strip() and "\n" not in label and len(label) <= 200):
         raise fail(f"{key}.label", label, "a one-line row name (at most 200 characters), or null to derive it")

@@ -40,7 +40,7 @@ def check_compare(cfg) -> CompareSpec:
     for name in solvers:
         with user_errors("compare.solvers"):
             nodes[name] = load_group("solver", str(name))
-        check_solver_node(nodes[name], f"compare.solvers[{name}]")
+        check_solver_node(nodes[name], f"compare.solvers[{name}]", untrained=True)
     nfes = list_at(cfg, "compare.nfes")
     from ..limits import MAX_NFE
 
