@@ -34,7 +34,7 @@ from amedlab.data.reference import ode_reference
 from amedlab.evaluation.reference import real_reference
 from amedlab.io import plain
 from amedlab.learned import map_to_num_points
-from amedlab.specs import learned_settings
+from amedlab.specs import cell_settings
 from amedlab.learned.train import cell_learned
 from amedlab.sampling import parse_seeds
 from amedlab.models import build_model
@@ -77,7 +77,7 @@ class Measure:
 
 def learned_for(meas: Measure, nfe: int, *extra: str):
     cfg = cfg_for(nfe, *extra)
-    settings = learned_settings(cfg, plain(cfg.solver), plain(cfg.schedule), parse_seeds(cfg.eval.seeds))
+    settings = cell_settings(cfg, plain(cfg.solver), plain(cfg.schedule), parse_seeds(cfg.eval.seeds))
     params, info = cell_learned(meas.model, settings, plain(cfg.eval.ode_reference), int(cfg.eval.batch_size),
                                 cfg.model.name, meas.cache_dir)
     return params, info

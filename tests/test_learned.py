@@ -10,7 +10,7 @@ from amedlab.training.loss import trajectory_loss
 from amedlab.learned import LearnedSolverParams, map_to_num_points
 from amedlab.learned.solver import FLOOR
 from amedlab.learned.settings import check_learned_settings, label
-from amedlab.specs import learned_settings
+from amedlab.specs import cell_settings
 from amedlab.learned.train import cell_learned, train_learned
 from amedlab.models import counting
 from amedlab.models.analytic import default_mixture
@@ -161,7 +161,7 @@ def test_cell_training_is_cached_and_verified(compose_cfg, tmp_path, mixture):
     cfg = _cfg(compose_cfg, tmp_path)
     schedule = dict(cfg.schedule)
     node = dict(cfg.solver)
-    settings = learned_settings(cfg, node, schedule, range(32))
+    settings = cell_settings(cfg, node, schedule, range(32))
     first, info1 = _cell_learned(mixture, cfg, settings, tmp_path)
     second, info2 = _cell_learned(mixture, cfg, settings, tmp_path)
     assert info1["source"] == "trained" and info2["source"] == "cache" and info1["path"] == info2["path"]
@@ -186,7 +186,7 @@ def test_cell_training_is_cached_and_verified(compose_cfg, tmp_path, mixture):
     assert info3["source"] == "trained"
     # other training settings: another cache entry
     cfg1 = _cfg(compose_cfg, tmp_path, "solver.distill.epochs=1")
-    _, info4 = _cell_learned(mixture, cfg1, learned_settings(cfg1, dict(cfg1.solver), schedule, range(32)), tmp_path)
+    _, info4 = _cell_learned(mixture, cfg1, cell_settings(cfg1, dict(cfg1.solver), schedule, range(32)), tmp_path)
     assert info4["source"] == "trained" and info4["path"] != info1["path"]
 
 
@@ -207,7 +207,7 @@ def test_the_start_with_the_lowest_training_error_is_kept_and_every_start_is_rec
     from amedlab.learned.train import final_error, teacher_solutions
 
     cfg = _cfg(compose_cfg, tmp_path)
-    settings = learned_settings(cfg, dict(cfg.solver), dict(cfg.schedule), range(32))
+    settings = cell_settings(cfg, dict(cfg.solver), dict(cfg.schedule), range(32))
     assert settings["starts"] == [{}, {"kind": "time_uniform", "rho": 1.0}]  # conf/solver/learned.yaml
     params, _ = _cell_learned(mixture, cfg, settings, tmp_path)
     tried = params.meta["starts_tried"]
@@ -221,12 +221,12 @@ def test_the_start_with_the_lowest_training_error_is_kept_and_every_start_is_rec
     noise, target, _ = teacher_solutions(mixture, cfg.eval.ode_reference, 0.002, 80.0, range(200000, 200032), tmp_path)
     assert final_error(mixture, params, noise, target, True) == pytest.approx(min(errors), rel=1e-5)  # float32
     # one start: the schedule's grid only, a single candidate
-    one = learned_settings(cfg, {**dict(cfg.solver), "distill": {**dict(cfg.solver.distill), "starts": [{}]}},
+    one = cell_settings(cfg, {**dict(cfg.solver), "distill": {**dict(cfg.solver.distill), "starts": [{}]}},
                            dict(cfg.schedule), range(32))
     single, _ = _cell_learned(mixture, cfg, one, tmp_path)
     assert [t["schedule"]["kind"] for t in single.meta["starts_tried"]] == ["polynomial"]
     with pytest.raises(ValueError, match=r"solver.distill.starts\[1\]=\{'kind': 'bogus'\}"):
-        learned_settings(cfg, {**dict(cfg.solver), "distill": {"starts": [{}, {"kind": "bogus"}]}}, dict(cfg.schedule), range(32))
+        cell_settings(cfg, {**dict(cfg.solver), "distill": {"starts": [{}, {"kind": "bogus"}]}}, dict(cfg.schedule), range(32))
 
 
 def test_training_seeds_must_be_disjoint_from_the_evaluation_seeds():

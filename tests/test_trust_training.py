@@ -17,13 +17,13 @@ from amedlab import cli
 from amedlab.amed import AMEDPredictor
 from amedlab.specs import CONF_DIR
 from amedlab.errors import ResultError
-from amedlab.evaluation.evaluate import cell_predictor
+from amedlab.amed.distill import cell_predictor
 from amedlab.learned import LearnedSolverParams
 from amedlab.learned.train import cell_learned
 from amedlab.models.analytic import default_mixture
 from amedlab.models.digits import make_digits_denoiser, save_denoiser
 from amedlab.io import plain
-from amedlab.specs import DistillSpec, learned_settings
+from amedlab.specs import DistillSpec, cell_settings
 
 distill_module = importlib.import_module("amedlab.amed.distill")
 learned_train = importlib.import_module("amedlab.learned.train")
@@ -111,7 +111,7 @@ def _learned_cfg(compose_cfg, tmp_path, *extra):
 
 def _learned(compose_cfg, tmp_path, *extra):
     cfg = _learned_cfg(compose_cfg, tmp_path, *extra)
-    return cfg, learned_settings(cfg, dict(cfg.solver), dict(cfg.schedule), range(16))
+    return cfg, cell_settings(cfg, dict(cfg.solver), dict(cfg.schedule), range(16))
 
 
 def test_a_learned_solver_copied_to_another_settings_key_is_retrained_with_a_warning(compose_cfg, tmp_path, caplog):

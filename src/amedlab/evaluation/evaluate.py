@@ -151,14 +151,6 @@ def finished_metrics(out_dir: Path, key: str, outputs=()) -> dict | None:
 # The stage
 # ------------------------------------------------------------------------------------------------
 
-def cell_predictor(model, spec, cache_dir: Path, use_cache: bool):
-    """AMED's per-cell predictor cache (kept here for callers of the former location):
-    :func:`amedlab.amed.distill.cell_predictor`."""
-    from ..amed.distill import cell_predictor as cached
-
-    return cached(model, spec, cache_dir, use_cache)
-
-
 def cell_solver(spec, model, files: Mapping, use_cache: bool) -> tuple[Solver, dict | None]:
     """The cell's solver and a record of where its trained part came from. A rule that needs one is
     asked through its ``trained`` hook (:mod:`amedlab.solvers.trained`): the part given as a file

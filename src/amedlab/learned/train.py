@@ -219,7 +219,7 @@ class LearnedCell:
 def cell_learned(model, settings: Mapping, ode_reference: Mapping, batch_size: int, model_name: str | None, cache_dir,
                  use_cache: bool = True):
     """(params, info) for a ``stage=evaluate`` cell: cached parameters trained for the same ``settings``
-    (the learned rule's ``cell_settings``, :func:`amedlab.specs.learned_settings`, built once by the
+    (the learned rule's ``cell_settings``, :func:`amedlab.specs.evaluate.cell_settings`, built once by the
     checks) and model, or new ones (teacher solutions from the cached high-NFE reference), stored
     (:class:`LearnedCell`). New ones are trained from every grid of ``solver.distill.starts``; the one
     with the lowest :func:`final_error` on the training trajectories is kept. A cached file is used only

@@ -23,7 +23,7 @@ _WHERE = {
     "load_group": ".config", "DistillStageSpec": ".distill", "check_distill_settings": ".distill",
     "check_predictor_file": ".distill", "config_reader": ".distill", "distill_spec": ".distill",
     "EvaluateSpec": ".evaluate", "cell_settings": ".evaluate", "check_data_fits": ".evaluate",
-    "learned_settings": ".evaluate", "trained_cell": ".evaluate", "CHECKS": ".stages", "CompareSpec": ".stages",
+"trained_cell": ".evaluate", "CHECKS": ".stages", "CompareSpec": ".stages",
     "check_stage": ".stages", "ALLOWED_TARGETS": ".values", "check_known_keys": ".values", "check_targets": ".values",
     "fail": ".values", "user_errors": ".values",
 }

@@ -258,10 +258,6 @@ def cell_settings(cfg, solver_node: Mapping, schedule: Mapping, eval_seeds, mode
         return hook.cell_settings(trained_cell(cfg, solver_node, schedule, eval_seeds, model))
 
 
-#: solver=learned's settings from a config (its hook's, as for any trained rule): the name tests and
-#: benchmarks know
-learned_settings = cell_settings
-
 
 def _check_trained(cfg, solver_node: Mapping, schedule: Mapping, values, model, device: str):
     """(hook, settings, given part, cell) of a rule that needs a trained part, all None for one that
