@@ -16,6 +16,7 @@ all. The summary gives best AMED / iPNDM and best AMED / best classical.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from omegaconf import OmegaConf
 
 from _models import add_model_args, model_from_args
 
+from amedlab.specs.config import default_cache_dir
 from amedlab.amed.distill import distill
 from amedlab.solvers.spec import solver_from_node
 from amedlab.specs import load_group
@@ -66,7 +68,7 @@ def main() -> None:
     ap.add_argument("--reference-points", type=int, default=129)
     ap.add_argument("--teacher-M", type=int, default=None, help="override the paper's M (1 for AMED, 2 for the plug-in)")
     ap.add_argument("--batch", type=int, default=500)
-    ap.add_argument("--cache", default=".cache/amedlab/trajectories")
+    ap.add_argument("--cache", default=os.path.join(default_cache_dir(), "trajectories"))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--afs", default=None, choices=["true", "mean"],
                     help="override the AFS mode of the solvers that use AFS (heun, dpm2, amed, amed_plugin)")

@@ -11,6 +11,7 @@ Extra Hydra overrides change the budget, e.g. ``distill.epochs=8`` or ``distill.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import warnings
@@ -20,6 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from amed_quality import reference
 
+from amedlab.specs.config import default_cache_dir
 from amedlab.amed.distill import distill
 from amedlab.specs import CONF_DIR
 from amedlab.solvers.spec import solver_from_node
@@ -33,7 +35,7 @@ def main() -> None:
     ap.add_argument("--solvers", default="amed,amed_plugin,amed_plugin_vs,amed_plugin_vs_grid")
     ap.add_argument("--nfes", default="3,5,7,9")
     ap.add_argument("--samples", type=int, default=500, help="evaluation seeds 0..samples-1")
-    ap.add_argument("--cache", default=".cache/amedlab/trajectories")
+    ap.add_argument("--cache", default=os.path.join(default_cache_dir(), "trajectories"))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides on top of experiments=table2_digits")
     args = ap.parse_args()
@@ -45,7 +47,7 @@ def main() -> None:
         for name in args.solvers.split(","):
             for nfe in [int(n) for n in args.nfes.split(",")]:
                 cfg = compose("config", overrides=["experiments=table2_digits", f"solver={name}", f"nfe={nfe}",
-                                                   f"distill.cache_dir={args.cache}", *args.overrides])
+                                                   f"cache_dir={os.path.dirname(args.cache)}", *args.overrides])
                 if model is None:
                     model = build_model(cfg.model).float()
                     noise, ref, _ = reference(model, list(range(args.samples)), 129, args.cache, 500)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
+from amedlab.specs.config import default_cache_dir
 from amedlab.specs import CONF_DIR
 from amedlab.solvers.spec import solver_from_node
 from amedlab.evaluation import uncertainty as U
@@ -64,7 +65,7 @@ def main():
             ocfg = compose("config", overrides=["model=digits_unet", f"solver={args.versus}", f"nfe={args.nfe}"])
         osolver = solver_from_node(plain(ocfg.solver))
         other = (osolver, make_sigmas(s.kind, osolver.num_points(args.nfe), float(s.sigma_min), float(s.sigma_max), float(s.rho)))
-    cache = os.environ.get("AMEDLAB_CACHE", ".cache/amedlab")
+    cache = default_cache_dir()
     real = real_reference(cfg.eval.real, cfg.dataset, DIGITS, None, cache, "cpu", 1000)
     fe = create_extractor(DIGITS, None)
     sets = []

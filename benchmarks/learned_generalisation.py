@@ -153,7 +153,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     cfg = cfg_for(5)
-    cache_dir = Path(str(cfg.eval.cache_dir))
+    cache_dir = Path(str(cfg.cache_dir))
     meas = Measure(cfg, cache_dir)
     results: dict = {"teacher": plain(cfg.eval.ode_reference), "settings": plain(cfg.solver)}
     t_start = time.perf_counter()

@@ -14,6 +14,7 @@ classical and AMED rows (``--against``, its JSON). Trained per NFE with ``solver
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import sys
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import add_model_args, model_from_args  # noqa: E402
 from amed_quality import CLASSICAL, reference  # noqa: E402  (the same reference, same cache)
 
+from amedlab.specs.config import default_cache_dir
 from amedlab.specs.config import load_group  # noqa: E402
 from amedlab.learned.train import TRAINING_KEYS, train_learned  # noqa: E402
 from amedlab.schedules import make_sigmas  # noqa: E402
@@ -41,7 +43,7 @@ def main() -> None:
     ap.add_argument("--nfes", default="3,5,7,9")
     ap.add_argument("--reference-points", type=int, default=129)
     ap.add_argument("--against", required=True, help="amed_quality.py's JSON for this model (classical and AMED rows)")
-    ap.add_argument("--cache", default=".cache/amedlab/trajectories")
+    ap.add_argument("--cache", default=os.path.join(default_cache_dir(), "trajectories"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

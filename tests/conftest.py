@@ -9,6 +9,21 @@ def _one_torch_thread():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache(tmp_path_factory):
+    # the suite's caches in one folder of its own (the default is the user's ~/.cache/amedlab): shared by
+    # the tests, as a user's runs share theirs, and never mixed with a user's entries
+    import os
+
+    old = os.environ.get("AMEDLAB_CACHE")
+    os.environ["AMEDLAB_CACHE"] = str(tmp_path_factory.mktemp("amedlab-cache"))
+    yield
+    if old is None:
+        os.environ.pop("AMEDLAB_CACHE", None)
+    else:
+        os.environ["AMEDLAB_CACHE"] = old
+
+
 @pytest.fixture
 def compose_cfg():
     """Compose the real ``conf/`` with overrides, as the command line does (no run directory)."""

@@ -43,7 +43,7 @@ def test_bad_stage_and_solver_are_named():
 def test_distill_stage_with_the_real_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _cfg("stage=distill", "solver=amed", "schedule=time_uniform", "nfe=5", "distill.num_trajectories=64",
-               "distill.batch_size=32", f"distill.cache_dir={tmp_path / 'cache'}")
+               "distill.batch_size=32", f"cache_dir={tmp_path / 'cache'}")
     loss = resolve_stage(cfg.stage)(cfg)
     assert loss > 0
     pred = AMEDPredictor.load(tmp_path / "predictor.pt")
@@ -80,5 +80,11 @@ def test_help_lists_every_stage_and_version_is_the_package_version():
     helped = subprocess.run([sys.executable, "-m", "amedlab", "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert helped.returncode == 0 and "Stages:" in helped.stdout and len(helped.stdout.splitlines()) < 60
     assert all(f"\n  {name} " in helped.stdout for name in STAGE_NAMES), helped.stdout
+    examples = helped.stdout.split("Examples:")[1].split("\n\n")[0].strip().splitlines()
+    assert len(examples) == 5 and all(line.strip().startswith("amedlab ") for line in examples), examples
+    assert 'eval "$(amedlab -sc install=bash)"' in helped.stdout
+    console = subprocess.run([str(Path(sys.executable).parent / "amedlab"), "--help"], capture_output=True, text=True,
+                             timeout=120)  # the console script prints the same page
+    assert console.returncode == 0 and console.stdout == helped.stdout
     version = subprocess.run([sys.executable, "-m", "amedlab", "--version"], capture_output=True, text=True, env=env, timeout=120)
     assert version.returncode == 0 and version.stdout.strip() == f"amedlab {__version__}"

@@ -204,7 +204,7 @@ def test_evaluate_stage_writes_metrics_and_skips_a_finished_cell(tmp_path, tiny_
     model_path = save_denoiser(tiny_denoiser, tmp_path / "tiny.safetensors")
     monkeypatch.chdir(tmp_path)  # run_dir() outside Hydra is the current directory
     overrides = ["stage=evaluate", "model=digits_unet", f"model.path={model_path}", "solver=dpm2", "nfe=3",
-                 "eval.seeds=0-39", "eval.batch_size=16", f"eval.cache_dir={tmp_path / 'cache'}", "eval.kid_subsets=5",
+                 "eval.seeds=0-39", "eval.batch_size=16", f"cache_dir={tmp_path / 'cache'}", "eval.kid_subsets=5",
                  "eval.ode_reference.nfe=8", "+eval.schedule_per_solver.dpm2={kind: logsnr}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

@@ -100,7 +100,7 @@ def test_installed_wheel_runs_compare_and_an_evaluate_cell_from_another_folder(t
     # one cell of the digits Table 2 through the shipped experiment file (64 samples)
     _amedlab(target, work, "experiments=table2_digits", "stage=evaluate", "solver=ipndm", "nfe=5", "eval.seeds=0-63",
              "eval.batch_size=64", "eval.kid=false", "eval.ode_reference.nfe=10", "logger=none",
-             "eval.cache_dir=cache", "hydra.run.dir=run_cell")
+             "cache_dir=cache", "hydra.run.dir=run_cell")
     metrics = json.loads((work / "run_cell" / "metrics.json").read_text())
     assert metrics["complete"] and metrics["nfe_counted"] == 5 and metrics["num_samples"] == 64
     assert metrics["model"]["name"] == "digits_unet" and 0 < metrics["fid"] < 200 and 0 < metrics["rmse"] < 1

@@ -147,7 +147,7 @@ def test_mapping_to_another_nfe_keeps_a_valid_grid():
 
 def _cfg(compose_cfg, tmp_path, *extra):
     return compose_cfg("stage=evaluate", "model=gaussian_mixture", "solver=learned", "nfe=3", "eval.seeds=0-31",
-                       "eval.batch_size=64", f"eval.cache_dir={tmp_path}", "eval.dtype=float64", "eval.ode_reference.nfe=20",
+                       "eval.batch_size=64", f"cache_dir={tmp_path}", "eval.dtype=float64", "eval.ode_reference.nfe=20",
                        "solver.distill.num_trajectories=32", "solver.distill.batch_size=16", "solver.distill.epochs=2", *extra)
 
 
@@ -240,7 +240,7 @@ def test_stage_evaluate_rejects_bad_values_before_any_compute(compose_cfg, monke
     from amedlab.specs import check_stage
 
     monkeypatch.chdir(tmp_path)
-    base = ["stage=evaluate", "experiments=table2_digits", "solver=learned", "nfe=5", f"eval.cache_dir={tmp_path}"]
+    base = ["stage=evaluate", "experiments=table2_digits", "solver=learned", "nfe=5", f"cache_dir={tmp_path}"]
     for override, key in (("solver.distill.lr=0", "solver.distill.lr"), ("solver.distill.loss=l2", "solver.distill.loss"),
                           ("solver.distill.first_seed=10", "solver.distill.first_seed"),
                           ("solver.options.max_order=6", "max_order"), ("nfe=0", "nfe"),
@@ -271,7 +271,7 @@ def test_evaluate_cell_records_the_learned_grid_and_the_counted_nfe(tmp_path, mo
     model_path = save_denoiser(tiny, tmp_path / "tiny.safetensors")
     monkeypatch.chdir(tmp_path)
     overrides = ["stage=evaluate", "model=digits_unet", f"model.path={model_path}", "solver=learned", "nfe=4",
-                 "eval.seeds=0-31", "eval.batch_size=16", f"eval.cache_dir={tmp_path / 'cache'}", "eval.kid_subsets=5",
+                 "eval.seeds=0-31", "eval.batch_size=16", f"cache_dir={tmp_path / 'cache'}", "eval.kid_subsets=5",
                  "eval.ode_reference.nfe=8", "solver.distill.num_trajectories=16", "solver.distill.batch_size=8",
                  "solver.distill.epochs=2", "solver.distill.lr=0.1"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -109,9 +109,9 @@ def files(tmp_path_factory):
 
 BASE = {
     "evaluate": ["stage=evaluate", "model=digits_unet", "model.path={tiny}", "eval.seeds=0-7", "eval.batch_size=8",
-                 "eval.kid_subsets=2", "eval.ode_reference.nfe=6", "eval.cache_dir={run}/cache",
-                 "distill.cache_dir={run}/cache/trajectories", "distill.num_trajectories=16", "distill.batch_size=8"],
-    "distill": ["stage=distill", "model=digits_unet", "model.path={tiny}", "solver=amed", "distill.cache_dir={run}/cache",
+                 "eval.kid_subsets=2", "eval.ode_reference.nfe=6", "cache_dir={run}/cache",
+ "distill.num_trajectories=16", "distill.batch_size=8"],
+    "distill": ["stage=distill", "model=digits_unet", "model.path={tiny}", "solver=amed", "cache_dir={run}/cache",
                 "distill.num_trajectories=16", "distill.batch_size=8"],
     "compare": ["stage=compare", "compare.num_samples=8", "compare.nfes=[3]", "compare.solvers=[euler]"],
     "table": ["stage=table", "sweep_dir={dir}"],
@@ -167,7 +167,7 @@ CASES = [
     ("evaluate", ["seed=-1"], "seed"),
     ("evaluate", ["device=gpu"], "device"),
     ("evaluate", ["device=cuda:99"], "device"),
-    ("evaluate", ["eval.cache_dir={a_file}/cache"], "eval.cache_dir"),
+    ("evaluate", ["cache_dir={a_file}/cache"], "cache_dir"),
     ("evaluate", ["logger=wandb", "logger.mode=sometimes"], "logger"),
     # -- stage=evaluate: files --
     ("evaluate", ["model.path={dir}/missing.safetensors"], "model.path"),
@@ -201,7 +201,7 @@ CASES = [
     ("evaluate", ["solver=amed", "solver.distill.s_dir=2"], "solver.distill.s_dir"),
     ("evaluate", ["solver=amed", "solver.distill.teacher.name=rk4"], "solver.distill.teacher"),
     ("evaluate", ["solver=amed", "predictor.hidden_dim=0"], "predictor.hidden_dim"),
-    ("evaluate", ["solver=amed", "distill.cache_dir={a_file}/t"], "distill.cache_dir"),
+    ("evaluate", ["solver=amed", "cache_dir={a_file}/t"], "cache_dir"),
     # -- stage=distill --
     ("distill", ["solver=euler"], "solver"),
     ("distill", ["distill.num_trajectories=4"], "distill.num_trajectories"),

@@ -97,7 +97,7 @@ class ScaleFit:
 
 
 class ScaleCell:
-    """The shared cache's CachedTraining: <eval.cache_dir>/scaled_euler/scaled_euler-nfe<N>-<key>.pt."""
+    """The shared cache's CachedTraining: <cache_dir>/scaled_euler/scaled_euler-nfe<N>-<key>.pt."""
 
     what, folder = "cached scaled Euler", "scaled_euler"
 
@@ -209,7 +209,7 @@ def toy(tmp_path, monkeypatch):
 def _compose(toy, *extra):
     overrides = [f"hydra.searchpath=[file://{toy['conf']}]", "stage=evaluate", "model=digits_unet",
                  f"model.path={toy['model']}", "solver=scaled_euler", "nfe=3", "eval.seeds=0-7", "eval.batch_size=8",
-                 "eval.kid_subsets=2", "eval.ode_reference.nfe=6", f"eval.cache_dir={toy['cache']}",
+                 "eval.kid_subsets=2", "eval.ode_reference.nfe=6", f"cache_dir={toy['cache']}",
                  "eval.skip_finished=false", *extra]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)

@@ -104,7 +104,7 @@ def _cell_learned(model, cfg, settings, cache_dir):
 
 def _learned_cfg(compose_cfg, tmp_path, *extra):
     return compose_cfg("stage=evaluate", "model=gaussian_mixture", "solver=learned", "nfe=3", "eval.seeds=0-15",
-                       "eval.batch_size=64", f"eval.cache_dir={tmp_path}", "eval.dtype=float64", "eval.ode_reference.nfe=12",
+                       "eval.batch_size=64", f"cache_dir={tmp_path}", "eval.dtype=float64", "eval.ode_reference.nfe=12",
                        "solver.distill.num_trajectories=16", "solver.distill.batch_size=8", "solver.distill.epochs=1",
                        "solver.distill.starts=[{}]", *extra)
 
@@ -254,8 +254,8 @@ def test_a_diverging_distillation_through_the_command_line(tmp_path, monkeypatch
             p.add_(0.05 * torch.randn_like(p))
     model_path = save_denoiser(model, tmp_path / "tiny.safetensors")
     overrides = ["stage=evaluate", "model=digits_unet", f"model.path={model_path}", "eval.seeds=0-7", "eval.batch_size=8",
-                 "eval.kid_subsets=2", "eval.ode_reference.nfe=6", f"eval.cache_dir={tmp_path}/cache",
-                 f"distill.cache_dir={tmp_path}/cache/trajectories", "distill.num_trajectories=16", "distill.batch_size=8",
+                 "eval.kid_subsets=2", "eval.ode_reference.nfe=6", f"cache_dir={tmp_path}/cache",
+                 "distill.num_trajectories=16", "distill.batch_size=8",
                  "solver=amed", "nfe=3", "distill.lr=1e30"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

@@ -318,3 +318,42 @@ def trained_once(path: Path, what: str, from_blob, train, use_cache: bool = True
         obj.save(path, spec=expected, records=plain(records))
         atomic_write_json(sidecar, side)
     return obj, {"source": new_source, "path": str(path), "records": records, "distill_seconds": seconds}
+
+
+# ------------------------------------------------------------------------------------------------
+# the cache folder as a whole (stage=cache)
+# ------------------------------------------------------------------------------------------------
+
+def cache_kinds(root: str | os.PathLike) -> list[dict]:
+    """One row per kind of entry under ``root`` (its top-level folders: ``ode_references``,
+    ``real_stats``, ``predictors``, ``learned``, ``trajectories``, ``file_digests`` ...): the number of
+    files and their bytes. Lock and probe files are not entries."""
+    rows = []
+    root = Path(root)
+    if not root.is_dir():
+        return rows
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = [f for f in folder.rglob("*") if f.is_file() and not f.name.endswith(".lock")
+                 and not f.name.startswith(".write-probe-")]
+        rows.append({"kind": folder.name, "entries": len(files), "bytes": sum(f.stat().st_size for f in files)})
+    return rows
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover -- the loop returns at GiB
+
+
+def clear_cache(root: str | os.PathLike, kind: str) -> list[dict]:
+    """Remove the kind ``kind`` (a folder of :func:`cache_kinds`), or every kind (``all``); the rows
+    removed. Every entry is rebuilt on demand, so clearing loses time, never results."""
+    import shutil
+
+    rows = cache_kinds(root)
+    gone = [r for r in rows if kind in ("all", r["kind"])]
+    for r in gone:
+        shutil.rmtree(Path(root) / r["kind"])
+    return gone

@@ -68,6 +68,15 @@ def hydra_main(cfg: DictConfig):
         raise SystemExit(2) from None
 
 
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def user_error_message(err: BaseException) -> str | None:
     """The message to print for a user error, or None for anything else (a bug: keep its traceback)."""
     from .errors import UserError
@@ -75,8 +84,17 @@ def user_error_message(err: BaseException) -> str | None:
     if isinstance(err, UserError):
         return f"error: {err}"
     if isinstance(err, (HydraException, OmegaConfBaseException)):  # override syntax, unknown group option, ...
+        import re
+
+        from .specs.values import renamed_key_error
+
         cause = err.__cause__
         text = str(err).split("Config search path")[0]
+        if (m := re.match(r"Could not override '([^']+)'", text)) and (renamed := renamed_key_error(m.group(1))):
+            return f"error: {renamed}"
+        if "submitit" in text and not _has_module("hydra_plugins.hydra_submitit_launcher"):
+            return ("error: hydra/launcher=slurm needs Hydra's submitit launcher, an optional extra: "
+                    "pip install 'amed-lab[slurm]' (or hydra-submitit-launcher)")
         if isinstance(cause, OmegaConfBaseException):
             text += "\n" + str(cause).split("\n")[0]
         parts = [line.strip() for line in text.splitlines() if line.strip()]

@@ -46,7 +46,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             from .errors import DiskFullError
 
             raise DiskFullError(f"no space left on the device writing {path} ({len(data)} bytes); nothing was written "
-                                "there: free space, or move hydra.run.dir / eval.cache_dir / AMEDLAB_CACHE elsewhere") from None
+                                "there: free space, or move hydra.run.dir / cache_dir (AMEDLAB_CACHE) elsewhere") from None
         raise
     return path
 

@@ -7,9 +7,9 @@ statistics, the RMSE against a cached high-NFE solution from the same noise, the
 actually used, the counted NFE, timings) and ``samples.png``. A cell whose rule needs a trained part
 asks the rule's ``trained`` hook for it (:mod:`amedlab.solvers.trained`): an AMED cell loads its
 predictor (``solver.predictor``), or reuses one distilled earlier for the same settings
-(``<eval.cache_dir>/predictors``), or distills it (teacher trajectories cached in
-``distill.cache_dir``, shared by all cells); a learned-solver cell its grid + coefficients
-(``<eval.cache_dir>/learned``).
+(``<cache_dir>/predictors``), or distills it (teacher trajectories cached in
+``<cache_dir>/trajectories``, shared by all cells); a learned-solver cell its grid + coefficients
+(``<cache_dir>/learned``).
 
 A run directory that already holds a complete ``metrics.json`` for the same cell (same key: the
 settings that determine the numbers) is not recomputed: re-running a sweep skips finished cells

@@ -55,7 +55,7 @@ SOLVER_ORDER = ("euler", "heun", "midpoint", "dpm2", "dpmpp2m", "dpmpp3m", "dpmp
 METRICS = {"fid": "FID", "kid_mean": "KID", "rmse": "RMSE vs high-NFE solution"}
 #: overrides that do not make a different row (they name the cell, the sweep or how it ran)
 NEUTRAL_KEYS = ("nfe", "solver", "experiments", "stage", "sweep_dir", "seed")
-NEUTRAL_PREFIXES = ("logger", "hydra", "eval.batch_size", "eval.num_threads", "eval.cache_dir", "distill.cache_dir",
+NEUTRAL_PREFIXES = ("logger", "hydra", "eval.batch_size", "eval.num_threads", "cache_dir",
                     "model.path", "eval.skip_finished", "eval.sample_grid", "eval.save_samples", "device")
 
 

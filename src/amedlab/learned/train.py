@@ -13,7 +13,7 @@ one more model call per training batch, none at sampling).
 
 :class:`LearnedDistillation` is what the shared fit trains (:func:`amedlab.training.fit.fit`);
 ``cell_learned`` (the learned rule's ``prepare``, what ``stage=evaluate`` calls) the parameters for a
-cell's settings from the digest-verified cache (``<eval.cache_dir>/learned/``), or trained and stored
+cell's settings from the digest-verified cache (``<cache_dir>/learned/``), or trained and stored
 there with what they were trained for (model identity, nfe, schedule, afs, teacher, trajectories,
 seeds) through :func:`amedlab.training.fit.train_cached`.
 """

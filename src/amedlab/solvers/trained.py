@@ -37,7 +37,7 @@ class TrainedCell:
     batch_size: int                 # eval.batch_size
     model_name: str | None
     device: str
-    cache_dir: Path | None = None   # eval.cache_dir (set once the checks have passed)
+    cache_dir: Path | None = None   # cache_dir (set once the checks have passed)
     read: Callable[[str], Any] | None = None
 
 

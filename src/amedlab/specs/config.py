@@ -1,9 +1,10 @@
 """Reading the composed config: the config folders in Hydra's order, a group's option file, and the
 resolvers ``conf/config.yaml`` uses (``amedlab.root`` for experiments=<name> from any folder,
-``amedlab.cell_dir`` for a sweep cell's folder)."""
+``amedlab.cell_dir`` for a sweep cell's folder, ``amedlab.cache`` for the one cache folder)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,20 @@ from omegaconf import OmegaConf
 from ..resources import CONF_DIR, EXPERIMENTS_ROOT
 
 OmegaConf.register_new_resolver("amedlab.root", lambda: str(EXPERIMENTS_ROOT), replace=True)
+
+
+def default_cache_dir() -> str:
+    """The one cache folder, shared by every working folder: ``AMEDLAB_CACHE`` if set, else the user
+    cache directory, ``$XDG_CACHE_HOME/amedlab`` or ``~/.cache/amedlab`` (the convention of torch.hub,
+    Hugging Face and torch-fidelity). An empty ``AMEDLAB_CACHE`` is returned as is: the checks refuse it."""
+    if "AMEDLAB_CACHE" in os.environ:
+        return os.environ["AMEDLAB_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "amedlab")
+
+
+# conf/config.yaml: cache_dir: ${amedlab.cache:}
+OmegaConf.register_new_resolver("amedlab.cache", default_cache_dir, replace=True)
 
 
 def cell_dirname(override_dirname: str) -> str:

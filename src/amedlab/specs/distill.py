@@ -13,7 +13,13 @@ from ..amed.spec import DistillSpec
 from ..io import plain
 from ..schedules import ScheduleSpec
 from .solver import build_checked_model, check_schedule, check_solver_node
-from .values import _get, check_common, check_device, check_writable, _run_dir, choice_at, fail, float_at, int_at, user_errors
+from .values import _get, check_cache_dir, check_common, check_device, check_writable, _run_dir, choice_at, fail, float_at, int_at, user_errors
+
+
+def trajectory_dir(cfg) -> str | None:
+    """Where teacher trajectories are cached: ``<cache_dir>/trajectories`` (None: not cached)."""
+    root = _get(cfg, "cache_dir")
+    return None if root in (None, "") else str(Path(str(root)).expanduser() / "trajectories")
 
 
 def distill_spec(cfg, solver: Mapping | None = None, schedule: Mapping | None = None) -> DistillSpec:
@@ -31,7 +37,7 @@ def distill_spec(cfg, solver: Mapping | None = None, schedule: Mapping | None = 
         epochs=int(dcfg.epochs), lr_schedule=str(dcfg.get("lr_schedule", "constant")), predictor_sizes=plain(dict(cfg.get("predictor") or {})), seed=int(cfg.seed),
         objective=sdist.get("objective"), intermediate_weight=sdist.get("intermediate_weight"),
         learn_grid=sdist.get("learn_grid"), grid_lr=sdist.get("grid_lr"),
-        cache_dir=dcfg.get("cache_dir"), gen_batch_size=int(dcfg.get("gen_batch_size", 500)),
+        cache_dir=trajectory_dir(cfg), gen_batch_size=int(dcfg.get("gen_batch_size", 500)),
         model_name=cfg.model.get("name") if cfg.get("model") is not None else None,
         accelerator=dcfg.get("accelerator", "auto"), devices=dcfg.get("devices", 1),
         strategy=dcfg.get("strategy", "auto"))
@@ -141,7 +147,7 @@ def config_reader(cfg, solver_node: Mapping, schedule: Mapping, nfe: int, num_po
     def read(what: str):
         if what == "distill":
             check_distill_settings(cfg, model)
-            check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
+            check_cache_dir(cfg)
             return distill_spec(cfg, solver_node, schedule)  # also the predictor's cache key
         if what == "solver.predictor":
             sigmas = ScheduleSpec.from_cfg(schedule).grid(num_points)
@@ -175,7 +181,7 @@ def check_distill(cfg) -> DistillStageSpec:
         ScheduleSpec.from_cfg(schedule).grid(num_points)
     check_distill_settings(cfg)
     check_writable("hydra.run.dir", _run_dir())
-    check_writable("distill.cache_dir", _get(cfg, "distill.cache_dir"))
+    check_cache_dir(cfg)
     model = build_checked_model(cfg)
     check_features(cfg, model)
     return DistillStageSpec(model=model, distill=distill_spec(cfg))

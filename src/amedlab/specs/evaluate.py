@@ -20,7 +20,7 @@ from ..solvers.spec import SolverSpec
 from ..solvers.trained import TrainedCell, given_part
 from .distill import config_reader
 from .solver import DIGITS_NAME, build_checked_model, check_schedule, check_solver_node
-from .values import _get, _run_dir, bool_at, check_common, check_device, check_writable, choice_at, fail, int_at, user_errors
+from .values import _get, _run_dir, bool_at, check_cache_dir, check_common, check_device, check_writable, choice_at, fail, int_at, user_errors
 
 
 def _check_cell_solver(cfg) -> tuple[dict, int, dict, int]:
@@ -292,7 +292,7 @@ def check_evaluate(cfg) -> EvaluateSpec:
     trained, settings, given, cell = _check_trained(cfg, solver_node, schedule, values, model, device)
     # where results and caches go (last: a bad value above leaves no directory behind)
     out_dir = check_writable("hydra.run.dir", _run_dir())
-    cache_dir = check_writable("eval.cache_dir", _get(cfg, "eval.cache_dir"))
+    cache_dir = check_cache_dir(cfg)
     e = cfg.eval
     model_path = cfg.model.get("path")
     if model_path in (None, "") and cfg.model.get("name") == "digits_unet":

@@ -3,6 +3,7 @@ analysis) and :func:`check_stage`, the first call of every stage's ``run(cfg)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
@@ -163,11 +164,35 @@ def check_analyze(cfg) -> None:
     build_checked_model(cfg)
 
 
+@dataclass(frozen=True)
+class CacheSpec:
+    """``stage=cache``: the cache folder, and the kind to clear (None: list only)."""
+
+    root: Path
+    clear: str | None
+
+
+def check_cache(cfg) -> CacheSpec:
+    from ..cache import cache_kinds
+
+    check_common(cfg, "cache")
+    value = _get(cfg, "cache_dir")
+    if not isinstance(value, str) or not value.strip():
+        raise fail("cache_dir", value, "a folder for the caches (default: AMEDLAB_CACHE, else ~/.cache/amedlab)")
+    root = Path(value).expanduser()
+    clear = _get(cfg, "cache.clear")
+    kinds = [r["kind"] for r in cache_kinds(root)]
+    if clear is not None and (not isinstance(clear, str) or clear not in ("all", *kinds)):
+        raise fail("cache.clear", clear, ", ".join(["all", *kinds]),
+                   f"no such kind in {root}" if isinstance(clear, str) else None)
+    return CacheSpec(root=root, clear=clear)
+
+
 CHECKS = {"evaluate": check_evaluate, "distill": check_distill, "compare": check_compare, "table": check_table,
           "compare_cells": check_compare_cells,
           "train_teacher": lambda cfg: check_train(cfg, "train_teacher"),
           "train_features": lambda cfg: check_train(cfg, "train_features"),
-          "analyze_trajectories": check_analyze}
+          "analyze_trajectories": check_analyze, "cache": check_cache}
 
 
 def check_stage(cfg, stage: str):

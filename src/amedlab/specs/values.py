@@ -5,6 +5,7 @@ checks first."""
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import tempfile
@@ -18,9 +19,11 @@ from ..errors import ConfigError, MissingFileError, UserError, user_errors  # no
 from ..io import plain
 from ..resources import CONF_DIR
 
+log = logging.getLogger(__name__)
+
 #: stage name -> module under ``amedlab.stages`` (the name itself)
 STAGE_NAMES = ("compare", "train_teacher", "train_features", "distill", "evaluate", "table", "compare_cells",
-               "analyze_trajectories")
+               "analyze_trajectories", "cache")
 
 
 def _fmt(value) -> str:
@@ -145,6 +148,21 @@ def _paths(node, prefix: str = "") -> list[str]:
     return out
 
 
+#: keys of earlier versions -> what replaced them (named in the error, not guessed)
+RENAMED = {
+    "eval.cache_dir": "cache_dir (one folder for every cache; default AMEDLAB_CACHE, else ~/.cache/amedlab)",
+    "distill.cache_dir": "cache_dir (teacher trajectories go to <cache_dir>/trajectories)",
+}
+
+
+def renamed_key_error(path: str) -> ConfigError | None:
+    """The error for a key an earlier version read, naming its replacement; None for any other key."""
+    key = path.lstrip("+~")
+    if key in RENAMED:
+        return ConfigError(f"{key} is no longer read: it was replaced by {RENAMED[key]}", key)
+    return None
+
+
 def check_known_keys(cfg) -> None:
     """A key nothing reads (typically added with ``+``) is an error naming the nearest known key."""
     known = set(_paths(OmegaConf.to_container(_known_config(cfg), resolve=False)))
@@ -155,6 +173,8 @@ def check_known_keys(cfg) -> None:
     for path in given:
         if path in known or any(path == o or path.startswith(o + ".") for o in open_nodes):
             continue
+        if (err := renamed_key_error(path)) is not None:
+            raise err
         parent = path.rsplit(".", 1)[0] if "." in path else ""
         if parent and parent not in known:
             continue  # below a node already reported, or a value that is not a mapping in the reference
@@ -230,6 +250,21 @@ def check_writable(key: str, directory) -> Path:
     return path
 
 
+def check_cache_dir(cfg) -> Path:
+    """``cache_dir``: the one folder of every cache (amedlab.cache), writable. Said once, when this
+    process first creates it, so that a user knows where the gigabytes go."""
+    value = _get(cfg, "cache_dir")
+    if not isinstance(value, str) or not value.strip():
+        raise fail("cache_dir", value, "a folder for the caches (default: AMEDLAB_CACHE, else ~/.cache/amedlab)")
+    path = Path(value).expanduser()
+    new = not path.exists()
+    path = check_writable("cache_dir", value)
+    if new:
+        log.info("caches go to %s (new; cache_dir= or AMEDLAB_CACHE moves it; amedlab stage=cache lists "
+                    "and clears it)", path.resolve())
+    return path
+
+
 def _run_dir() -> Path:
     """The run directory; in a sweep it must lie inside ``hydra.sweep.dir`` (a cell's folder is named
     from its overrides: a swept path value must not choose where results are written)."""
@@ -256,7 +291,7 @@ def check_common(cfg, stage: str) -> None:
     check_known_keys(cfg)
     int_at(cfg, "seed", 0)
     if "AMEDLAB_CACHE" in os.environ and not os.environ["AMEDLAB_CACHE"].strip():
-        raise fail("AMEDLAB_CACHE", os.environ["AMEDLAB_CACHE"], "a folder for the caches, or unset it (default .cache/amedlab)",
+        raise fail("AMEDLAB_CACHE", os.environ["AMEDLAB_CACHE"], "a folder for the caches, or unset it (default ~/.cache/amedlab)",
                    "the environment variable is set but empty: the caches would go to the file system's root")
     from ..wandb_logger import check_logger_settings
 
