@@ -132,7 +132,14 @@ class WandbLogger(RunLogger):
         self.run.log({key: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
     def log_distillation(self, records: list[Mapping], prefix: str = "distill") -> None:
-        """One point per optimizer update: loss and r/c/a statistics of the interval it trained."""
+        """One point per optimizer update: loss and r/c/a statistics of the interval it trained.
+
+        The curves are drawn against ``<prefix>/update`` (``define_metric``), not wandb's own step: the
+        records of a cached predictor arrive in one burst, and the cell's metrics are logged after them."""
+        if records:
+            step = f"{prefix}/update"
+            self.run.define_metric(step)
+            self.run.define_metric(f"{prefix}/*", step_metric=step)
         for update, rec in enumerate(records):
             i = rec.get("interval", 0)
             point = {f"{prefix}/update": update}

@@ -14,6 +14,12 @@ predictor (``solver.predictor``), or reuses one distilled earlier for the same s
 A run directory that already holds a complete ``metrics.json`` for the same cell (same key: the
 settings that determine the numbers) is not recomputed: re-running a sweep skips finished cells
 and a killed sweep resumes where it stopped. ``metrics.json`` is written atomically, last.
+
+Each cell also keeps ``preview.npz``: its first :data:`PREVIEW_COUNT` images (uint8) and their seeds,
+the cell's part of the sweep's ``samples_by_solver.png`` (``stage=table``); ``metrics.json`` records
+its seeds and sha256 (``preview``), which the table verifies. A finished cell from before previews
+were kept gains one without recomputing its metrics (:func:`preview_from_outputs`, else the stage
+samples the first batch again): ``preview`` is added and ``metrics.json`` sealed again.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from ..solvers.trained import key_content
 from . import uncertainty
 from .extractors import create_extractor, extract_features
 from .metrics import feature_statistics, fid_from_statistics, kid, rmse
-from .plots import sample_grid_png
+from .plots import grid_tiles, sample_grid_png
 from ..data.reference import ode_reference
 from .reference import real_reference
 
@@ -41,7 +47,13 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 #: 2: sealed with a digest (amedlab.cache.seal), ``seed`` in the key, the shapes and the bits' environment recorded
+#: (``preview`` is optional within format 2: a cell without one is still tabulated, only not pictured)
 METRICS_FORMAT = 2
+#: the cell's first images, kept for the sweep's picture (stage=table: samples_by_solver.png)
+PREVIEW_FILE = "preview.npz"
+#: how many: the same first seeds in every cell of a sweep (cells share ``eval.seeds``), small enough
+#: to keep in every cell
+PREVIEW_COUNT = 8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,6 +200,111 @@ def save_samples(out_dir: Path, images: torch.Tensor, seeds, grid_size: int, kee
         np.savez_compressed(buf, images=images.numpy(), seeds=np.asarray(seeds))
         atomic_write_bytes(out_dir / "samples.npz", buf.getvalue())
     return grid_path
+
+
+# ------------------------------------------------------------------------------------------------
+# The preview: the first images of a cell, for the sweep's picture
+# ------------------------------------------------------------------------------------------------
+
+def write_preview(out_dir: Path, images, seeds, source: str = "cell") -> dict:
+    """``preview.npz`` (the first :data:`PREVIEW_COUNT` uint8 images ``[K, C, H, W]`` and their seeds);
+    returns the ``preview`` entry of ``metrics.json`` (seeds, shape, sha256 of the file, where the
+    images came from: ``cell`` when sampled with the metrics, else the file or the regeneration that
+    gave them to a finished cell)."""
+    import hashlib
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from ..io import atomic_write_bytes
+
+    arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    k = min(PREVIEW_COUNT, len(arr), len(seeds))
+    arr, kept = np.ascontiguousarray(arr[:k], dtype=np.uint8), [int(s) for s in list(seeds)[:k]]
+    if arr.ndim != 4:
+        raise ValueError(f"expected uint8 images [N, C, H, W]; got shape {arr.shape}")
+    buf = io.BytesIO()
+    # an .npz (np.load reads it) with fixed timestamps: the same images give the same bytes, and the same
+    # sha256 in metrics.json (np.savez stamps the current time)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, value in (("images", arr), ("seeds", np.asarray(kept, np.int64))):
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(entry, "w") as f:
+                np.lib.format.write_array(f, value, allow_pickle=False)
+    data = buf.getvalue()
+    atomic_write_bytes(Path(out_dir) / PREVIEW_FILE, data)
+    return {"file": PREVIEW_FILE, "seeds": kept, "shape": list(arr.shape[1:]), "sha256": hashlib.sha256(data).hexdigest(),
+            "source": source}
+
+
+def read_preview(metrics: Mapping, cell_dir) -> tuple[tuple | None, str | None]:
+    """((images uint8 ``[K, C, H, W]``, seeds), None) or (None, why not): no ``preview`` recorded (a cell
+    evaluated before previews were kept), its file missing, or not the file ``metrics.json`` recorded."""
+    import hashlib
+    import io
+    import zipfile
+
+    import numpy as np
+
+    info = metrics.get("preview")
+    if info is None:
+        return None, "no preview (evaluated before previews were kept)"
+    if not isinstance(info, Mapping) or not isinstance(info.get("seeds"), list) or not isinstance(info.get("sha256"), str):
+        return None, f"preview={info!r} in {METRICS_FILE} (accepted: an object with seeds and sha256)"
+    path = Path(cell_dir) / Path(str(info.get("file") or PREVIEW_FILE)).name  # never outside the cell's folder
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return None, f"{path} is {'missing' if isinstance(err, FileNotFoundError) else f'unreadable ({err})'}"
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        return None, f"{path} does not match the digest in {METRICS_FILE} (changed or truncated)"
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            images, seeds = z["images"], [int(s) for s in z["seeds"]]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        return None, f"{path} is not a preview ({type(err).__name__})"
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(seeds) or seeds != info["seeds"]:
+        return None, f"{path} holds {images.dtype} {list(images.shape)} for seeds {seeds}, not what {METRICS_FILE} records"
+    return (images, seeds), None
+
+
+def preview_from_outputs(out_dir: Path, metrics: Mapping, seeds) -> tuple[object, str] | None:
+    """(the first images of a finished cell, the file they came from) read back from what the cell
+    wrote with its metrics: ``samples.npz`` (all images and seeds), else ``samples.png`` (a lossless
+    grid of the first ``eval.sample_grid`` images); None when neither holds them. A file newer than
+    ``metrics.json`` is not the cell's (another cell's run in the folder, killed before its metrics)."""
+    import zipfile
+
+    import numpy as np
+
+    metrics_path = Path(out_dir) / METRICS_FILE
+    k = min(PREVIEW_COUNT, len(seeds))
+    shape = metrics.get("sample_shape")
+
+    def cells_own(path: Path) -> bool:
+        return path.is_file() and path.stat().st_mtime_ns <= metrics_path.stat().st_mtime_ns
+
+    npz = Path(out_dir) / "samples.npz"
+    if cells_own(npz):
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                images, kept = z["images"], [int(s) for s in z["seeds"]]
+            if kept[:k] == [int(s) for s in seeds[:k]] and images.dtype == np.uint8 and images.ndim == 4:
+                return images[:k], "samples.npz"
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            log.warning("%s is not readable (%s); not used for the preview", npz, type(err).__name__)
+    png = Path(out_dir) / "samples.png"
+    if metrics.get("sample_grid") and isinstance(shape, list) and len(shape) == 3 and cells_own(png):
+        try:
+            images = grid_tiles(png, k, shape)
+        except OSError as err:
+            log.warning("%s is not readable (%s); not used for the preview", png, err)
+            images = None
+        if images is not None:
+            return images, "samples.png"
+    return None
 
 
 def feature_metrics(spec, images: torch.Tensor) -> dict:

@@ -10,7 +10,13 @@ The stage writes, into ``table.out_dir`` (default: the sweep directory):
 - ``table2.tex``: the same as LaTeX tabulars (booktabs; ``\\textbf`` / ``\\textit``);
 - ``table2.csv``: one line per cell with every metric, its interval (``_lo``, ``_hi``), the real set's
   spread, the marks, and the paired difference to the column's lowest cell with its interval;
-- ``<metric>_vs_nfe.png``: one line per solver, log-scale y, error bars (``fid_vs_nfe.png`` is the main plot);
+- ``<metric>_vs_nfe.png``: one line per solver, log-scale y, error bars, the legend right of the axes
+  (``fid_vs_nfe.png`` is the main plot);
+- ``samples_by_solver.png``: the rows of the table (same order and labels) against its NFE columns, each
+  cell its first images (``preview.npz``, verified against the digest its ``metrics.json`` records), the
+  same seeds in every cell: cells whose preview holds other seeds than most cells' are named in one
+  warning and left blank, and so are cells without a preview (evaluated before previews were kept;
+  re-running the sweep adds them without recomputing a metric) and cells whose preview fails its check;
 and prints the main table and the paths. Missing cells (not run, or still running) show as n/a;
 cells evaluated before intervals were stored show no interval and are never called significant.
 
@@ -45,8 +51,8 @@ from ..errors import ConfigError, MissingFileError
 from ..io import atomic_write_text
 from . import evaluate as _evaluate
 from . import uncertainty as U
-from .evaluate import METRICS_FILE
-from .plots import metric_vs_nfe_png
+from .evaluate import METRICS_FILE, read_preview
+from .plots import metric_vs_nfe_png, samples_by_solver_png
 
 log = logging.getLogger(__name__)
 
@@ -401,6 +407,13 @@ def latex_table(rows, nfes, metric: str, caption: str, marks: dict | None = None
     return "\n".join(lines)
 
 
+def bounds(cell: dict | None, metric: str, level: float, fn=half_width) -> tuple[float | None, float | None]:
+    """(low, high) of the cell's interval at ``level`` (``fn``: :func:`half_width`, or
+    :func:`real_half_width` for the real set's spread); (None, None) without one."""
+    v, h = _value(cell, metric), fn(cell, metric, level)
+    return (None, None) if v is None or h is None else (v - h, v + h)
+
+
 CSV_METRICS = ("fid", "kid_mean", "rmse")
 CSV_FIELDS = ("solver", "label", "nfe", "fid", "fid_lo", "fid_hi", "fid_real_lo", "fid_real_hi", "kid_mean", "kid_std",
               "kid_lo", "kid_hi", "rmse", "rmse_lo", "rmse_hi", "num_samples", "feature_extractor", "schedule", "rho",
@@ -409,20 +422,11 @@ CSV_FIELDS = ("solver", "label", "nfe", "fid", "fid_lo", "fid_hi", "fid_real_lo"
               "rmse_minus_lowest", "rmse_minus_lowest_lo", "rmse_minus_lowest_hi", "metrics_file")
 
 
-def csv_table(rows, nfes, marks: dict | None = None, level: float = 0.95) -> str:
-    """One line per cell: the values, their intervals (``_lo``/``_hi``; ``fid_real_*``: the real set's
-    spread), the marks (``best_<m>`` = 1 for a cell in bold; ``mark_<m>``: best (significantly lowest), tied,
-    lowest (bold but untested: no per-sample data) or empty) and the paired difference to the column's lowest cell with its interval."""
+def csv_rows(rows, nfes, marks: dict | None = None, level: float = 0.95) -> list[dict]:
+    """The lines of :func:`csv_table` as dicts over :data:`CSV_FIELDS` (values as numbers, not text)."""
     marks = marks or {}
     marks = {m: marks.get(m) or column_marks(rows, nfes, m, {}, level) for m in CSV_METRICS}
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-
-    def bounds(c, m, fn):
-        v, h = _value(c, m), fn(c, m, level)
-        return (None, None) if v is None or h is None else (v - h, v + h)
-
+    out = []
     for label, cells in rows.items():
         for n in nfes:
             c = cells.get(n)
@@ -435,10 +439,10 @@ def csv_table(rows, nfes, marks: dict | None = None, level: float = 0.95) -> str
                 "feature_extractor": c.get("feature_extractor"), "schedule": sched.get("kind"), "rho": sched.get("rho"),
                 "metrics_file": c.get("_path"),
             }
-            row["fid_lo"], row["fid_hi"] = bounds(c, "fid", half_width)
-            row["fid_real_lo"], row["fid_real_hi"] = bounds(c, "fid", real_half_width)
-            row["kid_lo"], row["kid_hi"] = bounds(c, "kid_mean", half_width)
-            row["rmse_lo"], row["rmse_hi"] = bounds(c, "rmse", half_width)
+            row["fid_lo"], row["fid_hi"] = bounds(c, "fid", level)
+            row["fid_real_lo"], row["fid_real_hi"] = bounds(c, "fid", level, real_half_width)
+            row["kid_lo"], row["kid_hi"] = bounds(c, "kid_mean", level)
+            row["rmse_lo"], row["rmse_hi"] = bounds(c, "rmse", level)
             for m in CSV_METRICS:
                 mark = _mark(marks[m], label, n)
                 row[f"best_{m}"] = int(mark in ("best", "lowest"))  # in bold (lowest: untested, no data)
@@ -447,7 +451,19 @@ def csv_table(rows, nfes, marks: dict | None = None, level: float = 0.95) -> str
                 d = (marks[m].get(n) or {}).get("diffs", {}).get(label)
                 if d:
                     row[f"{m}_minus_lowest"], row[f"{m}_minus_lowest_lo"], row[f"{m}_minus_lowest_hi"] = d["diff"], d["lo"], d["hi"]
-            w.writerow(row)
+            out.append({f: row.get(f) for f in CSV_FIELDS})
+    return out
+
+
+def csv_table(rows, nfes, marks: dict | None = None, level: float = 0.95, lines: list[dict] | None = None) -> str:
+    """One line per cell: the values, their intervals (``_lo``/``_hi``; ``fid_real_*``: the real set's
+    spread), the marks (``best_<m>`` = 1 for a cell in bold; ``mark_<m>``: best (significantly lowest), tied,
+    lowest (bold but untested: no per-sample data) or empty) and the paired difference to the column's lowest
+    cell with its interval. ``lines``: :func:`csv_rows` already made."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(csv_rows(rows, nfes, marks, level) if lines is None else lines)
     return buf.getvalue()
 
 
@@ -504,6 +520,67 @@ def describe(cells: list[dict]) -> str:
     return f"model {model}, {samples} samples per cell, {extractor} features, real data: {real}{settings}"
 
 
+# ------------------------------------------------------------------------------------------------
+# The sweep's samples side by side (samples_by_solver.png)
+# ------------------------------------------------------------------------------------------------
+
+PICTURE_FILE = "samples_by_solver.png"
+
+
+def _seeds_text(seeds) -> str:
+    seeds = list(seeds)
+    if seeds and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+    return ",".join(map(str, seeds))
+
+
+def cell_previews(rows, nfes) -> dict:
+    """What ``samples_by_solver.png`` shows: ``{"labels", "nfes", "seeds", "images": {(label, nfe): uint8
+    [K, C, H, W]}, "notes": {(label, nfe): why blank}}``. Each cell's preview is read and verified
+    (:func:`~.evaluate.read_preview`); images side by side must come from the same seeds, so the seeds
+    most cells share are shown (a tie: those of the earlier cell in the table's order) and a cell with
+    others is left blank. One warning per kind of blank cell names every such cell and its file."""
+    labels = list(rows)
+    found, notes, old, bad = {}, {}, [], []
+    for label, cells in rows.items():
+        for n in nfes:
+            c = cells.get(n)
+            if c is None:
+                notes[(label, n)] = "not run"
+                continue
+            got, why = read_preview(c, Path(c["_path"]).parent)
+            if got is not None:
+                found[(label, n)] = got
+            elif c.get("preview") is None:
+                old.append(f"{label} NFE {n} ({c['_path']})")
+                notes[(label, n)] = "no preview"
+            else:
+                bad.append(f"{label} NFE {n}: {why}")
+                notes[(label, n)] = "preview failed\nits check"
+    groups: dict[tuple, list] = {}
+    for where, (_, seeds) in found.items():  # in the table's order
+        groups.setdefault(tuple(seeds), []).append(where)
+    shown = max(groups, key=lambda k: len(groups[k])) if groups else ()
+    other = [where for where in found if tuple(found[where][1]) != shown]
+    for where in other:
+        notes[where] = "other seeds"
+    if old:
+        log.warning("%d cell(s) have no preview (evaluated before previews were kept), blank in %s: %s; re-run the "
+                    "sweep to add them (a finished cell only gains its preview, its metrics are not recomputed)",
+                    len(old), PICTURE_FILE, "; ".join(old))
+    if bad:
+        log.warning("%d cell(s) have a preview that fails its check, blank in %s: %s", len(bad), PICTURE_FILE,
+                    "; ".join(bad))
+    if other:
+        log.warning("%s shows the same seeds in every cell (seeds %s, as %d cell(s) have); %d cell(s) kept the first "
+                    "images of other seeds and are left blank: %s", PICTURE_FILE, _seeds_text(shown),
+                    len(groups.get(shown, [])), len(other),
+                    "; ".join(f"{label} NFE {n} (seeds {_seeds_text(found[(label, n)][1])}, {rows[label][n]['_path']})"
+                              for label, n in other))
+    images = {where: imgs for where, (imgs, seeds) in found.items() if tuple(seeds) == shown}
+    return {"labels": labels, "nfes": list(nfes), "seeds": list(shown), "images": images, "notes": notes}
+
+
 SOURCES = ("samples", "total")
 
 
@@ -540,7 +617,9 @@ def check_metrics(metrics, key: str = "table.metrics") -> list[str]:
 
 def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float = 0.95, source: str = "samples") -> dict:
     """Collect, format and write everything; returns {"markdown", "paths", "rows", "nfes", "cells", "marks",
-    "skipped"} (``skipped``: [(path, kind, reason)] of the files not tabulated)."""
+    "skipped", "csv_rows", "picture"} (``skipped``: [(path, kind, reason)] of the files not tabulated;
+    ``csv_rows``: table2.csv's lines, :func:`csv_rows`; ``picture``: what samples_by_solver.png shows,
+    :func:`cell_previews`)."""
     sweep_dir = Path(sweep_dir)
     metrics = check_metrics(metrics)
     cells, skipped = gather(sweep_dir)  # only good cells; the others named in one warning (module docstring)
@@ -560,8 +639,9 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
     paths = {
         "markdown": atomic_write_text(out / "table2.md", markdown),
         "latex": atomic_write_text(out / "table2.tex", "\n\n".join(tex_parts) + "\n"),
-        "csv": atomic_write_text(out / "table2.csv", csv_table(rows, nfes, marks, level)),
     }
+    lines = csv_rows(rows, nfes, marks, level)
+    paths["csv"] = atomic_write_text(out / "table2.csv", csv_table(rows, nfes, lines=lines))
     for m in metrics:
         series = {label: {n: _value(c, m) for n, c in cells_.items()} for label, cells_ in rows.items()}
         errors = {label: {n: h for n, c in cells_.items() if (h := half_width(c, m, level)) is not None}
@@ -569,5 +649,10 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
         paths[f"{m}_plot"] = metric_vs_nfe_png(series, out / f"{m}_vs_nfe.png", METRICS[m],
                                                title=f"{METRICS[m]} vs NFE ({sweep_dir.name})", errors=errors,
                                                error_label=f"{100 * level:g}% interval over seeds")
+    picture = cell_previews(rows, nfes)
+    seeds = f"seeds {_seeds_text(picture['seeds'])}, row by row" if picture["seeds"] else "no previews"
+    paths["samples_by_solver"] = samples_by_solver_png(
+        picture["labels"], picture["nfes"], picture["images"], out / PICTURE_FILE, picture["notes"],
+        title=f"Samples by solver and NFE ({seeds}; {sweep_dir.name})")
     return {"markdown": markdown, "paths": paths, "rows": rows, "nfes": nfes, "cells": cells, "marks": marks,
-            "skipped": skipped}
+            "skipped": skipped, "csv_rows": lines, "picture": picture}

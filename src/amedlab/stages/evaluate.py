@@ -3,11 +3,14 @@
 Samples ``eval.seeds`` (one generator per seed), quantises them as the paper does, and writes to the
 run directory ``metrics.json`` (FID and KID against cached real-data statistics, the RMSE against a
 cached high-NFE solution from the same noise, the schedule and grid used, the counted NFE, timings)
-and ``samples.png``. A run directory holding a complete ``metrics.json`` for the same cell key is
-skipped. The library part is :mod:`amedlab.evaluation.evaluate`.
+and ``samples.png``, and ``preview.npz`` (the first images and their seeds, for the sweep's picture). A
+run directory holding a complete ``metrics.json`` for the same cell key is skipped; one from before
+previews were kept only gains its preview (:func:`add_preview`), its metrics are not recomputed. The
+library part is :mod:`amedlab.evaluation.evaluate`.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -15,15 +18,19 @@ import torch
 
 from ..evaluation import uncertainty
 from ..evaluation.distributed import generate_sharded, world
-from ..evaluation.evaluate import (METRICS_FILE, METRICS_FORMAT, bits_environment, cell_grid, cell_solver, cell_spec, check_finite,
-                                   extra_outputs, feature_metrics, finished_metrics, input_files, save_samples, summary_line,
-                                   trajectory_error)
+from ..evaluation.evaluate import (METRICS_FILE, METRICS_FORMAT, PREVIEW_COUNT, bits_environment, cell_grid, cell_solver,
+                                   cell_spec, check_finite, extra_outputs, feature_metrics, finished_metrics, input_files,
+                                   preview_from_outputs, read_preview, save_samples, summary_line, trajectory_error,
+                                   write_preview)
 from ..evaluation.metrics import quantize
+from ..sampling import generate
 from ..cache import digest, seal, seeds_spec
 from ..wandb_logger import make_logger
 from ..io import atomic_write_json
 from ..models.base import with_precision
 from ..specs import check_stage
+
+log = logging.getLogger(__name__)
 
 
 def _hydra_context() -> tuple[list[str], str | None, str]:
@@ -49,6 +56,50 @@ def _skip(out_dir: Path, key: str, outputs) -> dict | None:
     return done
 
 
+def _regenerated_preview(spec, files, metrics: dict):
+    """(the first images, None) sampled again for a finished cell that kept none, or (None, why not).
+    The first batch of ``eval.batch_size`` seeds, as the cell sampled it (the same batch, the same
+    bits on the same machine); a trained part only from where the cell had it, never trained again."""
+    info = metrics.get("predictor") or {}
+    if spec.trained is not None and not (info.get("path") and Path(str(info["path"])).is_file()):
+        return None, (f"its trained part ({info.get('path') or 'not recorded'}) is no longer there; re-run the cell "
+                      "with eval.skip_finished=false for a preview")
+    model = spec.model.to(spec.device).eval()
+    solver, _ = cell_solver(spec, model, files, True)
+    sigmas = cell_grid(spec, solver)
+    if sigmas.tolist() != metrics.get("sigmas"):
+        return None, "the grid its solver gives now is not the one metrics.json records"
+    first = list(spec.seeds)[:max(PREVIEW_COUNT, spec.batch_size)]  # generate() batches them as the cell did
+    samples, _ = generate(with_precision(model, spec.precision), solver, sigmas, first, spec.batch_size, spec.dtype,
+                          spec.device)
+    return quantize(samples), None
+
+
+def add_preview(spec, files, done: dict) -> dict:
+    """A finished cell without a usable preview gains one, its metrics untouched: from the files it wrote
+    (``samples.npz``, ``samples.png``), else sampled again (:func:`_regenerated_preview`); then
+    ``metrics.json`` records it and is sealed again (atomically). A cell that cannot have one is left as
+    it is, with a warning (the table shows it blank)."""
+    out_dir = spec.out_dir
+    found = preview_from_outputs(out_dir, done, spec.seeds)
+    if found is not None:
+        images, source = found
+    else:
+        try:
+            images, why = _regenerated_preview(spec, files, done)
+        except Exception as err:  # noqa: BLE001 - the cell is finished: a preview it cannot have never fails it
+            images, why = None, f"sampling it again failed: {type(err).__name__}: {err}"
+        if images is None:
+            log.warning("%s: no preview added (%s); its metrics stand", out_dir / METRICS_FILE, why)
+            return done
+        source = "regenerated"
+    record = {k: v for k, v in done.items() if k != "digest"}
+    record["preview"] = write_preview(out_dir, images, spec.seeds, source)
+    atomic_write_json(out_dir / METRICS_FILE, seal(record))
+    print(f"{done['label']} NFE {done['nfe']}: {out_dir / 'preview.npz'} added (from {source}); metrics unchanged")
+    return record
+
+
 def run(cfg):
     spec = check_stage(cfg, "evaluate")  # every check, every file opened, before any compute: the cell's spec
     nfe, seeds, out_dir = spec.nfe, spec.seeds, spec.out_dir
@@ -56,6 +107,8 @@ def run(cfg):
     key = digest(cell_spec(spec, files))
     outputs = extra_outputs(out_dir, spec.sample_grid, spec.save_samples)
     if spec.skip_finished and (done := _skip(out_dir, key, outputs)) is not None:
+        if read_preview(done, out_dir)[0] is None:  # finished before previews were kept (or its file lost)
+            add_preview(spec, files, done)
         return done["fid"]
     overrides, group, run_name = _hydra_context()
     t_start, timing = time.perf_counter(), {}
@@ -77,6 +130,7 @@ def run(cfg):
             raise RuntimeError(f"{label}: {counted} model calls counted, nfe={nfe} asked")
         images = quantize(samples)
         grid_path = save_samples(out_dir, images, seeds, spec.sample_grid, spec.save_samples)
+        preview = write_preview(out_dir, images, seeds)  # the cell's part of the sweep's picture (stage=table)
         t0 = time.perf_counter()
         fm = feature_metrics(spec, images)  # FID / KID against the real data
         timing["metrics_s"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -96,6 +150,7 @@ def run(cfg):
             "feature_extractor": spec.extractor, "feature_extractor_weights": spec.weights or "shipped",
             "real_data": fm["real"]["description"], "ode_reference": ref_info, "uncertainty": unc,
             "predictor": predictor_info, "overrides": overrides, "sample_grid": str(grid_path) if grid_path else None,
+            "preview": preview,
             "timing": timing, "device": spec.device, "torch_threads": torch.get_num_threads(),
             "batch_size": spec.batch_size, "precision": spec.precision, "world_size": world()[1],
             "sample_shape": list(samples.shape[1:]), "real_shape": fm["real"]["description"].get("shape"),
