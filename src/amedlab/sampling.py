@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from .progress import enabled as bars_shown, progress as progress_bar
+
 log = logging.getLogger(__name__)
 
 
@@ -72,11 +74,13 @@ def seeded_noise(seeds, shape, sigma: float, dtype=torch.float32, device="cpu") 
 
 @torch.no_grad()
 def generate(denoiser, solver, sigmas: torch.Tensor, seeds, batch_size: int = 500, dtype=torch.float32,
-             device: str = "cpu", progress: str | None = None) -> tuple[torch.Tensor, int]:
+             device: str = "cpu", progress: str | None = None, *, bar=None) -> tuple[torch.Tensor, int]:
     """Run ``solver`` from x_T = sigma_max * z(seed) for every seed; returns (samples on CPU, NFE).
 
     The noise of each sample comes from its own generator (:func:`amedlab.sampling.seeded_noise`);
-    NFE is counted per batch (every batch must make the same number of model calls).
+    NFE is counted per batch (every batch must make the same number of model calls). ``progress``: a
+    label ("euler NFE 5") for a bar "sampling <label>" on a terminal (:mod:`amedlab.progress`) and,
+    off a terminal, a log line per batch; ``bar``: a caller's bar, advanced by the samples done instead.
     """
     seeds = list(seeds)
     if not seeds:
@@ -89,16 +93,25 @@ def generate(denoiser, solver, sigmas: torch.Tensor, seeds, batch_size: int = 50
     shape = tuple(model.sample_shape)
     out = torch.empty(len(seeds), *shape, dtype=dtype)
     nfe, t0 = None, time.perf_counter()
-    for lo in range(0, len(seeds), int(batch_size)):
-        chunk = seeds[lo : lo + int(batch_size)]
-        x_T = seeded_noise(chunk, shape, float(sigmas[0]), dtype=dtype, device=device)
-        model.reset()
-        out[lo : lo + len(chunk)] = solver.sample(model, x_T, sigmas).to("cpu", dtype)
-        if nfe is None:
-            nfe = model.calls
-        elif model.calls != nfe:
-            raise RuntimeError(f"batches made different numbers of model calls ({nfe} vs {model.calls})")
-        if progress:
-            done = lo + len(chunk)
-            log.info("%s: %d/%d samples (%.1f s)", progress, done, len(seeds), time.perf_counter() - t0)
+    own = progress_bar(total=len(seeds), desc=f"sampling {progress}", unit="img") if progress and bar is None else None
+    shown = bar if bar is not None else own
+    log_lines = bool(progress) and not bars_shown()  # a log line would break a bar on the terminal
+    try:
+        for lo in range(0, len(seeds), int(batch_size)):
+            chunk = seeds[lo : lo + int(batch_size)]
+            x_T = seeded_noise(chunk, shape, float(sigmas[0]), dtype=dtype, device=device)
+            model.reset()
+            out[lo : lo + len(chunk)] = solver.sample(model, x_T, sigmas).to("cpu", dtype)
+            if nfe is None:
+                nfe = model.calls
+            elif model.calls != nfe:
+                raise RuntimeError(f"batches made different numbers of model calls ({nfe} vs {model.calls})")
+            if shown is not None:
+                shown.update(len(chunk))
+            if log_lines:
+                done = lo + len(chunk)
+                log.info("%s: %d/%d samples (%.1f s)", progress, done, len(seeds), time.perf_counter() - t0)
+    finally:
+        if own is not None:
+            own.close()
     return out, int(nfe)

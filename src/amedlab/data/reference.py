@@ -15,6 +15,7 @@ import torch
 from ..cache import digest, load_verified, locked, save_verified, seeds_spec
 from ..io import plain
 from ..models.base import device_of
+from ..progress import enabled as bars_shown, progress
 from ..schedules import ScheduleSpec
 from ..solvers.spec import solver_from_node
 from ..sampling import generate
@@ -54,24 +55,29 @@ def ode_reference(denoiser, ref: Mapping, sigma_min: float, sigma_max: float, se
         nonlocal computed
         blob = load_verified(paths[k], specs[k], what="cache file")
         if blob is None:
-            samples, counted = generate(denoiser, solver, sigmas, chunks[k], batch_size, dtype, str(device_of(denoiser)))
+            samples, counted = generate(denoiser, solver, sigmas, chunks[k], batch_size, dtype,
+                                        str(device_of(denoiser)), bar=bar)
             if counted != nfe:
                 raise RuntimeError(f"reference solver made {counted} calls, expected {nfe}")
             save_verified(paths[k], {"spec": specs[k], "samples": samples})
             computed += 1
-            log.info("high-NFE reference: chunk %d/%d (%d seeds) computed", k + 1, len(chunks), len(chunks[k]))
+            if not bars_shown():  # the bar says it on a terminal; a log line would break it
+                log.info("high-NFE reference: chunk %d/%d (%d seeds) computed", k + 1, len(chunks), len(chunks[k]))
         else:
             samples = blob["samples"]
+            bar.update(len(chunks[k]))
         parts[k] = samples
 
-    for k in range(len(chunks)):  # first the chunks nobody else is computing
-        with locked(paths[k], wait=False) as got:
-            if got:
-                load_or_compute(k)
-    for k in range(len(chunks)):  # then wait for the others
-        if parts[k] is None:
-            with locked(paths[k]):
-                load_or_compute(k)
+    # one bar over every seed, advanced per batch (a cached chunk at once); on a terminal only
+    with progress(total=len(seeds), desc=f"ODE reference {solver_node['name']} {nfe} NFE", unit="img") as bar:
+        for k in range(len(chunks)):  # first the chunks nobody else is computing
+            with locked(paths[k], wait=False) as got:
+                if got:
+                    load_or_compute(k)
+        for k in range(len(chunks)):  # then wait for the others
+            if parts[k] is None:
+                with locked(paths[k]):
+                    load_or_compute(k)
     desc = {"solver": solver_node, "nfe": nfe, "schedule": schedule, "cache_dir": str(Path(cache_dir) / "ode_references"),
             "chunks": len(chunks), "cached": computed == 0}
     return torch.cat(parts), desc

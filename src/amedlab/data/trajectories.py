@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from ..cache import digest, load_verified, save_verified, seeds_spec
 from ..solvers.spec import solver_from_node
 from ..models.base import device_of
+from ..progress import progress
 from ..sampling import seeded_noise
 from ..schedules import ScheduleSpec
 
@@ -73,15 +74,18 @@ def generate_trajectories(denoiser, teacher: Mapping, schedule: Mapping, num_poi
     device = device_of(denoiser)
     noise = seeded_noise(seeds, shape, float(schedule["sigma_max"]), dtype)
     states = torch.empty(len(seeds), num_points, *shape, dtype=dtype)
-    for lo in range(0, len(seeds), batch_size):
-        kept = []
+    desc = f"teacher trajectories {teacher['name']}, {len(sigmas)} points"
+    with progress(total=len(seeds), desc=desc, unit="traj") as bar:  # on a terminal only
+        for lo in range(0, len(seeds), batch_size):
+            kept = []
 
-        def keep(state, stride=M + 1):
-            if state.index % stride == 0:
-                kept.append(state.x)
+            def keep(state, stride=M + 1):
+                if state.index % stride == 0:
+                    kept.append(state.x)
 
-        solver.sample(denoiser, noise[lo : lo + batch_size].to(device), sigmas, callback=keep)
-        states[lo : lo + batch_size] = torch.stack(kept, dim=1).cpu()
+            solver.sample(denoiser, noise[lo : lo + batch_size].to(device), sigmas, callback=keep)
+            states[lo : lo + batch_size] = torch.stack(kept, dim=1).cpu()
+            bar.update(len(kept[0]))
     return {"noise": noise, "states": states}
 
 

@@ -41,6 +41,7 @@ import torch
 
 from ..cache import digest, seeds_spec
 from ..io import atomic_write_bytes
+from ..progress import progress
 from .fid import frechet, psd_root
 from .metrics import per_sample_mse
 
@@ -251,15 +252,18 @@ def cell_bootstrap(gen_features: torch.Tensor, real_mu, real_sigma, real_feature
     fid_s, fid_r, fid_t = np.empty(B), np.empty(B if use_real else 0), np.empty(B if use_real else 0)
     d = gen.shape[1]
     chunk = max(1, min(B, 2**22 // (d * d)))  # replicates per batch: bounds the [chunk, d, d] covariances
-    for b0 in range(0, B, chunk):
-        sl = slice(b0, min(B, b0 + chunk))
-        mu_gb, s_gb = _stats(gen, torch.as_tensor(W[sl], device=dev))
-        fid_s[sl] = frechet(mu_gb, s_gb, mu_r, root_r, tr_r).cpu().numpy()
-        if use_real:
-            mu_rb, s_rb = _stats(real, torch.as_tensor(V[sl], device=dev))
-            fid_r[sl] = frechet(mu_rb, s_rb, mu_g, root_g, tr_g).cpu().numpy()  # generated fixed, real resampled
-            tr_rb = torch.diagonal(s_rb, dim1=-2, dim2=-1).sum(-1)
-            fid_t[sl] = frechet(mu_gb, s_gb, mu_rb, psd_root(s_rb), tr_rb).cpu().numpy()
+    # a bar on a terminal only, per chunk of replicates (digits: one chunk; Inception: minutes per replicate)
+    with progress(total=B, desc=f"bootstrap FID, {n} samples", unit="rep", leave=False) as bar:
+        for b0 in range(0, B, chunk):
+            sl = slice(b0, min(B, b0 + chunk))
+            mu_gb, s_gb = _stats(gen, torch.as_tensor(W[sl], device=dev))
+            fid_s[sl] = frechet(mu_gb, s_gb, mu_r, root_r, tr_r).cpu().numpy()
+            if use_real:
+                mu_rb, s_rb = _stats(real, torch.as_tensor(V[sl], device=dev))
+                fid_r[sl] = frechet(mu_rb, s_rb, mu_g, root_g, tr_g).cpu().numpy()  # generated fixed, real resampled
+                tr_rb = torch.diagonal(s_rb, dim1=-2, dim2=-1).sum(-1)
+                fid_t[sl] = frechet(mu_gb, s_gb, mu_rb, psd_root(s_rb), tr_rb).cpu().numpy()
+            bar.update(sl.stop - sl.start)
     arrays = {"fid_samples": fid_s, "fid_real": fid_r, "fid_total": fid_t,
               "kid_samples": np.empty(0), "kid_real": np.empty(0), "kid_total": np.empty(0)}
     if do_kid:  # each big product once: the samples / real / total replicates share them

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
+import torchmetrics
 from torch.nn import functional as F
 
 from amedlab.models.digits_features import DigitsClassifier
@@ -34,6 +35,9 @@ class ClassifierModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = DigitsClassifier(channels=channels, feature_dim=feature_dim, dropout=dropout)
+        # held-out loss and accuracy over a whole validation pass (computed and reset at its end)
+        self.val_loss = torchmetrics.MeanMetric()
+        self.val_accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average="micro")
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -45,8 +49,10 @@ class ClassifierModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         images, labels = batch
         logits = self.model(images)
-        self.log("val/loss", F.cross_entropy(logits, labels))
-        self.log("val/accuracy", (logits.argmax(1) == labels).float().mean())
+        self.val_loss.update(F.cross_entropy(logits, labels), weight=len(labels))
+        self.val_accuracy.update(logits, labels)
+        self.log("val/loss", self.val_loss)
+        self.log("val/accuracy", self.val_accuracy)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

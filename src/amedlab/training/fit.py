@@ -17,12 +17,15 @@ one per interval), gradients averaged over processes, the divergence check after
 (:mod:`amedlab.training.loss`: a non-finite loss, non-finite or runaway parameters, a collapsed
 learned grid stop the training with a ResultError naming the learning rate to lower, before anything
 is stored), an optional per-batch learning-rate factor (``lr_factor(progress)``), the per-update
-records. The Trainer runs where the frozen teacher is (:mod:`amedlab.training.placement`), with no
-checkpoints, no progress bar and the logger the caller passes (none by default).
+records and their mean over each epoch (``train/epoch_loss``, a torchmetrics ``MeanMetric``). The
+Trainer runs where the frozen teacher is (:mod:`amedlab.training.placement`), with no checkpoints,
+Lightning's progress bar on a terminal only (:func:`amedlab.progress.enabled`) and the logger the
+caller passes (none by default).
 """
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -32,9 +35,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
+import torchmetrics
 from torch import nn
 
 from ..cache import digest, trained_once
+from ..progress import enabled as bars_shown
 from .loss import any_rank, diverged
 from .placement import held_teacher, lightning_placement, teacher_to
 
@@ -124,6 +129,8 @@ class Fit(pl.LightningModule):
         self.records: list[dict] = []  # per update: the method's records (loss, ...)
         self.updates = 0  # optimizer steps taken
         self.schedule = None
+        # the epoch's mean update loss, weighted by samples (synced over processes): logged, never trained on
+        self.epoch_loss = torchmetrics.MeanMetric()
 
     def configure_optimizers(self):
         groups = self.method.optimizer_groups()
@@ -162,12 +169,15 @@ class Fit(pl.LightningModule):
             self.updates += 1
             value = update.loss.item()
             self.check_update(value)
+            self.epoch_loss.update(value, weight=update.batch_size)
             for rec in update.records(value):
                 self.records.append(rec)
                 self.log_dict({f"interval_{rec.get('interval', 0)}/{k}": v for k, v in rec.items() if k != "interval"},
                               on_step=True, batch_size=update.batch_size)
         if self.schedule is not None:
             self.schedule.step()  # once per batch
+        # Lightning computes and resets the metric at the epoch's end (the progress bar shows it)
+        self.log("train/epoch_loss", self.epoch_loss, on_step=False, on_epoch=True, prog_bar=True)
 
 
 @dataclass
@@ -201,9 +211,10 @@ def fit(method: TrainedMethod, denoiser, data, *, epochs: int, accelerator: str 
     _quiet()
     accelerator, devices = lightning_placement(denoiser, accelerator, devices)  # where the teacher is
     module = Fit(method, denoiser)
+    # Lightning's bar writes to stdout: shown when that is a terminal (the same policy as every bar)
     trainer = pl.Trainer(max_epochs=int(epochs), logger=logger, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=False, accelerator=accelerator, devices=devices, strategy=strategy,
-                         use_distributed_sampler=False)
+                         enable_progress_bar=bars_shown(sys.stdout), accelerator=accelerator, devices=devices,
+                         strategy=strategy, use_distributed_sampler=False)
     t0, c0 = time.perf_counter(), time.process_time()
     with held_teacher(denoiser):  # the caller's model comes back as it was: mode, flags, device
         if isinstance(data, pl.LightningDataModule):

@@ -7,13 +7,16 @@ the network), ``metrics.json`` and ``recipe.json`` (command, seed, steps, wall t
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torchmetrics
 
+from amedlab.progress import enabled as bars_shown
 from amedlab.wandb_logger import lightning_loggers
 from amedlab.io import atomic_write_text, run_dir
 from amedlab.models.digits import make_digits_denoiser
@@ -58,11 +61,12 @@ def set_threads(node) -> None:
 def make_trainer(device: str, logger: Mapping | None, node: Mapping, out: Path, datamodule) -> pl.Trainer:
     """A Lightning trainer for ``node`` (the train.teacher / train.features settings) on ``device``: stops
     at ``steps`` or ``max_minutes``, validates every ``val_every_steps``, logs into the run directory
-    (and to wandb with the ``logger`` settings), no checkpoints (the stage writes its own, atomically)."""
+    (and to wandb with the ``logger`` settings), no checkpoints (the stage writes its own, atomically),
+    Lightning's progress bar on a terminal only (:func:`amedlab.progress.enabled`; it writes to stdout)."""
     accelerator, devices = trainer_device(str(device))
     return pl.Trainer(
         max_steps=int(node["steps"]), max_time=max_time(node), accelerator=accelerator, devices=devices,
-        logger=lightning_loggers(logger, out), enable_checkpointing=False, enable_progress_bar=False,
+        logger=lightning_loggers(logger, out), enable_checkpointing=False, enable_progress_bar=bars_shown(sys.stdout),
         enable_model_summary=False, val_check_interval=int(node["val_every_steps"]), check_val_every_n_epoch=None,
         log_every_n_steps=log_every_n_steps(datamodule), num_sanity_val_steps=0, default_root_dir=str(out),
     )
@@ -81,6 +85,7 @@ class TeacherModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model = make_digits_denoiser(dict(net), sigma_data=sigma_data)
         self.ema = EMA(self.model, ema_halflife_steps, ema_rampup)
+        self.val_loss = torchmetrics.MeanMetric()  # the held-out loss over a validation pass, weighted by images
 
     def training_step(self, batch, batch_idx):
         images, _ = batch
@@ -95,7 +100,8 @@ class TeacherModule(pl.LightningModule):
         images, _ = batch
         gen = torch.Generator(device=images.device).manual_seed(VAL_SEED + batch_idx)
         loss = edm_loss(self.ema.module, images, self.hparams.p_mean, self.hparams.p_std, generator=gen)
-        self.log("val/ema_loss", loss, prog_bar=True)
+        self.val_loss.update(loss, weight=len(images))
+        self.log("val/ema_loss", self.val_loss, prog_bar=True)  # computed and reset at the pass's end
         return loss
 
     def configure_optimizers(self):
