@@ -10,7 +10,7 @@ PINS := torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PINS) -e ".[test,diffusers,slurm]"
+	$(PY) -m pip install -q $(PINS) -e ".[test,diffusers,slurm,k-diffusion]"
 	touch $@
 
 venv: $(VENV)/.installed

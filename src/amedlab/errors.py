@@ -51,3 +51,28 @@ def user_errors(key: str):
         if key not in msg:
             msg = f"{key}: {msg}"
         raise (MissingFileError if isinstance(err, FileNotFoundError) else ConfigError)(msg, key) from err
+
+
+class ExportError(UserError, ValueError):
+    """An exported solver (``solver.json``, :mod:`amedlab.interop`) used or made where it does not
+    belong. The subclasses name what is wrong."""
+
+
+class SchemaVersionError(ExportError):
+    """A ``solver.json`` of a schema version this amedlab does not read."""
+
+
+class DigestMismatchError(ExportError):
+    """A ``solver.json`` whose content does not match its digest (edited or damaged)."""
+
+
+class WrongModelError(ExportError):
+    """A solver trained for another model than the one given."""
+
+
+class WrongNFEError(ExportError):
+    """A solver asked for another number of model evaluations than it was trained for."""
+
+
+class ParametrisationError(ExportError):
+    """A scheduler used with a model of another parametrisation (epsilon, v, sample; VP vs EDM)."""

@@ -311,3 +311,65 @@ def check_evaluate(cfg) -> EvaluateSpec:
         cache_dir=cache_dir, logger=plain(cfg.get("logger") or {}), config=plain(cfg), trained=trained,
         trained_settings=settings, trained_part=given,
         trained_cell=None if cell is None else dataclasses.replace(cell, cache_dir=cache_dir, read=None))
+
+
+@dataclass
+class ExportSpec:
+    """``stage=export``: the cell of ``stage=evaluate`` (model, solver, NFE, schedule, the trained part's
+    settings) without its evaluation, and where the export goes. Field names as in :class:`EvaluateSpec`
+    where they mean the same (``cell_solver`` reads either)."""
+
+    model: object
+    model_name: str | None
+    solver_node: dict
+    solver: SolverSpec
+    nfe: int
+    schedule: dict
+    num_points: int
+    device: str
+    out_dir: Path
+    cache_dir: Path
+    predictor_cache: bool
+    trained: object
+    trained_settings: object
+    trained_part: object
+    trained_cell: TrainedCell | None
+    command: dict                   # the overrides and config, for the provenance
+
+
+def check_export(cfg) -> ExportSpec:
+    """stage=export: the evaluate cell's solver keys, the model (with features for an AMED rule), the
+    trained part's settings or file, and a writable ``export.dir``."""
+    from ..solvers import trained_solvers
+
+    check_common(cfg, "export")
+    device = check_device(cfg)
+    solver_node, nfe, schedule, num_points = _check_cell_solver(cfg)
+    values = _check_eval_values(cfg)       # the evaluation seeds: training seeds stay disjoint from them
+    _check_ode_reference(cfg, schedule)    # the learned solver's teacher
+    model = build_checked_model(cfg)
+    trained, settings, given, cell = _check_trained(cfg, solver_node, schedule, values, model, device)
+    if trained is None:
+        raise fail("solver", solver_node.get("name"), ", ".join(trained_solvers()),
+                   "stage=export writes a trained solver (its grid and weights, or its predictor); this rule has no "
+                   "trained part: its formulas are the ones in amedlab.solvers")
+    if trained.key == "distill":
+        from ..interop.export import FEATURE_BACKENDS, feature_block
+
+        if feature_block(model) is None:
+            raise fail("model", _get(cfg, "model.name"), "; ".join(FEATURE_BACKENDS.values()),
+                       "an AMED rule's predictor reads per-sample features from a block of the model's network; "
+                       "this model exposes none another program could hook")
+    bool_at(cfg, "eval.predictor_cache")
+    folder = _get(cfg, "export.dir")
+    if folder is not None and (not isinstance(folder, str) or not folder.strip()):
+        raise fail("export.dir", folder, "a folder, or null (the run directory)")
+    out_dir = check_writable("export.dir" if folder else "hydra.run.dir", folder or _run_dir())
+    cache_dir = check_cache_dir(cfg)
+    return ExportSpec(model=model, model_name=cfg.model.get("name"), solver_node=solver_node,
+                      solver=SolverSpec.from_node(solver_node), nfe=nfe, schedule=schedule, num_points=num_points,
+                      device=device, out_dir=out_dir, cache_dir=cache_dir,
+                      predictor_cache=bool(cfg.eval.predictor_cache), trained=trained, trained_settings=settings,
+                      trained_part=given,
+                      trained_cell=None if cell is None else dataclasses.replace(cell, cache_dir=cache_dir, read=None),
+                      command={"config": plain(cfg)})

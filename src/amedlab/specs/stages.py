@@ -14,7 +14,7 @@ from ..schedules import ScheduleSpec
 from ..solvers.spec import SolverSpec
 from .config import load_group
 from .distill import check_distill
-from .evaluate import check_evaluate
+from .evaluate import check_evaluate, check_export
 from .solver import build_checked_model, check_schedule, check_solver_node
 from .values import (STAGE_NAMES, _get, _run_dir, check_common, check_device, check_metric_names, check_out_dir, check_significance,
                      check_sweep_dir, check_writable, choice_at, fail, float_at, int_at, list_at, user_errors)
@@ -192,7 +192,7 @@ CHECKS = {"evaluate": check_evaluate, "distill": check_distill, "compare": check
           "compare_cells": check_compare_cells,
           "train_teacher": lambda cfg: check_train(cfg, "train_teacher"),
           "train_features": lambda cfg: check_train(cfg, "train_features"),
-          "analyze_trajectories": check_analyze, "cache": check_cache}
+          "analyze_trajectories": check_analyze, "export": check_export, "cache": check_cache}
 
 
 def check_stage(cfg, stage: str):

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 #: stage name -> module under ``amedlab.stages`` (the name itself)
 STAGE_NAMES = ("compare", "train_teacher", "train_features", "distill", "evaluate", "table", "compare_cells",
-               "analyze_trajectories", "cache")
+               "analyze_trajectories", "export", "cache")
 
 
 def _fmt(value) -> str:
