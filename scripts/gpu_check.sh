@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run for a GPU machine (see README, "Scaling out"): sampling throughput per solver at
+# One prepared run for a GPU machine (see docs/scaling.md): sampling throughput per solver at
 # NFE 5 in fp32/bf16/fp16, and the digits Table 2 with 10k samples per cell on the GPU. Results go to
-# outputs/gpu_check/ (paste them into the README with the card's name).
+# outputs/gpu_check/ (paste them into docs/scaling.md with the card's name).
 #
 #   scripts/gpu_check.sh             # on the GPU machine
 #   scripts/gpu_check.sh --dry-run   # anywhere, on the CPU, in seconds: composes and checks every

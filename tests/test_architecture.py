@@ -1,4 +1,4 @@
-"""The layout the README's Architecture section describes, checked on the source: data flows
+"""The layout docs/architecture.md describes, checked on the source: data flows
 downwards (no import cycle among amedlab's modules, counting imports inside functions too), every
 stage is a short ``run(cfg)`` in ``amedlab/stages/``, and no library module has a ``run``."""
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each stage is a plain function ``run(cfg) -> float | dict`` in its own module, ``amedlab.stages.<stage>``;
 this file only composes the config and dispatches ``stage=<name>`` to it (the stage checks the config
 first). The returned value is what sweepers optimise. Data flows downwards: cli -> stages -> specs ->
-library (README, "Architecture").
+library (docs/architecture.md).
 
 A user error (a bad value, an unknown key, an unusable file or directory; Hydra's own override and
 composition errors) is printed as its message alone, on stderr, with exit status 2: no traceback.

@@ -335,7 +335,7 @@ def trajectory_error(spec, model, solver: Solver, samples: torch.Tensor) -> tupl
 
 def bits_environment(device: str, dtype: torch.dtype) -> dict:
     """What decides a cell's last bits besides its key: the same values give the same bits; trained rows
-    may move across CPUs and BLAS builds (README, "Reliability")."""
+    may move across CPUs and BLAS builds (docs/reliability.md)."""
     import platform
 
     import numpy as np

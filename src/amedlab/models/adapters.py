@@ -229,11 +229,11 @@ class EDMPickleDenoiser(Denoiser):
 
 
 def _ensure_edm_source(source_dir) -> None:
-    hint = ("NVlabs' EDM source (github.com/NVlabs/edm: dnnlib/, torch_utils/, training/) must be importable to "
-            "unpickle its networks: clone it and set model.source_dir=<that clone>")
+    hint = ("NVlabs' EDM source (github.com/NVlabs/edm: dnnlib/ and torch_utils/; the network code itself is in "
+            "the pickle) must be importable to unpickle its networks: clone it and set model.source_dir=<that clone>")
     if source_dir not in (None, ""):
-        src = existing_folder("model.source_dir", source_dir, "a clone of github.com/NVlabs/edm (dnnlib/, "
-                              "torch_utils/, training/), or null if it is importable").resolve()
+        src = existing_folder("model.source_dir", source_dir, "a clone of github.com/NVlabs/edm (dnnlib/ and "
+                              "torch_utils/), or null if it is importable").resolve()
         if not (src / "torch_utils" / "persistence.py").is_file():
             raise MissingFileError(f"model.source_dir={str(source_dir)!r} has no torch_utils/persistence.py. {hint}",
                                    "model.source_dir")

@@ -100,15 +100,22 @@ def add_preview(spec, files, done: dict) -> dict:
     return record
 
 
+def _finished(spec, files, key: str, outputs) -> dict | None:
+    """The cell's metrics if it is finished (``eval.skip_finished``); one finished before previews were
+    kept (or whose preview is lost) gains one first."""
+    done = _skip(spec.out_dir, key, outputs) if spec.skip_finished else None
+    if done is not None and read_preview(done, spec.out_dir)[0] is None:
+        add_preview(spec, files, done)
+    return done
+
+
 def run(cfg):
     spec = check_stage(cfg, "evaluate")  # every check, every file opened, before any compute: the cell's spec
     nfe, seeds, out_dir = spec.nfe, spec.seeds, spec.out_dir
     files = input_files(spec, memo_dir=spec.cache_dir / "file_digests")
     key = digest(cell_spec(spec, files))
     outputs = extra_outputs(out_dir, spec.sample_grid, spec.save_samples)
-    if spec.skip_finished and (done := _skip(out_dir, key, outputs)) is not None:
-        if read_preview(done, out_dir)[0] is None:  # finished before previews were kept (or its file lost)
-            add_preview(spec, files, done)
+    if (done := _finished(spec, files, key, outputs)) is not None:
         return done["fid"]
     overrides, group, run_name = _hydra_context()
     t_start, timing = time.perf_counter(), {}
@@ -150,11 +157,10 @@ def run(cfg):
             "feature_extractor": spec.extractor, "feature_extractor_weights": spec.weights or "shipped",
             "real_data": fm["real"]["description"], "ode_reference": ref_info, "uncertainty": unc,
             "predictor": predictor_info, "overrides": overrides, "sample_grid": str(grid_path) if grid_path else None,
-            "preview": preview,
-            "timing": timing, "device": spec.device, "torch_threads": torch.get_num_threads(),
+            "preview": preview, "timing": timing, "device": spec.device, "torch_threads": torch.get_num_threads(),
             "batch_size": spec.batch_size, "precision": spec.precision, "world_size": world()[1],
             "sample_shape": list(samples.shape[1:]), "real_shape": fm["real"]["description"].get("shape"),
-            "environment": bits_environment(spec.device, spec.dtype),  # what decides the last bits (README, reliability)
+            "environment": bits_environment(spec.device, spec.dtype),  # what decides the last bits (docs/reliability.md)
         }
         check_finite(metrics, f"{label} NFE {nfe}")
         path = atomic_write_json(out_dir / METRICS_FILE, seal(metrics))
