@@ -144,6 +144,11 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
     finally:
         sys.argv = argv
         GlobalHydra.instance().clear()
+        # Hydra keeps the job's config in a process-wide singleton: left set, later tests in this
+        # process would read this composition's (output-less) hydra node as their run directory
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().cfg = None
     return code, out.getvalue(), err.getvalue()
 
 
