@@ -15,6 +15,11 @@ A run directory that already holds a complete ``metrics.json`` for the same cell
 settings that determine the numbers) is not recomputed: re-running a sweep skips finished cells
 and a killed sweep resumes where it stopped. ``metrics.json`` is written atomically, last.
 
+A cell whose sampler is exactly ``eval.ode_reference`` (:func:`is_limit_cell`) is the *limit cell*:
+it samples nothing and takes the cached reference as its samples (:func:`limit_samples`; RMSE 0),
+scored as any cell; ``metrics.json`` records ``"limit": true`` (absent: false) and the label
+:func:`limit_label`. The table shows it as a bound, not a competitor (:mod:`.table`).
+
 Each cell also keeps ``preview.npz``: its first :data:`PREVIEW_COUNT` images (uint8) and their seeds,
 the cell's part of the sweep's ``samples_by_solver.png`` (``stage=table``); ``metrics.json`` records
 its seeds and sha256 (``preview``), which the table verifies. A finished cell from before previews
@@ -331,6 +336,56 @@ def trajectory_error(spec, model, solver: Solver, samples: torch.Tensor) -> tupl
         with torch.no_grad():
             reference = torch.cat([model(r.to(spec.device), smin).cpu() for r in reference.split(batch)])
     return rmse(samples, reference), reference, ref_info
+
+
+# ------------------------------------------------------------------------------------------------
+# The limit cell: the ODE reference scored as a cell
+# ------------------------------------------------------------------------------------------------
+
+def is_limit_cell(spec) -> bool:
+    """Whether the cell samples exactly as ``eval.ode_reference`` (rule, AFS, final step, options, NFE,
+    schedule): then its samples are the reference's, and the cell is the *limit* of the table, the
+    teacher's own ODE solution that no ODE solver of it can beat (docs/evaluation.md). The reference
+    always ends at sigma_min (:mod:`amedlab.data.reference`), its schedule between the cell's ends."""
+    if spec.trained is not None:  # a trained rule is a learned solver, never the plain reference rule
+        return False
+    ref = spec.ode_reference
+    ref_solver, ref_schedule = plain(dict(ref.get("solver") or {})), dict(ref.get("schedule") or {})
+
+    def rule(node: Mapping) -> dict:
+        return {"name": node.get("name"), "afs": node.get("afs") or False, "options": dict(node.get("options") or {}),
+                "_target_": node.get("_target_")}
+
+    return (rule(spec.solver.node()) == rule(ref_solver) and spec.solver.final_step == "sigma_min"
+            and int(spec.nfe) == int(ref["nfe"]) and str(spec.schedule["kind"]) == str(ref_schedule.get("kind"))
+            and float(spec.schedule["rho"]) == float(ref_schedule.get("rho", float("nan"))))
+
+
+def limit_label(ref: Mapping) -> str:
+    """The limit row's name, from the reference solver's own row name and NFE: ``EDM (Heun)`` at 40
+    NFE gives ``ODE reference (Heun, 40 NFE)`` (the rule's name without its family, tags kept: a
+    reference with AFS reads ``Heun, AFS``); a ``label`` given to the reference solver is used as it is."""
+    import re
+
+    from ..solvers.spec import solver_label
+
+    node = plain(dict(ref["solver"]))
+    full = solver_label(node)
+    family = re.fullmatch(r"([^()]+) \([^()]+\)", solver_label({"name": node["name"], "_target_": node.get("_target_")}))
+    method = full
+    if not node.get("label") and family and full.startswith(family.group(1) + " (") and full.endswith(")"):
+        method = full[len(family.group(1)) + 2:-1]
+    return f"ODE reference ({method}, {int(ref['nfe'])} NFE)"
+
+
+def limit_samples(spec, model) -> tuple[torch.Tensor, int]:
+    """The limit cell's samples and NFE: the cached ODE reference itself (computed once, as for every
+    cell's RMSE, when no cell has yet), no sampling of its own. Its NFE was counted when it was
+    computed (:func:`amedlab.data.reference.ode_reference` refuses any other count)."""
+    smin, smax = float(spec.schedule["sigma_min"]), float(spec.schedule["sigma_max"])
+    reference, _ = ode_reference(model, spec.ode_reference, smin, smax, spec.seeds, spec.cache_dir, spec.batch_size,
+                                 spec.dtype)
+    return reference, int(spec.ode_reference["nfe"])
 
 
 def bits_environment(device: str, dtype: torch.dtype) -> dict:

@@ -96,7 +96,7 @@ def _save(fig, path) -> Path:
 
 def metric_vs_nfe_figure(series: Mapping[str, Mapping[int, float]], metric: str = "FID", title: str | None = None,
                          log_y: bool = True, errors: Mapping[str, Mapping[int, float]] | None = None,
-                         error_label: str | None = None):
+                         error_label: str | None = None, limits: Mapping[str, float] | None = None):
     """The figure of :func:`metric_vs_nfe_png` (open; the caller closes it)."""
     plt = _pyplot()
     # wider than the axes: the legend goes right of them (a Table 2 sweep has ~11 rows, which inside
@@ -118,6 +118,9 @@ def metric_vs_nfe_figure(series: Mapping[str, Mapping[int, float]], metric: str 
         else:
             ax.plot(xs, ys, marker=markers[k % len(markers)], label=label,
                     linestyle="--" if label.startswith("AMED") else "-")
+    for label, value in (limits or {}).items():  # a bound at every NFE, not a curve (a log axis cannot show <= 0)
+        if value is not None and np.isfinite(value) and (value > 0 or not log_y):
+            ax.axhline(value, color="0.25", linestyle="--", linewidth=1.2, label=label, zorder=1)
     all_nfes = sorted({n for points in series.values() for n in points})
     if log_y:
         ax.set_yscale("log")
@@ -127,10 +130,13 @@ def metric_vs_nfe_figure(series: Mapping[str, Mapping[int, float]], metric: str 
     ax.set_title(title or f"{metric} vs NFE")
     ax.grid(True, which="both", alpha=0.3)
     note = f"error bars: {error_label}" if errors and any(errors.values()) and error_label else None
-    if ax.get_legend_handles_labels()[0]:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        last = [k for k, label in enumerate(labels) if label in (limits or {})]  # the limits last, as in the table
+        order = [k for k in range(len(labels)) if k not in last] + last
         # outside the axes, right of them: it never hides a point; the error bars' note is its title
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, title=note,
-                  title_fontsize=7, alignment="left")
+        ax.legend([handles[k] for k in order], [labels[k] for k in order], fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, title=note, title_fontsize=7, alignment="left")
     elif note:
         ax.set_title(f"{ax.get_title()}\n{note}", fontsize=9)
     fig.tight_layout()
@@ -139,12 +145,14 @@ def metric_vs_nfe_figure(series: Mapping[str, Mapping[int, float]], metric: str 
 
 def metric_vs_nfe_png(series: Mapping[str, Mapping[int, float]], path, metric: str = "FID",
                       title: str | None = None, log_y: bool = True,
-                      errors: Mapping[str, Mapping[int, float]] | None = None, error_label: str | None = None) -> Path:
+                      errors: Mapping[str, Mapping[int, float]] | None = None, error_label: str | None = None,
+                      limits: Mapping[str, float] | None = None) -> Path:
     """One line per solver (``{label: {nfe: value}}``), log-scale y; missing points are skipped; the
     legend right of the axes.
 
-    ``errors`` (``{label: {nfe: half-width}}``) draws error bars (clipped at the axis on a log scale)."""
-    return _save(metric_vs_nfe_figure(series, metric, title, log_y, errors, error_label), path)
+    ``errors`` (``{label: {nfe: half-width}}``) draws error bars (clipped at the axis on a log scale);
+    ``limits`` (``{label: value}``, the table's limit rows) a dashed horizontal line each, in the legend."""
+    return _save(metric_vs_nfe_figure(series, metric, title, log_y, errors, error_label, limits), path)
 
 
 #: how many images a row of one cell of samples_by_solver.png holds (8 previews: 2 rows of 4)

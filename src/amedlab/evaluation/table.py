@@ -12,6 +12,9 @@ The stage writes, into ``table.out_dir`` (default: the sweep directory):
   spread, the marks, and the paired difference to the column's lowest cell with its interval;
 - ``<metric>_vs_nfe.png``: one line per solver, log-scale y, error bars, the legend right of the axes
   (``fid_vs_nfe.png`` is the main plot);
+- ``table2_ratio.md``, ``.tex``, ``.csv`` (a sweep with a limit cell): every cell of FID and KID as a
+  multiple of the limit row's value, with the interval of the ratio from the paired replicates
+  (:func:`ratio_lines`);
 - ``samples_by_solver.png``: the rows of the table (same order and labels) against its NFE columns, each
   cell its first images (``preview.npz``, verified against the digest its ``metrics.json`` records), the
   same seeds in every cell: cells whose preview holds other seeds than most cells' are named in one
@@ -19,6 +22,12 @@ The stage writes, into ``table.out_dir`` (default: the sweep directory):
   re-running the sweep adds them without recomputing a metric) and cells whose preview fails its check;
 and prints the main table and the paths. Missing cells (not run, or still running) show as n/a;
 cells evaluated before intervals were stored show no interval and are never called significant.
+
+The limit row: a cell whose ``metrics.json`` has ``"limit": true`` (stage=evaluate's limit cell, the
+teacher's own ODE solution, ``eval.ode_reference``) is the last row of every table, the same cell in
+every NFE column with its value and interval. It is a bound, not a competitor: never in bold or
+italics, left out of each column's comparison (and of the plots' lines: a dashed horizontal line
+instead). A sweep without one is tabulated as before, with one info line on how to add it.
 
 Which numbers are tabulated (here and in :mod:`.compare_cells`): every ``metrics.json`` under the
 sweep is classified by :func:`classify`. A cell is tabulated only if its file is a JSON object,
@@ -86,6 +95,8 @@ REQUIRED = {
     "solver_config": (lambda v: isinstance(v, dict), "an object"),
     "cell_key": (_text, "a non-empty string"),
 }
+#: fields a cell may hold (absent: the default); present, they must have the right type
+OPTIONAL = {"limit": (lambda v: isinstance(v, bool), "true or false (absent: false)")}
 #: the kinds of skipped file, in the order the legend lists them
 SKIP_KINDS = ("unreadable", "not a JSON object", "incomplete", "not sealed", "edited or damaged",
               "another format version", "missing or mistyped fields")
@@ -110,6 +121,8 @@ def cell_problem(record) -> tuple[str, str] | None:
             bad.append(f"no {field}")
         elif not ok(record[field]):
             bad.append(f"{field}={record[field]!r} (accepted: {accepted})")
+    bad += [f"{field}={record[field]!r} (accepted: {accepted})" for field, (ok, accepted) in OPTIONAL.items()
+            if field in record and not ok(record[field])]
     if bad:
         return "missing or mistyped fields", "missing or mistyped fields: " + ", ".join(bad)
     return None
@@ -234,18 +247,31 @@ def _conflict(label: str, nfe: int, old: dict, new: dict) -> ConfigError | None:
                        "from the sweep", "solver.label")
 
 
+def is_limit(cell: dict | None) -> bool:
+    """Whether ``cell`` is a limit cell (the teacher's ODE solution scored as a cell; absent: not)."""
+    return cell is not None and cell.get("limit") is True
+
+
+def limit_rows(rows) -> list[str]:
+    """The labels of the limit rows of :func:`build_rows`' table (in its order: last)."""
+    return [label for label, cells in rows.items() if any(is_limit(c) for c in cells.values())]
+
+
 def build_rows(cells: list[dict]) -> tuple[list[int], "OrderedDict[str, dict[int, dict]]"]:
-    """(sorted NFEs, {row label: {nfe: cell}}), rows in the paper's order.
+    """(sorted NFEs, {row label: {nfe: cell}}), rows in the paper's order, limit rows last.
 
     A row is a solver plus the overrides that differ between cells (e.g. a swept schedule.rho). Two
     cells of one row and NFE are the same cell written twice (same cell_key and solver_config: the
-    newer is used, with a warning) or a ConfigError naming ``solver.label`` and both files."""
+    newer is used, with a warning) or a ConfigError naming ``solver.label`` and both files. The NFEs
+    are the other cells' (a limit cell's own NFE is no column); a limit row holds its cell (the newest,
+    if one label has several) at every one of them."""
     common = set(common_overrides(cells))
     keyed = {}
     for m in cells:
         extra = ", ".join(o for o in _distinguishing(m.get("overrides")) if o not in common)
         label = m["label"] + (f" [{extra}]" if extra else "")
         order = SOLVER_ORDER.index(m["solver"]) if m.get("solver") in SOLVER_ORDER else len(SOLVER_ORDER)
+        order += (len(SOLVER_ORDER) + 1) * is_limit(m)  # a bound below the competitors
         slot = keyed.setdefault(label, {"order": (order, m.get("solver", ""), label), "cells": {}})
         nfe = int(m["nfe"])
         old = slot["cells"].get(nfe)
@@ -258,7 +284,12 @@ def build_rows(cells: list[dict]) -> tuple[list[int], "OrderedDict[str, dict[int
         if old is None or m["_mtime"] >= old["_mtime"]:
             slot["cells"][nfe] = m
     rows = OrderedDict((label, slot["cells"]) for label, slot in sorted(keyed.items(), key=lambda kv: kv[1]["order"]))
-    nfes = sorted({n for r in rows.values() for n in r})
+    limits = limit_rows(rows)
+    nfes = sorted({n for label, r in rows.items() if label not in limits for n in r}
+                  or {n for r in rows.values() for n in r})  # a sweep of limit cells alone: their own NFEs
+    for label in limits:
+        newest = max(rows[label].values(), key=lambda c: c["_mtime"])
+        rows[label] = {n: newest for n in nfes}
     return nfes, rows
 
 
@@ -268,8 +299,10 @@ def _value(cell: dict | None, metric: str):
 
 
 def best_per_column(rows, nfes, metric: str) -> dict[int, float | None]:
-    """The lowest value of ``metric`` at each NFE (lower is better for FID, KID and RMSE)."""
-    return {n: min((v for r in rows.values() if (v := _value(r.get(n), metric)) is not None), default=None) for n in nfes}
+    """The lowest value of ``metric`` at each NFE (lower is better for FID, KID and RMSE), the limit rows
+    left out (a bound, not a competitor)."""
+    return {n: min((v for r in rows.values() if not is_limit(r.get(n)) and (v := _value(r.get(n), metric)) is not None),
+                   default=None) for n in nfes}
 
 
 def fmt(v: float | None) -> str:
@@ -305,14 +338,16 @@ def real_half_width(cell: dict | None, metric: str, level: float) -> float | Non
 
 def load_cell_data(rows) -> tuple[dict, dict]:
     """({(label, nfe): CellData}, {(label, nfe): why none}) for every cell of the table."""
-    data, why = {}, {}
+    data, why, read = {}, {}, {}
     for label, cells in rows.items():
         for n, c in cells.items():
-            d, reason = U.load_cell(c, Path(c["_path"]).parent)
+            if c["_path"] not in read:  # a limit row's one cell is read once
+                read[c["_path"]] = U.load_cell(c, Path(c["_path"]).parent)
+                if read[c["_path"]][0] is None and c.get("uncertainty"):  # recorded but unusable: say so (an old
+                    log.warning("%s NFE %d: %s", label, n, read[c["_path"]][1])  # cell is expected to have none)
+            d, reason = read[c["_path"]]
             if d is None:
                 why[(label, n)] = reason
-                if c.get("uncertainty"):  # recorded but unusable: say so (an old cell is expected to have none)
-                    log.warning("%s NFE %d: %s", label, n, reason)
             else:
                 data[(label, n)] = d
     return data, why
@@ -325,10 +360,12 @@ def column_marks(rows, nfes, metric: str, data: dict, level: float = 0.95, sourc
     "diffs": {label: diff dict | None}, "why": {label: reason}}}``. The lowest cell is *significant*
     when the ``level`` paired interval of (other - lowest) excludes 0 for every other cell; else the
     *tied* group is the lowest cell and every cell whose interval contains 0 or cannot be formed.
-    A column where the lowest cell has no per-sample data is *untested*."""
+    A column where the lowest cell has no per-sample data is *untested*. Limit rows take no part: a
+    bound, not a competitor (never marked, nothing compared with them)."""
     out = {}
     for n in nfes:
-        values = {label: v for label, cells in rows.items() if (v := _value(cells.get(n), metric)) is not None}
+        values = {label: v for label, cells in rows.items()
+                  if not is_limit(cells.get(n)) and (v := _value(cells.get(n), metric)) is not None}
         if not values:
             out[n] = {"best": None, "status": None, "tied": [], "diffs": {}, "why": {}}
             continue
@@ -415,7 +452,7 @@ def bounds(cell: dict | None, metric: str, level: float, fn=half_width) -> tuple
 
 
 CSV_METRICS = ("fid", "kid_mean", "rmse")
-CSV_FIELDS = ("solver", "label", "nfe", "fid", "fid_lo", "fid_hi", "fid_real_lo", "fid_real_hi", "kid_mean", "kid_std",
+CSV_FIELDS = ("solver", "label", "nfe", "limit", "fid", "fid_lo", "fid_hi", "fid_real_lo", "fid_real_hi", "kid_mean", "kid_std",
               "kid_lo", "kid_hi", "rmse", "rmse_lo", "rmse_hi", "num_samples", "feature_extractor", "schedule", "rho",
               "best_fid", "best_kid_mean", "best_rmse", "mark_fid", "mark_kid_mean", "mark_rmse",
               "fid_minus_lowest", "fid_minus_lowest_lo", "fid_minus_lowest_hi",
@@ -423,18 +460,20 @@ CSV_FIELDS = ("solver", "label", "nfe", "fid", "fid_lo", "fid_hi", "fid_real_lo"
 
 
 def csv_rows(rows, nfes, marks: dict | None = None, level: float = 0.95) -> list[dict]:
-    """The lines of :func:`csv_table` as dicts over :data:`CSV_FIELDS` (values as numbers, not text)."""
+    """The lines of :func:`csv_table` as dicts over :data:`CSV_FIELDS` (values as numbers, not text); a
+    limit row's cell once, at its own NFE, with ``limit`` = 1."""
     marks = marks or {}
     marks = {m: marks.get(m) or column_marks(rows, nfes, m, {}, level) for m in CSV_METRICS}
     out = []
     for label, cells in rows.items():
         for n in nfes:
             c = cells.get(n)
-            if c is None:
+            if c is None or (is_limit(c) and n != nfes[0]):
                 continue
             sched = c.get("schedule") or {}
             row = {
-                "solver": c.get("solver"), "label": label, "nfe": n, "fid": c.get("fid"), "kid_mean": c.get("kid_mean"),
+                "solver": c.get("solver"), "label": label, "nfe": c["nfe"] if is_limit(c) else n, "limit": int(is_limit(c)),
+                "fid": c.get("fid"), "kid_mean": c.get("kid_mean"),
                 "kid_std": c.get("kid_std"), "rmse": c.get("rmse"), "num_samples": c.get("num_samples"),
                 "feature_extractor": c.get("feature_extractor"), "schedule": sched.get("kind"), "rho": sched.get("rho"),
                 "metrics_file": c.get("_path"),
@@ -471,7 +510,7 @@ def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data
     """How to read one table: what +- is, what bold and italics mean, at which level; notes on missing
     data and on the files of the sweep that were skipped (``skipped``: :func:`classify`'s second part)."""
     pct = f"{100 * level:g}%"
-    cells = [c for r in rows.values() for c in r.values()]
+    cells = list({id(c): c for r in rows.values() for c in r.values()}.values())  # a limit row's cell once
     with_u = [c for c in cells if half_width(c, metric, level) is not None]
     parts = []
     if with_u:
@@ -500,9 +539,18 @@ def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data
         parts.append(f"{missing} cell(s) have no interval (evaluated before intervals were stored or bootstrap disabled).")
     elif not with_u:
         parts[0:0] = ["No intervals: these cells carry no per-sample data (evaluated before intervals were stored)."]
+    parts += [limit_note(rows, label) for label in limit_rows(rows)]
     if skipped:
         parts.append(skipped_note(skipped))
     return " ".join(parts)
+
+
+def limit_note(rows, label: str) -> str:
+    """The legend's sentence on a limit row: what it is, and that it is a bound, not a competitor."""
+    cell = next(iter(rows[label].values()))
+    return (f"{label} (last row): the limit, the teacher's own ODE solution (eval.ode_reference, NFE {cell['nfe']}) "
+            "scored as a cell, what every ODE solver of this teacher converges to as its NFE grows. The same cell in "
+            "every column; a bound, not a competitor: never in bold or italics and left out of the comparisons.")
 
 
 def describe(cells: list[dict]) -> str:
@@ -518,6 +566,131 @@ def describe(cells: list[dict]) -> str:
     common = common_overrides(cells)
     settings = f"; {', '.join(common)}" if common else ""
     return f"model {model}, {samples} samples per cell, {extractor} features, real data: {real}{settings}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The ratio view: every cell as a multiple of the limit (table2_ratio.md, .tex, .csv)
+# ------------------------------------------------------------------------------------------------
+
+#: the metrics with a ratio view (the limit's RMSE is 0 by construction: no RMSE ratio)
+RATIO_METRICS = ("fid", "kid_mean")
+RATIO_STEM = "table2_ratio"
+RATIO_FIELDS = ("metric", "solver", "label", "nfe", "limit_label", "value", "limit_value", "ratio", "ratio_lo", "ratio_hi",
+                "statistic", "source", "why", "metrics_file", "limit_file")
+
+
+def ratio_line(cell: dict, limit: dict, metric: str, pair: tuple, level: float, source: str) -> dict:
+    """One cell over its limit cell (over :data:`RATIO_FIELDS`, without the labels): the paired ratio and
+    its interval (:func:`.uncertainty.paired_ratio`) when both cells kept their replicates (``pair``:
+    their :class:`~.uncertainty.CellData`, None where missing); else the ratio of the table's values,
+    without an interval, and ``why``."""
+    line = {"metric": metric, "solver": cell.get("solver"), "nfe": cell["nfe"], "statistic": metric,
+            "value": _value(cell, metric), "limit_value": _value(limit, metric), "ratio": None, "ratio_lo": None,
+            "ratio_hi": None, "source": None, "why": None, "metrics_file": cell["_path"], "limit_file": limit["_path"]}
+    a, b = pair
+    r, why = (None, "no per-sample data") if a is None or b is None else U.paired_ratio(a, b, metric, level, source)
+    if r is not None:  # KID: the replicates are of the full-sample MMD^2, so is the ratio (as the differences)
+        line.update(statistic="kid_full" if metric == "kid_mean" else metric, value=r["a"], limit_value=r["b"],
+                    ratio=r["ratio"], ratio_lo=r["lo"], ratio_hi=r["hi"], source=r["source"])
+    else:
+        line["why"] = why
+        if line["value"] is not None and line["limit_value"] is not None and line["limit_value"] > 0:
+            line["ratio"] = line["value"] / line["limit_value"]
+    return line
+
+
+def ratio_lines(rows, nfes, metrics, data: dict, level: float = 0.95, source: str = "samples") -> list[dict]:
+    """The ratio view's lines (table2_ratio.csv): per ratio metric of ``metrics``, limit row and other
+    cell, the cell over the limit (:func:`ratio_line`), paired through the replicates of ``data``
+    (:func:`load_cell_data`) as the table's paired differences."""
+    out = []
+    limits = limit_rows(rows)
+    for m in [m for m in metrics if m in RATIO_METRICS]:
+        for lim in limits:
+            for label, cells in rows.items():
+                for n in nfes:
+                    if label in limits or cells.get(n) is None:
+                        continue
+                    line = ratio_line(cells[n], rows[lim][n], m, (data.get((label, n)), data.get((lim, n))), level, source)
+                    out.append({f: line.get(f) for f in RATIO_FIELDS} | {"label": label, "limit_label": lim})
+    return out
+
+
+def _ratio_text(line: dict | None, tex: bool = False) -> str:
+    if line is None or line["ratio"] is None:
+        return "--" if tex else "n/a"
+    text = f"{line['ratio']:.3g}"
+    return text if line["ratio_lo"] is None else f"{text} [{line['ratio_lo']:.3g}, {line['ratio_hi']:.3g}]"
+
+
+def ratio_tables(rows, nfes, lines: list[dict], about: str, level: float, source: str) -> tuple[str, str]:
+    """(markdown, LaTeX) of the ratio view: one table per metric and limit row, the other rows against
+    the NFE columns, each cell ``ratio [lo, hi]``, a legend under each."""
+    pct, md, tex = f"{100 * level:g}%", [], []
+    for m, lim in dict.fromkeys((ln["metric"], ln["limit_label"]) for ln in lines):
+        got = {(ln["label"], ln["nfe"]): ln for ln in lines if ln["metric"] == m and ln["limit_label"] == lim}
+        limit_cell = rows[lim][nfes[0]]
+        title = f"{METRICS[m]} / {METRICS[m]} of the limit, {lim} ({_cell_text(limit_cell, m, level)}; {about})"
+        labels = [label for label in rows if any((label, n) in got for n in nfes)]
+        grid = {label: [_ratio_text(got.get((label, n))) for n in nfes] for label in labels}
+        head = "| NFE | " + " | ".join(map(str, nfes)) + " |\n" + "|---" * (len(nfes) + 1) + "|"
+        body = "\n".join(f"| {label} | " + " | ".join(texts) + " |" for label, texts in grid.items())
+        paired = "the same resampled seeds" + (" and real set" if source == "total" else "")
+        unpaired = sum(1 for ln in got.values() if ln["ratio"] is not None and ln["ratio_lo"] is None)
+        note = (f"Each cell as a multiple of the limit row's {METRICS[m]} ({lim}, the teacher's own ODE solution): 1 is "
+                f"the limit. [lo, hi]: {pct} percentile interval of the ratio over the paired bootstrap replicates the "
+                f"cells stored ({paired} in the cell and in the limit, as the table's paired differences).")
+        if m == "kid_mean":
+            note += (" KID: the ratio of the full-sample KID (kid_full, whose replicates the cells store), not of "
+                     "torch-fidelity's subset average (kid_mean) the table shows, where the replicates exist.")
+        if unpaired:
+            note += f" {unpaired} cell(s) have no paired replicates: the ratio of the values alone, no interval."
+        md.append(f"**{title}**\n\n{head}\n{body}\n\n{note}")
+        lines_tex = [f"% {title}. {note}", "% needs \\usepackage{booktabs}", "\\begin{tabular}{l" + "c" * len(nfes) + "}",
+                     "\\toprule", "NFE & " + " & ".join(map(str, nfes)) + r" \\", "\\midrule"]
+        lines_tex += [_tex_escape(label) + " & " + " & ".join(_ratio_text(got.get((label, n)), tex=True) for n in nfes)
+                      + r" \\" for label in labels]
+        tex.append("\n".join(lines_tex + ["\\bottomrule", "\\end{tabular}"]))
+    return "\n\n".join(md) + "\n", "\n\n".join(tex) + "\n"
+
+
+def ratio_csv(lines: list[dict]) -> str:
+    """table2_ratio.csv: one line per (metric, limit, cell), over :data:`RATIO_FIELDS`."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RATIO_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(lines)
+    return buf.getvalue()
+
+
+def _add_limit_hint(cells: list[dict], sweep_dir: Path) -> str:
+    """The info line of a sweep without a limit cell: the command that adds it (its NFE as recorded)."""
+    nfes = {(c.get("ode_reference") or {}).get("nfe") for c in cells} - {None}
+    experiments = {o for c in cells for o in c.get("overrides") or [] if o.startswith("experiments=")}
+    args = ["solver=ode_reference", f"nfe={nfes.pop() if len(nfes) == 1 else '<eval.ode_reference.nfe>'}",
+            f"sweep_dir={sweep_dir}"]
+    if len(experiments) == 1:  # the sweep's experiment, when its cells name one
+        args.insert(0, experiments.pop())
+    return (f"{sweep_dir}: no limit cell (the teacher's own ODE solution as a row, and the ratio view {RATIO_STEM}.*); "
+            f"add it with: amedlab -m {' '.join(args)}, then run stage=table again (docs/evaluation.md, the limit row)")
+
+
+def write_ratio_view(out: Path, rows, nfes, metrics, data: dict, level: float, source: str, about: str,
+                     cells: list[dict], sweep_dir: Path) -> tuple[dict, list[dict]]:
+    """(paths, lines) of the ratio view, written when the sweep has a limit row and ``metrics`` a ratio
+    metric; otherwise ({}, []) with one info line, and an earlier ratio view in ``out`` removed (it
+    would describe cells this table no longer has)."""
+    lines = ratio_lines(rows, nfes, metrics, data, level, source) if limit_rows(rows) else []
+    if not lines:
+        for suffix in (".md", ".tex", ".csv"):
+            (out / f"{RATIO_STEM}{suffix}").unlink(missing_ok=True)
+        log.info("%s", _add_limit_hint(cells, sweep_dir) if not limit_rows(rows) else
+                 f"no ratio view: table.metrics={list(metrics)} has none of {', '.join(RATIO_METRICS)}")
+        return {}, []
+    md, tex = ratio_tables(rows, nfes, lines, about, level, source)
+    return {"ratio_markdown": atomic_write_text(out / f"{RATIO_STEM}.md", md),
+            "ratio_latex": atomic_write_text(out / f"{RATIO_STEM}.tex", tex),
+            "ratio_csv": atomic_write_text(out / f"{RATIO_STEM}.csv", ratio_csv(lines))}, lines
 
 
 # ------------------------------------------------------------------------------------------------
@@ -617,9 +790,10 @@ def check_metrics(metrics, key: str = "table.metrics") -> list[str]:
 
 def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float = 0.95, source: str = "samples") -> dict:
     """Collect, format and write everything; returns {"markdown", "paths", "rows", "nfes", "cells", "marks",
-    "skipped", "csv_rows", "picture"} (``skipped``: [(path, kind, reason)] of the files not tabulated;
-    ``csv_rows``: table2.csv's lines, :func:`csv_rows`; ``picture``: what samples_by_solver.png shows,
-    :func:`cell_previews`)."""
+    "skipped", "csv_rows", "picture", "limits", "ratio_rows"} (``skipped``: [(path, kind, reason)] of the files
+    not tabulated; ``csv_rows``: table2.csv's lines, :func:`csv_rows`; ``picture``: what samples_by_solver.png
+    shows, :func:`cell_previews`; ``limits``: the limit rows' labels; ``ratio_rows``: table2_ratio.csv's lines,
+    :func:`ratio_lines`, empty without a limit row)."""
     sweep_dir = Path(sweep_dir)
     metrics = check_metrics(metrics)
     cells, skipped = gather(sweep_dir)  # only good cells; the others named in one warning (module docstring)
@@ -642,17 +816,21 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
     }
     lines = csv_rows(rows, nfes, marks, level)
     paths["csv"] = atomic_write_text(out / "table2.csv", csv_table(rows, nfes, lines=lines))
+    ratio_paths, ratio = write_ratio_view(out, rows, nfes, metrics, data, level, source, about, cells, sweep_dir)
+    paths.update(ratio_paths)
+    limits = limit_rows(rows)
     for m in metrics:
-        series = {label: {n: _value(c, m) for n, c in cells_.items()} for label, cells_ in rows.items()}
+        series = {label: {n: _value(c, m) for n, c in cells_.items()} for label, cells_ in rows.items() if label not in limits}
         errors = {label: {n: h for n, c in cells_.items() if (h := half_width(c, m, level)) is not None}
-                  for label, cells_ in rows.items()}
+                  for label, cells_ in rows.items() if label not in limits}
+        bound = {label: v for label in limits if (v := _value(rows[label][nfes[0]], m)) is not None}  # a dashed line
         paths[f"{m}_plot"] = metric_vs_nfe_png(series, out / f"{m}_vs_nfe.png", METRICS[m],
                                                title=f"{METRICS[m]} vs NFE ({sweep_dir.name})", errors=errors,
-                                               error_label=f"{100 * level:g}% interval over seeds")
+                                               error_label=f"{100 * level:g}% interval over seeds", limits=bound)
     picture = cell_previews(rows, nfes)
     seeds = f"seeds {_seeds_text(picture['seeds'])}, row by row" if picture["seeds"] else "no previews"
     paths["samples_by_solver"] = samples_by_solver_png(
         picture["labels"], picture["nfes"], picture["images"], out / PICTURE_FILE, picture["notes"],
         title=f"Samples by solver and NFE ({seeds}; {sweep_dir.name})")
     return {"markdown": markdown, "paths": paths, "rows": rows, "nfes": nfes, "cells": cells, "marks": marks,
-            "skipped": skipped, "csv_rows": lines, "picture": picture}
+            "skipped": skipped, "csv_rows": lines, "picture": picture, "limits": limits, "ratio_rows": ratio}

@@ -18,6 +18,8 @@ so they carry sampling noise. Everything here reuses what the cell already compu
   same resampled indices: ``fid_A[b] - fid_B[b]`` is a paired bootstrap of the difference, with no
   recomputation. Its interval is the percentile interval of those differences. RMSE: the paired
   per-sample delta method, ``(RMSE_A - RMSE_B) +- z * std(e_A/(2 RMSE_A) - e_B/(2 RMSE_B)) / sqrt(n)``.
+- **Paired ratios** (the table's ratio view, a cell over the limit cell): ``fid_A[b] / fid_B[b]`` from
+  the same paired replicates, its percentile interval (FID and KID; no RMSE ratio).
 
 Cost: one replicate is one weighted covariance of the generated features (n d^2) and of the real
 features (m d^2), three symmetric eigenproblems of size d, and three kernel-weighted sums (n^2 + nm
@@ -393,15 +395,10 @@ def rmse_diff(sq_a: np.ndarray, sq_b: np.ndarray, level: float = 0.95) -> dict:
             "method": "paired per-sample delta method"}
 
 
-def paired_diff(a: CellData, b: CellData, metric: str, level: float = 0.95, source: str = "total") -> tuple[dict | None, str | None]:
-    """(difference of ``metric`` between two cells, None) or (None, why it cannot be paired).
-
-    ``source``: ``total`` (seeds and real set resampled together; falls back to ``samples`` when the
-    cells kept no real-set replicates) or ``samples`` (real set held fixed)."""
-    if not np.array_equal(a.arrays["seeds"], b.arrays["seeds"]):
-        return None, "different seeds"
-    if metric == "rmse":
-        return rmse_diff(a.arrays["sq_err"], b.arrays["sq_err"], level), None
+def _paired_replicates(a: CellData, b: CellData, metric: str, source: str) -> tuple[tuple | None, str | None]:
+    """((value A, value B, replicates A, replicates B, source used), None) or (None, why they do not pair):
+    the FID or KID replicates two cells drew with the same resampled indices (same seeds, same pairing
+    key). ``source`` ``total`` falls back to ``samples`` when a cell kept no real-set replicates."""
     if a.pairing_key != b.pairing_key:
         return None, "replicates not paired (different real data or eval.bootstrap settings)"
     src = source
@@ -412,10 +409,60 @@ def paired_diff(a: CellData, b: CellData, metric: str, level: float = 0.95, sour
         return None, f"no {metric} replicates"
     if metric == "fid":
         va, vb = a.metrics.get("fid"), b.metrics.get("fid")
-    else:  # the replicates are of the full-sample MMD^2, so is the difference (not of kid_mean's subsets)
+    else:  # the replicates are of the full-sample MMD^2, so is the comparison (not of kid_mean's subsets)
         va, vb = a.meta.get("kid_full"), b.meta.get("kid_full")
     if not isinstance(va, (int, float)) or not isinstance(vb, (int, float)):
         return None, f"no {metric} value"
+    return (va, vb, ra, rb, src), None
+
+
+def paired_diff(a: CellData, b: CellData, metric: str, level: float = 0.95, source: str = "total") -> tuple[dict | None, str | None]:
+    """(difference of ``metric`` between two cells, None) or (None, why it cannot be paired).
+
+    ``source``: ``total`` (seeds and real set resampled together; falls back to ``samples`` when the
+    cells kept no real-set replicates) or ``samples`` (real set held fixed)."""
+    if not np.array_equal(a.arrays["seeds"], b.arrays["seeds"]):
+        return None, "different seeds"
+    if metric == "rmse":
+        return rmse_diff(a.arrays["sq_err"], b.arrays["sq_err"], level), None
+    got, why = _paired_replicates(a, b, metric, source)
+    if got is None:
+        return None, why
+    va, vb, ra, rb, src = got
     out = diff_from_replicates(va, vb, ra, rb, level)
+    out["source"] = src
+    return out, None
+
+
+def ratio_from_replicates(est_a: float, est_b: float, reps_a: np.ndarray, reps_b: np.ndarray, level: float = 0.95) -> dict:
+    """A / B with the percentile interval of the paired replicate ratios A[b] / B[b] (B's replicates
+    must be positive: a ratio to a value that the resampling can bring to 0 has no interval)."""
+    a, b = np.asarray(reps_a, np.float64), np.asarray(reps_b, np.float64)
+    if est_b <= 0 or not np.all(b > 0):
+        raise ValueError(f"the denominator's value ({est_b:.4g}) or some of its replicates (min {b.min():.4g}) are not "
+                         "positive: no ratio interval")
+    r = a / b
+    lo, hi = np.quantile(r, [(1 - level) / 2, (1 + level) / 2])
+    return {"ratio": float(est_a / est_b), "a": float(est_a), "b": float(est_b), "lo": float(lo), "hi": float(hi),
+            "se": float(r.std(ddof=1)), "method": "paired bootstrap of the ratio, percentile interval"}
+
+
+def paired_ratio(a: CellData, b: CellData, metric: str, level: float = 0.95, source: str = "total") -> tuple[dict | None, str | None]:
+    """(``metric`` of A as a multiple of B's, None) or (None, why not), paired as :func:`paired_diff`: the
+    same resampled seeds (and real set, ``source=total``) in both cells' replicate b, so A[b] / B[b] is a
+    bootstrap of the ratio with no recomputation. FID and KID (KID: of ``kid_full``, as the difference);
+    the table's ratio view divides every cell by its limit cell (:mod:`.table`)."""
+    if not np.array_equal(a.arrays["seeds"], b.arrays["seeds"]):
+        return None, "different seeds"
+    if metric == "rmse":
+        return None, "no RMSE ratio (RMSE is a delta-method interval, no replicates; the limit's RMSE is 0)"
+    got, why = _paired_replicates(a, b, metric, source)
+    if got is None:
+        return None, why
+    va, vb, ra, rb, src = got
+    try:
+        out = ratio_from_replicates(va, vb, ra, rb, level)
+    except ValueError as err:
+        return None, str(err)
     out["source"] = src
     return out, None

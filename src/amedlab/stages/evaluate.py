@@ -5,8 +5,10 @@ run directory ``metrics.json`` (FID and KID against cached real-data statistics,
 cached high-NFE solution from the same noise, the schedule and grid used, the counted NFE, timings)
 and ``samples.png``, and ``preview.npz`` (the first images and their seeds, for the sweep's picture). A
 run directory holding a complete ``metrics.json`` for the same cell key is skipped; one from before
-previews were kept only gains its preview (:func:`add_preview`), its metrics are not recomputed. The
-library part is :mod:`amedlab.evaluation.evaluate`.
+previews were kept only gains its preview (:func:`add_preview`), its metrics are not recomputed. A cell
+whose sampler is exactly ``eval.ode_reference`` is the table's limit cell: it takes the cached reference
+as its samples instead of sampling (:func:`amedlab.evaluation.evaluate.is_limit_cell`). The library part
+is :mod:`amedlab.evaluation.evaluate`.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from ..evaluation import uncertainty
 from ..evaluation.distributed import generate_sharded, world
 from ..evaluation.evaluate import (METRICS_FILE, METRICS_FORMAT, PREVIEW_COUNT, bits_environment, cell_grid, cell_solver,
                                    cell_spec, check_finite, extra_outputs, feature_metrics, finished_metrics, input_files,
-                                   preview_from_outputs, read_preview, save_samples, summary_line, trajectory_error,
-                                   write_preview)
+                                   is_limit_cell, limit_label, limit_samples, preview_from_outputs, read_preview,
+                                   save_samples, summary_line, trajectory_error, write_preview)
 from ..evaluation.metrics import quantize
 from ..sampling import generate
 from ..cache import digest, seal, seeds_spec
@@ -109,6 +111,21 @@ def _finished(spec, files, key: str, outputs) -> dict | None:
     return done
 
 
+def _samples(spec, model, solver, sigmas, label: str, limit: bool, timing: dict) -> tuple[torch.Tensor, int]:
+    """(samples, counted NFE): sampled, or for the limit cell the cached ODE reference itself (the cell
+    *is* the reference: sampling it again would only reproduce it, docs/evaluation.md)."""
+    t0 = time.perf_counter()
+    if limit:
+        samples, counted = limit_samples(spec, model)
+    else:  # seeds sharded over processes when a torch.distributed group is up (torchrun / SLURM tasks)
+        samples, counted = generate_sharded(with_precision(model, spec.precision), solver, sigmas, spec.seeds,
+                                            spec.batch_size, spec.dtype, spec.device, progress=f"{label} NFE {spec.nfe}")
+    timing["sampling_s"] = time.perf_counter() - t0
+    if counted != spec.nfe:
+        raise RuntimeError(f"{label}: {counted} model calls counted, nfe={spec.nfe} asked")
+    return samples, counted
+
+
 def run(cfg):
     spec = check_stage(cfg, "evaluate")  # every check, every file opened, before any compute: the cell's spec
     nfe, seeds, out_dir = spec.nfe, spec.seeds, spec.out_dir
@@ -121,20 +138,16 @@ def run(cfg):
     t_start, timing = time.perf_counter(), {}
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
-    label, model = spec.solver.label, spec.model.to(spec.device).eval()
+    limit = is_limit_cell(spec)  # the sampler is eval.ode_reference's: the table's limit row
+    label = limit_label(spec.ode_reference) if limit else spec.solver.label
+    model = spec.model.to(spec.device).eval()
     with make_logger(spec.logger, run_name, group, "evaluate", out_dir) as logger:
         logger.log_config(spec.config)
         solver, predictor_info = cell_solver(spec, model, files, spec.predictor_cache)
         if predictor_info is not None:
             logger.log_distillation(predictor_info.pop("records"), spec.trained.key)
         sigmas = cell_grid(spec, solver)  # the learned solver's own grid is the one recorded
-        t0 = time.perf_counter()
-        # seeds sharded over processes when a torch.distributed group is up (torchrun / SLURM tasks)
-        samples, counted = generate_sharded(with_precision(model, spec.precision), solver, sigmas, seeds, spec.batch_size,
-                                            spec.dtype, spec.device, progress=f"{label} NFE {nfe}")
-        timing["sampling_s"] = time.perf_counter() - t0
-        if counted != nfe:
-            raise RuntimeError(f"{label}: {counted} model calls counted, nfe={nfe} asked")
+        samples, counted = _samples(spec, model, solver, sigmas, label, limit, timing)
         images = quantize(samples)
         grid_path = save_samples(out_dir, images, seeds, spec.sample_grid, spec.save_samples)
         preview = write_preview(out_dir, images, seeds)  # the cell's part of the sweep's picture (stage=table)
@@ -150,6 +163,7 @@ def run(cfg):
                       uncertainty_s=(unc or {}).get("seconds", 0.0), total_s=time.perf_counter() - t_start)
         metrics = {
             "complete": True, "format": METRICS_FORMAT, "cell_key": key, "label": label, "solver": spec.solver.name,
+            **({"limit": True} if limit else {}),  # optional within format 2: absent is false
             "nfe": nfe, "nfe_counted": counted, "num_points": spec.num_points, "fid": fm["fid"], **fm["kid"],
             "rmse": traj_rmse, "num_samples": len(seeds), "seeds": seeds_spec(seeds),
             "schedule": spec.schedule, "sigmas": sigmas.tolist(), "solver_config": spec.solver_node,
