@@ -19,7 +19,6 @@ from torch import nn
 
 from ..solvers.spec import solver_from_node
 from ..data.trajectories import TrajectoryDataModule, cached_trajectories
-from ..sampling import parse_seeds
 from ..amed.spec import DistillSpec
 from ..solvers.base import Solver, check_afs
 from ..training.fit import Update, fit, train_cached
@@ -173,7 +172,9 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, features
     ``spec`` (:class:`amedlab.specs.DistillSpec`) holds every setting; keyword ``settings`` are its
     fields (``distill(model, solver="amed", nfe=5, num_trajectories=2000)``) and override ``spec``'s.
     Unset ones follow the paper's recommendations for the solver (:func:`amedlab.specs.paper_defaults`:
-    ``conf/solver/<solver>.yaml``). ``seeds`` default to 100000.. (disjoint from evaluation seeds 0..).
+    ``conf/solver/<solver>.yaml``). ``seeds`` default to training replicate ``seed``'s own block,
+    100000 + seed * num_trajectories .. (seed 0: 100000..; disjoint from evaluation seeds 0..): a
+    replicate differs in its teacher trajectories as well as in its initialisation and batch order.
     ``devices``/``strategy`` are Lightning's (e.g. devices=2, strategy="ddp"): each process takes
     batch_size / devices of every global batch, so the result matches one process. Every rank returns
     the trained predictor. ``objective``: ``interval`` (the paper's one update per interval) or
@@ -202,6 +203,7 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, features
     check_grid_lr(s.grid_lr, s.learn_grid)
     check_lr_schedule(s.lr_schedule)
     solver_from_node(s.teacher)  # validates the teacher's name and options before any compute
+    s.check_trajectory_seeds()    # the replicate's trajectory seeds below 2^32 (the cell checks eval.seeds too)
     import dataclasses
 
     from ..models.callable import with_features
@@ -211,7 +213,7 @@ def distill(denoiser, spec: DistillSpec | None = None, *, logger=False, features
         s = dataclasses.replace(s, model_name=wrapped.name)
     denoiser = wrapped
     feature_dim = int(denoiser.feature_dim)
-    seeds = parse_seeds(s.seeds if s.seeds is not None else f"100000-{100000 + int(s.num_trajectories) - 1}")
+    seeds = s.trajectory_seeds()
 
     torch.manual_seed(s.seed)  # the predictor's initialisation
     predictor = AMEDPredictor(feature_dim=feature_dim, s_dir=s.s_dir, s_time=s.s_time, **s.predictor_sizes)

@@ -25,6 +25,8 @@ from ..solvers.spec import SolverSpec
 
 #: the paper's grid per AMED solver, by ``conf/schedule`` option (AMED, arXiv 2312.00094, Sec. 4)
 PAPER_SCHEDULE = {"amed": "time_uniform", "amed_plugin": "polynomial"}
+#: the first teacher-trajectory seed of training replicate 0: far above the evaluation seeds 0..
+TRAJECTORY_SEED0 = 100000
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,7 +73,7 @@ class DistillSpec:
     learn_grid: bool | None = None          # None/false: the schedule's grid; left out of the key
     grid_lr: float | None = None            # None: lr; the learned grid's learning rate
     # -- how, not what: not part of the key --
-    seeds: Any = None                       # None: 100000.. (disjoint from evaluation seeds 0..)
+    seeds: Any = None                       # None: replicate seed's own block, 100000 + seed * num_trajectories ..
     cache_dir: Any = None                   # teacher trajectories (None: the default cache)
     dtype: torch.dtype = torch.float32
     gen_batch_size: int = 500
@@ -105,7 +107,57 @@ class DistillSpec:
             value = getattr(self, k)
             if value is not None and value != neutral:
                 out[k] = value
+        if self.seeds is None and int(self.seed) != 0:
+            # replicate r > 0 trains on its own trajectories: in the key, so that a predictor cached for this
+            # seed before replicates had their own trajectories (100000.. for every seed) is not reused;
+            # seed 0 leaves it out and keeps its key
+            first, last = self.trajectory_block()
+            out["trajectory_seeds"] = f"{first}-{last}"
         return out
+
+    def trajectory_block(self) -> tuple[int, int]:
+        """(first, last) default teacher-trajectory seed of training replicate r = :attr:`seed`:
+        100000 + r * num_trajectories .. (r = 0: 100000.., the seeds before replicates existed), so that
+        each replicate is trained on other trajectories, not only from another initialisation."""
+        n = int(self.num_trajectories)
+        first = TRAJECTORY_SEED0 + int(self.seed) * n
+        return first, first + n - 1
+
+    def check_trajectory_seeds(self, eval_seeds=None) -> None:
+        """The default trajectory block stays below 2^32 and, given ``eval_seeds``, disjoint from them
+        (an explicit ``seeds`` too): else a ConfigError naming ``seed`` (or ``seeds``), before any compute."""
+        from ..errors import ConfigError
+        from ..limits import SEED_LIMIT
+
+        if self.seeds is None:
+            first, last = self.trajectory_block()
+            if last >= SEED_LIMIT:
+                raise ConfigError(
+                    f"seed={int(self.seed)}: training replicate {int(self.seed)} distils from the teacher trajectories of "
+                    f"seeds {TRAJECTORY_SEED0} + seed * distill.num_trajectories = {first} .. {last}, beyond 2^32; "
+                    f"accepted: seed <= {(SEED_LIMIT - TRAJECTORY_SEED0) // int(self.num_trajectories) - 1} at "
+                    f"distill.num_trajectories={int(self.num_trajectories)}", "seed")
+            block, key = range(first, last + 1), "seed"
+        else:
+            block, key = self.trajectory_seeds(), "seeds"
+        if eval_seeds is not None:
+            inside = set(block) if not isinstance(block, range) else block
+            overlap = next((s for s in eval_seeds if s in inside), None)
+            if overlap is not None:
+                value, accepted = ((int(self.seed), f"a training replicate (seed) whose trajectory seeds {TRAJECTORY_SEED0} "
+                                    "+ seed * distill.num_trajectories .. are disjoint from eval.seeds")
+                                   if key == "seed" else (self.seeds, "teacher-trajectory seeds disjoint from eval.seeds"))
+                raise ConfigError(f"{key}={value!r}: the teacher trajectories of the distillation ({_span(block)}) overlap "
+                                  f"the evaluation seeds (e.g. {overlap}); accepted: {accepted}", key)
+
+    def trajectory_seeds(self) -> list[int]:
+        """The teacher trajectories' seeds: ``seeds`` as given, else :meth:`trajectory_block`."""
+        from ..sampling import parse_seeds
+
+        if self.seeds is not None:
+            return parse_seeds(self.seeds)
+        first, last = self.trajectory_block()
+        return parse_seeds(f"{first}-{last}")
 
     def key(self, model_identity) -> str:
         """The predictor cache key: a digest of the model identity and :meth:`settings`."""
@@ -139,3 +191,8 @@ class DistillSpec:
     def num_points(self) -> int:
         """Grid points of the student at :attr:`nfe`."""
         return self.solver_spec.num_points(int(self.nfe))
+
+
+def _span(seeds) -> str:
+    seeds = list(seeds)
+    return f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[0] + len(seeds))) else f"{len(seeds)} seeds"

@@ -15,7 +15,11 @@ class AMEDTraining:
     reads = ("distill", "solver.predictor")  # what the config layer reads for it (stage=distill trains it)
 
     def cell_settings(self, cell):
-        return None if cell.solver.get("predictor") else cell.read("distill")
+        if cell.solver.get("predictor"):
+            return None
+        spec = cell.read("distill")
+        spec.check_trajectory_seeds(cell.eval_seeds)  # training replicate seed's trajectories: < 2^32, not eval seeds
+        return spec
 
     def given(self, cell):
         return cell.read("solver.predictor") if cell.solver.get("predictor") else None

@@ -11,6 +11,14 @@ The sweep is read as the table reads it (:func:`.table.gather`, policy in :mod:`
 complete, sealed, verifying cells of the current format are compared, every other ``metrics.json``
 is named in one warning, and two cells of one row label and NFE with other settings are an error
 naming ``solver.label``.
+
+Training replicates (a trained row evaluated at several ``seed``, pooled by the table): a row is
+compared as the table shows it. ``a``, ``b`` and ``diff`` are of the means over the replicates;
+``lo``/``hi`` and ``significant`` are **pooled** over training and evaluation seeds
+(:func:`.uncertainty.pooled_diff`: each replicate pair's paired replicates centred on its own
+difference, the pairs with equal weight): "is A lower than B, retraining included". ``every_pair``
+adds the table's bold rule: whether every replicate pair's paired interval excludes 0 on the same
+side (its ``lo``/``hi``: the extreme ends over the pairs). Two single cells are compared as before.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import re
 
 from . import uncertainty as U
 from ..errors import ConfigError
-from .table import METRICS, _value, build_rows, check_metrics, fmt, gather, load_cell_data, skipped_note
+from .table import METRICS, _value, build_rows, check_metrics, fmt, gather, load_cell_data, num_replicates, skipped_note
 
 
 def _choices(cell: dict) -> set[str]:
@@ -66,20 +74,32 @@ def compare_rows(sweep_dir, row_a: str, row_b: str, metrics=("fid", "rmse"), lev
             line = {"nfe": n, "a": _value(ca, m), "b": _value(cb, m), "diff": None, "lo": None, "hi": None,
                     "significant": None, "why": None}
             da, db = data.get((a, n)), data.get((b, n))
+            if num_replicates(ca) * num_replicates(cb) > 1:  # training replicates: k of each row
+                line["replicates"] = [num_replicates(ca), num_replicates(cb)]
             if da is None or db is None:
                 line["why"] = why_none.get((a, n)) or why_none.get((b, n))
             else:
-                d, reason = U.paired_diff(da, db, m, level, source)
+                d, reason = U.pooled_diff(da, db, m, level, source)  # two single cells: paired_diff, as before
                 if d is None:
                     line["why"] = reason
                 else:
-                    line.update(diff=d["diff"], lo=d["lo"], hi=d["hi"], se=d["se"], significant=d["significant"],
+                    line.update(diff=d["diff"], lo=d["lo"], hi=d["hi"], se=d.get("se"), significant=d["significant"],
                                 method=d["method"] + (f", {d['source']}" if "source" in d else ""))
                     if m == "kid_mean":  # the replicates are of the full-sample KID: show the values they compare
-                        line.update(a=da.meta.get("kid_full"), b=db.meta.get("kid_full"))
+                        line.update(a=_mean_of(x.meta.get("kid_full") for x in da),
+                                    b=_mean_of(x.meta.get("kid_full") for x in db))
+                    if len(da) * len(db) > 1:  # the table's bold rule: over every replicate pair
+                        e, _ = U.replicate_diff(da, db, m, level, source)
+                        line["every_pair"] = None if e is None else {"lo": e["lo"], "hi": e["hi"],
+                                                                     "significant": e["significant"], "pairs": e["pairs"]}
             lines.append(line)
         out["metrics"][m] = lines
     return out
+
+
+def _mean_of(values):
+    values = list(values)
+    return None if not values or any(not isinstance(v, (int, float)) for v in values) else sum(values) / len(values)
 
 
 def to_markdown(result: dict) -> str:
@@ -96,10 +116,20 @@ def to_markdown(result: dict) -> str:
                 diff = f"{ln['diff']:+.4g} [{ln['lo']:+.3g}, {ln['hi']:+.3g}]"
                 verdict = ((f"{a} lower" if ln["diff"] < 0 else f"{b} lower") if ln["significant"]
                            else "not significant")
+            if ln.get("every_pair") is not None and ln["diff"] is not None:
+                verdict += "; every replicate pair: " + ("yes" if ln["every_pair"]["significant"] else "no")
             rows.append(f"| {ln['nfe']} | {fmt(ln['a'])} | {fmt(ln['b'])} | {diff} | {verdict} |")
         note = ""
+        ks = {tuple(ln.get("replicates") or (1, 1)) for ln in lines}
+        if any(max(k) > 1 for k in ks):
+            note += (f"\n\nTraining replicates ({a}: k={'/'.join(sorted({str(k[0]) for k in ks}))}, {b}: "
+                     f"k={'/'.join(sorted({str(k[1]) for k in ks}))} training seeds): the values are the means over the "
+                     "replicates and the interval is pooled over training and evaluation seeds (each replicate pair's "
+                     "paired replicates centred on its own difference, the pairs with equal weight; RMSE: the mixture of "
+                     "the pairs' delta-method normals). 'every replicate pair' is the table's bold rule: whether every "
+                     "pair's own paired interval excludes 0 on the same side.")
         if m == "kid_mean":
-            note = ("\n\nKID: the values and the difference are of the full-sample unbiased MMD^2 (kid_full in "
+            note += ("\n\nKID: the values and the difference are of the full-sample unbiased MMD^2 (kid_full in "
                     "metrics.json), not torch-fidelity's average over random subsets (kid_mean) that the table shows.")
         parts.append(title + "\n\n" + "\n".join(rows) + note)
     skipped = skipped_note([(d["path"], d["kind"], d["reason"]) for d in result.get("skipped") or []])

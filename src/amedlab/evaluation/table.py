@@ -43,7 +43,23 @@ field) is never tabulated. The policy:
 - two good cells with the same row label and NFE but other settings (their ``solver_config`` or
   ``cell_key`` differ): a user error naming ``solver.label`` and both files (set a distinct
   ``solver.label`` per configuration), never a silent choice; the same cell twice (same ``cell_key``,
-  e.g. a copied folder): the newer is used, with a warning.
+  e.g. a copied folder): the newer is used, with a warning; the same cell at another ``seed`` (the
+  only difference: the next paragraph) is a training replicate.
+
+Training replicates (docs/evaluation.md): a trained row (AMED's predictor, the learned solver) moves
+when it is trained again, as much as its interval over the evaluation seeds. The top-level ``seed`` is
+its training replicate r (its own teacher trajectories, initialisation and batch order), and cells of
+one row and NFE that differ only in ``seed`` (:func:`cell_seed`; same label, solver config, model,
+evaluation seeds, schedule, real set and bootstrap pairing) are pooled into one table cell
+(:func:`pooled_cell`, :func:`pool_rows`): the mean over the k replicates, with the interval over
+training and evaluation seeds (the replicates' stored bootstrap replicates, each centred on its own
+value, pooled with equal weight: no second bootstrap) shown as ``mean [lo, hi]``, the row named
+``label (k=N)``, and the training spread (min – max, sd of the k values) in a table under each table
+and in the CSV (``<m>_train_lo``/``_hi``/``_sd``, ``replicates``, ``train_seeds``). Its bold and
+italics must hold over the training seeds: every replicate against every cell of every other row
+(:func:`column_marks`). The ratio view pools the replicates' ratios the same way. A row of one cell
+per NFE (k = 1, ``make run``) is tabulated exactly as before; the legend names the trained rows that
+have k = 1.
 """
 from __future__ import annotations
 
@@ -257,14 +273,89 @@ def limit_rows(rows) -> list[str]:
     return [label for label, cells in rows.items() if any(is_limit(c) for c in cells.values())]
 
 
+def cell_seed(cell: dict) -> int:
+    """The training replicate r of a cell: the top-level ``seed`` it ran with, from its ``seed=``
+    override (absent: 0, the default; stage=evaluate records the overrides, not the composed config)."""
+    seed = 0
+    for o in cell.get("overrides") or []:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") == "seed":
+            try:
+                seed = int(value)
+            except ValueError:
+                pass
+    return seed
+
+
+#: what two replicates of one trained cell share: everything but the seed (the cell_key has it inside)
+REPLICATE_FIELDS = ("solver_config", "model", "seeds", "num_samples", "schedule", "feature_extractor", "precision", "limit")
+
+
+def _replicate_signature(cell: dict) -> dict:
+    real = {k: v for k, v in (cell.get("real_data") or {}).items() if k not in ("cached", "cache_file")}
+    return {**{f: cell.get(f) for f in REPLICATE_FIELDS}, "real_data": real,
+            "pairing_key": (cell.get("uncertainty") or {}).get("pairing_key")}
+
+
+def _replicate_conflict(label: str, nfe: int, old: dict, new: dict) -> ConfigError | None:
+    """None if ``old`` and ``new`` (other seeds) are replicates of one cell: the same label and every
+    setting but ``seed`` (:data:`REPLICATE_FIELDS`, the real set, the bootstrap's pairing); else the
+    error of one row label and NFE for two configurations."""
+    a, b = _replicate_signature(old), _replicate_signature(new)
+    if a == b:
+        return None
+    if a["solver_config"] != b["solver_config"]:
+        return _conflict(label, nfe, old, new)
+    keys = sorted(k for k in a if a[k] != b[k])
+    first, second = sorted((old, new), key=lambda c: (cell_seed(c), c["_path"]))
+    return ConfigError(f"solver.label={label!r}: two cells of this sweep have the row label {label!r} at NFE {nfe}, "
+                       f"seed={cell_seed(first)} and seed={cell_seed(second)}, and differ in more than the seed (in "
+                       f"{', '.join(keys)}): {first['_path']} and {second['_path']}, so they are no training replicates "
+                       "of one row; "
+                       "accepted: a distinct solver.label per configuration, or remove the stale cell from the sweep",
+                       "solver.label")
+
+
+def replicates(cell: dict | None) -> list[dict]:
+    """The cells a table cell stands for: its training replicates (seed order), or the cell itself."""
+    return [] if cell is None else list(cell.get("_replicates") or [cell])
+
+
+def num_replicates(cell: dict | None) -> int:
+    return len(replicates(cell))
+
+
+def is_trained(cell: dict | None) -> bool:
+    """Whether the cell's rule had a trained part (AMED's predictor, the learned solver): it records one."""
+    return cell is not None and any(c.get("predictor") is not None for c in replicates(cell))
+
+
+def _mean(values):
+    return None if not values or any(_value({"v": v}, "v") is None for v in values) else float(sum(values) / len(values))
+
+
+def pooled_cell(cells: list[dict]) -> dict:
+    """One table cell for the training replicates ``cells`` of a row and NFE (k >= 2, in seed order):
+    the first replicate's record with the mean of each metric, the replicates under ``_replicates`` and
+    their seeds under ``_seeds``; the pooled intervals are added from their stored replicates by
+    :func:`pool_rows` (``_pooled``)."""
+    out = dict(cells[0])
+    for m in ("fid", "kid_mean", "kid_std", "rmse"):
+        out[m] = _mean([c.get(m) for c in cells])
+    out.update(_replicates=list(cells), _seeds=[cell_seed(c) for c in cells], _mtime=max(c["_mtime"] for c in cells))
+    return out
+
+
 def build_rows(cells: list[dict]) -> tuple[list[int], "OrderedDict[str, dict[int, dict]]"]:
     """(sorted NFEs, {row label: {nfe: cell}}), rows in the paper's order, limit rows last.
 
-    A row is a solver plus the overrides that differ between cells (e.g. a swept schedule.rho). Two
-    cells of one row and NFE are the same cell written twice (same cell_key and solver_config: the
-    newer is used, with a warning) or a ConfigError naming ``solver.label`` and both files. The NFEs
-    are the other cells' (a limit cell's own NFE is no column); a limit row holds its cell (the newest,
-    if one label has several) at every one of them."""
+    A row is a solver plus the overrides that differ between cells (e.g. a swept schedule.rho; never
+    ``seed``). Two cells of one row and NFE are: training replicates, when they ran with other ``seed``
+    (:func:`cell_seed`) and agree in everything else (:func:`_replicate_conflict`): the row's cell is
+    then :func:`pooled_cell` of them; the same cell written twice (same seed, cell_key and
+    solver_config: the newer is used, with a warning); or a ConfigError naming ``solver.label`` and both
+    files. The NFEs are the other cells' (a limit cell's own NFE is no column); a limit row holds its
+    cell (the newest, if one label has several) at every one of them."""
     common = set(common_overrides(cells))
     keyed = {}
     for m in cells:
@@ -273,22 +364,30 @@ def build_rows(cells: list[dict]) -> tuple[list[int], "OrderedDict[str, dict[int
         order = SOLVER_ORDER.index(m["solver"]) if m.get("solver") in SOLVER_ORDER else len(SOLVER_ORDER)
         order += (len(SOLVER_ORDER) + 1) * is_limit(m)  # a bound below the competitors
         slot = keyed.setdefault(label, {"order": (order, m.get("solver", ""), label), "cells": {}})
-        nfe = int(m["nfe"])
-        old = slot["cells"].get(nfe)
+        nfe, seed = int(m["nfe"]), cell_seed(m)
+        by_seed = slot["cells"].setdefault(nfe, {})
+        old = by_seed.get(seed)
         if old is not None:
             err = _conflict(label, nfe, old, m)
             if err is not None:
                 raise err
             log.warning("the same cell twice for %s NFE %d (same cell_key): %s and %s; the newer is used",
                         label, nfe, old["_path"], m["_path"])
+        elif by_seed:  # another seed of this row and NFE: a training replicate, or two configurations
+            err = _replicate_conflict(label, nfe, next(iter(by_seed.values())), m)
+            if err is not None:
+                raise err
         if old is None or m["_mtime"] >= old["_mtime"]:
-            slot["cells"][nfe] = m
-    rows = OrderedDict((label, slot["cells"]) for label, slot in sorted(keyed.items(), key=lambda kv: kv[1]["order"]))
+            by_seed[seed] = m
+    rows = OrderedDict()
+    for label, slot in sorted(keyed.items(), key=lambda kv: kv[1]["order"]):
+        rows[label] = {n: (next(iter(by_seed.values())) if len(by_seed) == 1 else
+                           pooled_cell([by_seed[s] for s in sorted(by_seed)])) for n, by_seed in slot["cells"].items()}
     limits = limit_rows(rows)
     nfes = sorted({n for label, r in rows.items() if label not in limits for n in r}
                   or {n for r in rows.values() for n in r})  # a sweep of limit cells alone: their own NFEs
-    for label in limits:
-        newest = max(rows[label].values(), key=lambda c: c["_mtime"])
+    for label in limits:  # the teacher's own solution: the seed changes nothing of it but KID's subsets
+        newest = max((c for cell in rows[label].values() for c in replicates(cell)), key=lambda c: c["_mtime"])
         rows[label] = {n: newest for n in nfes}
     return nfes, rows
 
@@ -318,8 +417,11 @@ def fmt_pm(h: float) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def half_width(cell: dict | None, metric: str, level: float) -> float | None:
-    """Half-width of the cell's interval over seeds (real set fixed) at ``level``; None without data."""
-    u = (cell or {}).get("uncertainty") or {}
+    """Half-width of the cell's interval over seeds (real set fixed) at ``level``; None without data,
+    and for a row's pooled training replicates (their interval is not symmetric: :func:`bounds`)."""
+    if cell is None or num_replicates(cell) > 1:
+        return None
+    u = cell.get("uncertainty") or {}
     entry = {"fid": (u.get("fid") or {}).get("samples"), "kid_mean": (u.get("kid") or {}).get("samples"),
              "rmse": u.get("rmse")}.get(metric)
     if not entry or not isinstance(entry.get("se"), (int, float)):
@@ -328,7 +430,10 @@ def half_width(cell: dict | None, metric: str, level: float) -> float | None:
 
 
 def real_half_width(cell: dict | None, metric: str, level: float) -> float | None:
-    """The spread due to the finite real set (generated samples fixed), at ``level``."""
+    """The spread due to the finite real set (generated samples fixed), at ``level``; training
+    replicates: the mean of theirs (the same real set in each)."""
+    if cell is not None and num_replicates(cell) > 1:
+        return _mean([real_half_width(c, metric, level) for c in replicates(cell)])
     u = (cell or {}).get("uncertainty") or {}
     entry = {"fid": (u.get("fid") or {}).get("real"), "kid_mean": (u.get("kid") or {}).get("real")}.get(metric)
     if not entry or not isinstance(entry.get("se"), (int, float)):
@@ -337,20 +442,63 @@ def real_half_width(cell: dict | None, metric: str, level: float) -> float | Non
 
 
 def load_cell_data(rows) -> tuple[dict, dict]:
-    """({(label, nfe): CellData}, {(label, nfe): why none}) for every cell of the table."""
+    """({(label, nfe): (CellData, ...)}, {(label, nfe): why none}) for every cell of the table: one
+    CellData per training replicate (one for an ordinary cell); a cell has data only if every replicate has."""
     data, why, read = {}, {}, {}
     for label, cells in rows.items():
-        for n, c in cells.items():
-            if c["_path"] not in read:  # a limit row's one cell is read once
-                read[c["_path"]] = U.load_cell(c, Path(c["_path"]).parent)
-                if read[c["_path"]][0] is None and c.get("uncertainty"):  # recorded but unusable: say so (an old
-                    log.warning("%s NFE %d: %s", label, n, read[c["_path"]][1])  # cell is expected to have none)
-            d, reason = read[c["_path"]]
-            if d is None:
-                why[(label, n)] = reason
+        for n, cell in cells.items():
+            got = []
+            for c in replicates(cell):
+                if c["_path"] not in read:  # a limit row's one cell is read once
+                    read[c["_path"]] = U.load_cell(c, Path(c["_path"]).parent)
+                    if read[c["_path"]][0] is None and c.get("uncertainty"):  # recorded but unusable: say so (an
+                        log.warning("%s NFE %d: %s", label, n, read[c["_path"]][1])  # old cell is expected to have none)
+                d, reason = read[c["_path"]]
+                if d is None:
+                    why[(label, n)] = reason if num_replicates(cell) == 1 else f"seed={cell_seed(c)}: {reason}"
+                    break
+                got.append(d)
             else:
-                data[(label, n)] = d
+                data[(label, n)] = tuple(got)
     return data, why
+
+
+#: the training-spread columns of table2.csv, per metric
+TRAIN_PREFIX = {"fid": "fid", "kid_mean": "kid", "rmse": "rmse"}
+
+
+def pool_rows(rows, data: dict, level: float = 0.95) -> None:
+    """Adds ``_pooled`` to every cell of ``rows`` that pools training replicates: per metric the mean
+    (``value``), the ``level`` interval over training and evaluation seeds (``lo``, ``hi``; FID and KID:
+    :func:`.uncertainty.pooled_interval` of the replicates' bootstrap replicates over seeds, the real
+    set fixed as in the ``±`` of a single cell; RMSE: :func:`.uncertainty.normal_mixture_interval` of
+    their delta-method normals) and the training spread (``train``: :func:`.uncertainty.training_spread`)."""
+    for label, cells in rows.items():
+        for n, cell in cells.items():
+            reps = replicates(cell)
+            if len(reps) < 2 or "_pooled" in cell:
+                continue
+            pooled = {}
+            for m in CSV_METRICS:
+                values = [_value(c, m) for c in reps]
+                entry = {"value": _value(cell, m), "lo": None, "hi": None, "train": U.training_spread(values), "why": None}
+                try:
+                    if m == "rmse":
+                        ses = [((c.get("uncertainty") or {}).get("rmse") or {}).get("se") for c in reps]
+                        if None in ses or None in values:
+                            raise ValueError("no per-sample data")
+                        got = U.normal_mixture_interval(values, ses, level)
+                    elif (label, n) not in data:
+                        raise ValueError("no per-sample data")
+                    elif None in values:
+                        raise ValueError(f"no {m} value in every replicate")
+                    else:
+                        got = U.pooled_interval(values, [d.reps(m, "samples") for d in data[(label, n)]], level)
+                    entry.update(lo=got["lo"], hi=got["hi"])
+                except ValueError as err:
+                    entry["why"] = str(err)
+                pooled[m] = entry
+            cell["_pooled"] = pooled
 
 
 def column_marks(rows, nfes, metric: str, data: dict, level: float = 0.95, source: str = "samples") -> dict:
@@ -361,7 +509,13 @@ def column_marks(rows, nfes, metric: str, data: dict, level: float = 0.95, sourc
     when the ``level`` paired interval of (other - lowest) excludes 0 for every other cell; else the
     *tied* group is the lowest cell and every cell whose interval contains 0 or cannot be formed.
     A column where the lowest cell has no per-sample data is *untested*. Limit rows take no part: a
-    bound, not a competitor (never marked, nothing compared with them)."""
+    bound, not a competitor (never marked, nothing compared with them).
+
+    Training replicates (a trained row from k seeds): the lowest row is the lowest mean, and every
+    claim must hold over the training seeds: each replicate of a row is compared with each replicate of
+    the lowest (:func:`.uncertainty.replicate_diff`; ``lo``/``hi`` the extreme ends over the pairs), so
+    the lowest is *significant* only if every replicate is significantly lower than every cell of every
+    other row, and a row leaves the tied group only if every one of its pairs is significantly higher."""
     out = {}
     for n in nfes:
         values = {label: v for label, cells in rows.items()
@@ -380,7 +534,8 @@ def column_marks(rows, nfes, metric: str, data: dict, level: float = 0.95, sourc
             if label == best:
                 continue
             other = data.get((label, n))
-            d, reason = (None, "no per-sample data") if other is None else U.paired_diff(other, data[(best, n)], metric, level, source)
+            d, reason = ((None, "no per-sample data") if other is None else
+                         U.replicate_diff(other, data[(best, n)], metric, level, source))
             diffs[label] = d
             if d is None:
                 why[label] = reason
@@ -406,10 +561,22 @@ def _cell_text(cell, metric, level, tex=False):
     v = _value(cell, metric)
     if v is None:
         return "--" if tex else "n/a"
+    if num_replicates(cell) > 1:  # the mean of the training replicates and its pooled interval: not symmetric
+        lo, hi = bounds(cell, metric, level)
+        return fmt(v) if lo is None else f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]"
     h = half_width(cell, metric, level)
     if h is None:
         return fmt(v)
     return f"{fmt(v)} $\\pm$ {fmt_pm(h)}" if tex else f"{fmt(v)} ± {fmt_pm(h)}"
+
+
+def row_text(label: str, cells: dict) -> str:
+    """A row's name in the tables: its label, with ``(k=N)`` for a trained row pooled from N training
+    seeds (``k=2-3`` when its columns have different numbers of replicates)."""
+    ks = sorted({num_replicates(c) for c in cells.values()})
+    if not ks or ks[-1] < 2:
+        return label
+    return f"{label} (k={ks[0]})" if len(ks) == 1 else f"{label} (k={ks[0]}-{ks[-1]})"
 
 
 def markdown_table(rows, nfes, metric: str, marks: dict | None = None, level: float = 0.95) -> str:
@@ -420,7 +587,7 @@ def markdown_table(rows, nfes, metric: str, marks: dict | None = None, level: fl
         for n in nfes:
             text, mark = _cell_text(cells.get(n), metric, level), _mark(marks, label, n)
             out.append(f"**{text}**" if mark in ("best", "lowest") else (f"*{text}*" if mark == "tied" else text))
-        lines.append(f"| {label} | " + " | ".join(out) + " |")
+        lines.append(f"| {row_text(label, cells)} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
 
@@ -439,14 +606,49 @@ def latex_table(rows, nfes, metric: str, caption: str, marks: dict | None = None
         for n in nfes:
             text, mark = _cell_text(cells.get(n), metric, level, tex=True), _mark(marks, label, n)
             out.append(f"\\textbf{{{text}}}" if mark in ("best", "lowest") else (f"\\textit{{{text}}}" if mark == "tied" else text))
-        lines.append(_tex_escape(label) + " & " + " & ".join(out) + r" \\")
+        lines.append(_tex_escape(row_text(label, cells)) + " & " + " & ".join(out) + r" \\")
     lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines)
+
+
+def pooled_rows(rows) -> list[str]:
+    """The labels of the rows with a cell pooled from k >= 2 training replicates."""
+    return [label for label, cells in rows.items() if any(num_replicates(c) > 1 for c in cells.values())]
+
+
+def _spread_text(cell, metric: str, tex: bool = False) -> str:
+    t = ((cell or {}).get("_pooled") or {}).get(metric, {}).get("train") if num_replicates(cell) > 1 else None
+    if t is None:
+        return "--" if tex else "n/a" if cell is None or _value(cell, metric) is None else "k=1"
+    dash = "--" if tex else "–"
+    return f"{fmt(t['min'])} {dash} {fmt(t['max'])} (sd {fmt_pm(t['sd'])})"
+
+
+def spread_table(rows, nfes, metric: str, tex: bool = False) -> str:
+    """The training spread of the pooled rows (:func:`pooled_rows`): per NFE, min – max (sd) of the k
+    replicate values; '' when there is none."""
+    labels = pooled_rows(rows)
+    if not labels:
+        return ""
+    if tex:
+        lines = ["\\begin{tabular}{l" + "c" * len(nfes) + "}", "\\toprule", "NFE & " + " & ".join(map(str, nfes)) + r" \\",
+                 "\\midrule"]
+        lines += [_tex_escape(row_text(label, rows[label])) + " & "
+                  + " & ".join(_spread_text(rows[label].get(n), metric, True) for n in nfes) + r" \\" for label in labels]
+        return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"])
+    lines = ["| NFE | " + " | ".join(map(str, nfes)) + " |", "|---" * (len(nfes) + 1) + "|"]
+    lines += [f"| {row_text(label, rows[label])} | " + " | ".join(_spread_text(rows[label].get(n), metric) for n in nfes)
+              + " |" for label in labels]
     return "\n".join(lines)
 
 
 def bounds(cell: dict | None, metric: str, level: float, fn=half_width) -> tuple[float | None, float | None]:
     """(low, high) of the cell's interval at ``level`` (``fn``: :func:`half_width`, or
-    :func:`real_half_width` for the real set's spread); (None, None) without one."""
+    :func:`real_half_width` for the real set's spread); (None, None) without one. A cell pooled from
+    training replicates: its interval over training and evaluation seeds (:func:`pool_rows`)."""
+    if fn is half_width and num_replicates(cell) > 1:
+        p = ((cell.get("_pooled") or {}).get(metric) or {})
+        return (p.get("lo"), p.get("hi")) if p.get("lo") is not None else (None, None)
     v, h = _value(cell, metric), fn(cell, metric, level)
     return (None, None) if v is None or h is None else (v - h, v + h)
 
@@ -456,12 +658,17 @@ CSV_FIELDS = ("solver", "label", "nfe", "limit", "fid", "fid_lo", "fid_hi", "fid
               "kid_lo", "kid_hi", "rmse", "rmse_lo", "rmse_hi", "num_samples", "feature_extractor", "schedule", "rho",
               "best_fid", "best_kid_mean", "best_rmse", "mark_fid", "mark_kid_mean", "mark_rmse",
               "fid_minus_lowest", "fid_minus_lowest_lo", "fid_minus_lowest_hi",
-              "rmse_minus_lowest", "rmse_minus_lowest_lo", "rmse_minus_lowest_hi", "metrics_file")
+              "rmse_minus_lowest", "rmse_minus_lowest_lo", "rmse_minus_lowest_hi",
+              "replicates", "train_seeds", "fid_train_lo", "fid_train_hi", "fid_train_sd", "kid_train_lo", "kid_train_hi",
+              "kid_train_sd", "rmse_train_lo", "rmse_train_hi", "rmse_train_sd", "metrics_file")
 
 
 def csv_rows(rows, nfes, marks: dict | None = None, level: float = 0.95) -> list[dict]:
     """The lines of :func:`csv_table` as dicts over :data:`CSV_FIELDS` (values as numbers, not text); a
-    limit row's cell once, at its own NFE, with ``limit`` = 1."""
+    limit row's cell once, at its own NFE, with ``limit`` = 1. A trained row's cell pooled from k
+    training replicates: the means, the pooled intervals, ``replicates`` = k, their seeds, the training
+    spread (``<m>_train_lo``/``_hi``: min and max of the k values, ``_sd``) and every replicate's file
+    (``metrics_file``, ``;``-separated)."""
     marks = marks or {}
     marks = {m: marks.get(m) or column_marks(rows, nfes, m, {}, level) for m in CSV_METRICS}
     out = []
@@ -476,8 +683,13 @@ def csv_rows(rows, nfes, marks: dict | None = None, level: float = 0.95) -> list
                 "fid": c.get("fid"), "kid_mean": c.get("kid_mean"),
                 "kid_std": c.get("kid_std"), "rmse": c.get("rmse"), "num_samples": c.get("num_samples"),
                 "feature_extractor": c.get("feature_extractor"), "schedule": sched.get("kind"), "rho": sched.get("rho"),
-                "metrics_file": c.get("_path"),
+                "metrics_file": ";".join(r["_path"] for r in replicates(c)), "replicates": num_replicates(c),
+                "train_seeds": ",".join(str(cell_seed(r)) for r in replicates(c)),
             }
+            for m, prefix in TRAIN_PREFIX.items():  # the spread over the training seeds (k >= 2 only)
+                t = (((c.get("_pooled") or {}).get(m) or {}).get("train") or {}) if num_replicates(c) > 1 else {}
+                row[f"{prefix}_train_lo"], row[f"{prefix}_train_hi"], row[f"{prefix}_train_sd"] = (
+                    t.get("min"), t.get("max"), t.get("sd"))
             row["fid_lo"], row["fid_hi"] = bounds(c, "fid", level)
             row["fid_real_lo"], row["fid_real_hi"] = bounds(c, "fid", level, real_half_width)
             row["kid_lo"], row["kid_hi"] = bounds(c, "kid_mean", level)
@@ -511,12 +723,12 @@ def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data
     data and on the files of the sweep that were skipped (``skipped``: :func:`classify`'s second part)."""
     pct = f"{100 * level:g}%"
     cells = list({id(c): c for r in rows.values() for c in r.values()}.values())  # a limit row's cell once
-    with_u = [c for c in cells if half_width(c, metric, level) is not None]
+    with_u = [c for c in cells if bounds(c, metric, level)[0] is not None]
     parts = []
     if with_u:
         how = {"fid": "bootstrap over the seeds", "kid_mean": "bootstrap over the seeds (of the full-sample KID)",
                "rmse": "delta method over the per-sample errors"}[metric]
-        u0 = with_u[0].get("uncertainty") or {}
+        u0 = replicates(with_u[0])[0].get("uncertainty") or {}
         extra = f", {u0.get('resamples')} resamples" if metric != "rmse" else ""
         parts.append(f"± : {pct} interval of the cell over seeds ({how}{extra}; the real set held fixed).")
         real = sorted(h for c in with_u if (h := real_half_width(c, metric, level)) is not None)
@@ -534,6 +746,7 @@ def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data
         untested = sorted(n for n, m in marks.items() if m.get("status") == "untested")
         parts.append(f"NFE {', '.join(map(str, untested))}: no per-sample data for the lowest cell (evaluated before "
                      "intervals were stored), so bold there is only the lowest value, not tested.")
+    parts += replicate_notes(rows, metric, pct)
     missing = len(cells) - len(with_u)
     if missing and with_u:
         parts.append(f"{missing} cell(s) have no interval (evaluated before intervals were stored or bootstrap disabled).")
@@ -543,6 +756,33 @@ def legend(rows, nfes, metric: str, marks: dict, level: float, source: str, data
     if skipped:
         parts.append(skipped_note(skipped))
     return " ".join(parts)
+
+
+def replicate_notes(rows, metric: str, pct: str) -> list[str]:
+    """The legend's sentences on trained rows: how a row pooled from k training seeds is shown and
+    marked; and which trained rows come from one training seed (k=1), whose retraining spread the
+    table does not hold (make run-full trains three)."""
+    out = []
+    pooled = pooled_rows(rows)
+    if pooled:
+        how = ("the equal mixture of the replicates' delta-method normals" if metric == "rmse" else
+               "the replicates' bootstrap replicates over the seeds, each centred on its own value, pooled with equal "
+               "weight; the real set held fixed")
+        csv_cols = f"table2.csv: {TRAIN_PREFIX[metric]}_train_lo/hi/sd"
+        out.append(f"(k=N): a trained row from N training seeds (the top-level seed: 0, 1, ...; each replicate trained "
+                   f"on its own teacher trajectories, from its own initialisation and batch order). Its value is the mean over the "
+                   f"replicates, [lo, hi] the {pct} percentile interval over training and evaluation seeds ({how}); "
+                   f"the training spread (min – max and sd of the N values) is in the table below ({csv_cols}). Bold "
+                   "and italics hold over the training seeds: such a row is bold only if every replicate is "
+                   "significantly lower than every cell of every other row, and a row leaves the tied group only "
+                   "if every pair of its cells with the lowest row's replicates is significantly higher.")
+    single = [label for label, cells in rows.items() if label not in pooled and not any(is_limit(c) for c in cells.values())
+              and any(is_trained(c) for c in cells.values())]
+    if single:
+        out.append(f"Trained rows from one training seed (k=1): {'; '.join(single)}. Their values, intervals and marks "
+                   "are those of that one training: the spread over retraining is not in them (make run-full trains "
+                   "three seeds per trained row: docs/evaluation.md, training replicates).")
+    return out
 
 
 def limit_note(rows, label: str) -> str:
@@ -576,19 +816,21 @@ def describe(cells: list[dict]) -> str:
 RATIO_METRICS = ("fid", "kid_mean")
 RATIO_STEM = "table2_ratio"
 RATIO_FIELDS = ("metric", "solver", "label", "nfe", "limit_label", "value", "limit_value", "ratio", "ratio_lo", "ratio_hi",
-                "statistic", "source", "why", "metrics_file", "limit_file")
+                "statistic", "source", "why", "replicates", "metrics_file", "limit_file")
 
 
 def ratio_line(cell: dict, limit: dict, metric: str, pair: tuple, level: float, source: str) -> dict:
     """One cell over its limit cell (over :data:`RATIO_FIELDS`, without the labels): the paired ratio and
     its interval (:func:`.uncertainty.paired_ratio`) when both cells kept their replicates (``pair``:
-    their :class:`~.uncertainty.CellData`, None where missing); else the ratio of the table's values,
-    without an interval, and ``why``."""
+    their :class:`~.uncertainty.CellData` tuples, None where missing); else the ratio of the table's values,
+    without an interval, and ``why``. A cell pooled from k training replicates: the mean of the k paired
+    ratios and their pooled interval (:func:`.uncertainty.pooled_ratio`, as the table pools the row)."""
     line = {"metric": metric, "solver": cell.get("solver"), "nfe": cell["nfe"], "statistic": metric,
             "value": _value(cell, metric), "limit_value": _value(limit, metric), "ratio": None, "ratio_lo": None,
-            "ratio_hi": None, "source": None, "why": None, "metrics_file": cell["_path"], "limit_file": limit["_path"]}
+            "ratio_hi": None, "source": None, "why": None, "replicates": num_replicates(cell),
+            "metrics_file": ";".join(c["_path"] for c in replicates(cell)), "limit_file": limit["_path"]}
     a, b = pair
-    r, why = (None, "no per-sample data") if a is None or b is None else U.paired_ratio(a, b, metric, level, source)
+    r, why = (None, "no per-sample data") if a is None or b is None else U.pooled_ratio(a, b[0], metric, level, source)
     if r is not None:  # KID: the replicates are of the full-sample MMD^2, so is the ratio (as the differences)
         line.update(statistic="kid_full" if metric == "kid_mean" else metric, value=r["a"], limit_value=r["b"],
                     ratio=r["ratio"], ratio_lo=r["lo"], ratio_hi=r["hi"], source=r["source"])
@@ -634,7 +876,7 @@ def ratio_tables(rows, nfes, lines: list[dict], about: str, level: float, source
         labels = [label for label in rows if any((label, n) in got for n in nfes)]
         grid = {label: [_ratio_text(got.get((label, n))) for n in nfes] for label in labels}
         head = "| NFE | " + " | ".join(map(str, nfes)) + " |\n" + "|---" * (len(nfes) + 1) + "|"
-        body = "\n".join(f"| {label} | " + " | ".join(texts) + " |" for label, texts in grid.items())
+        body = "\n".join(f"| {row_text(label, rows[label])} | " + " | ".join(texts) + " |" for label, texts in grid.items())
         paired = "the same resampled seeds" + (" and real set" if source == "total" else "")
         unpaired = sum(1 for ln in got.values() if ln["ratio"] is not None and ln["ratio_lo"] is None)
         note = (f"Each cell as a multiple of the limit row's {METRICS[m]} ({lim}, the teacher's own ODE solution): 1 is "
@@ -643,13 +885,17 @@ def ratio_tables(rows, nfes, lines: list[dict], about: str, level: float, source
         if m == "kid_mean":
             note += (" KID: the ratio of the full-sample KID (kid_full, whose replicates the cells store), not of "
                      "torch-fidelity's subset average (kid_mean) the table shows, where the replicates exist.")
+        if any((ln.get("replicates") or 1) > 1 for ln in got.values()):
+            note += (" (k=N): a trained row from N training seeds: the mean of its N replicates' ratios, [lo, hi] over "
+                     "training and evaluation seeds (each replicate's paired ratio replicates centred on its ratio, "
+                     "pooled with equal weight), as Table 2 pools the row.")
         if unpaired:
             note += f" {unpaired} cell(s) have no paired replicates: the ratio of the values alone, no interval."
         md.append(f"**{title}**\n\n{head}\n{body}\n\n{note}")
         lines_tex = [f"% {title}. {note}", "% needs \\usepackage{booktabs}", "\\begin{tabular}{l" + "c" * len(nfes) + "}",
                      "\\toprule", "NFE & " + " & ".join(map(str, nfes)) + r" \\", "\\midrule"]
-        lines_tex += [_tex_escape(label) + " & " + " & ".join(_ratio_text(got.get((label, n)), tex=True) for n in nfes)
-                      + r" \\" for label in labels]
+        lines_tex += [_tex_escape(row_text(label, rows[label])) + " & "
+                      + " & ".join(_ratio_text(got.get((label, n)), tex=True) for n in nfes) + r" \\" for label in labels]
         tex.append("\n".join(lines_tex + ["\\bottomrule", "\\end{tabular}"]))
     return "\n\n".join(md) + "\n", "\n\n".join(tex) + "\n"
 
@@ -788,6 +1034,15 @@ def check_metrics(metrics, key: str = "table.metrics") -> list[str]:
     return [str(m) for m in given]
 
 
+def _error_bar(cell, metric: str, level: float) -> float | None:
+    """The plot's symmetric error bar: the half-width, or for pooled replicates the wider side of their interval."""
+    if num_replicates(cell) < 2:
+        return half_width(cell, metric, level)
+    lo, hi = bounds(cell, metric, level)
+    v = _value(cell, metric)
+    return None if lo is None or v is None else max(v - lo, hi - v)
+
+
 def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float = 0.95, source: str = "samples") -> dict:
     """Collect, format and write everything; returns {"markdown", "paths", "rows", "nfes", "cells", "marks",
     "skipped", "csv_rows", "picture", "limits", "ratio_rows"} (``skipped``: [(path, kind, reason)] of the files
@@ -799,6 +1054,7 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
     cells, skipped = gather(sweep_dir)  # only good cells; the others named in one warning (module docstring)
     nfes, rows = build_rows(cells)
     data, _ = load_cell_data(rows)
+    pool_rows(rows, data, level)  # training replicates: the mean, the pooled interval, the training spread
     marks = {m: column_marks(rows, nfes, m, data, level, source) for m in CSV_METRICS}
     out = Path(out_dir) if out_dir else sweep_dir
     about = describe(cells)
@@ -809,6 +1065,10 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
         md_parts.append(f"**{title}**\n\n{markdown_table(rows, nfes, m, marks[m], level)}\n\n{note}")
         plain_note = note.replace("**", "").replace("*", "")  # a LaTeX comment: no markdown emphasis
         tex_parts.append(latex_table(rows, nfes, m, f"{title}. {plain_note}", marks[m], level))
+        if pooled_rows(rows):  # the spread over the training seeds, under the table it belongs to
+            what = f"Training spread of {METRICS[m]}: min – max (sd) of the replicate values of each trained row (k=N)"
+            md_parts.append(f"{what}:\n\n{spread_table(rows, nfes, m)}")
+            tex_parts.append(f"% {what}\n{spread_table(rows, nfes, m, tex=True)}")
     markdown = "\n\n".join(md_parts) + "\n"
     paths = {
         "markdown": atomic_write_text(out / "table2.md", markdown),
@@ -821,12 +1081,14 @@ def write_tables(sweep_dir, out_dir=None, metrics=("fid", "rmse"), level: float 
     limits = limit_rows(rows)
     for m in metrics:
         series = {label: {n: _value(c, m) for n, c in cells_.items()} for label, cells_ in rows.items() if label not in limits}
-        errors = {label: {n: h for n, c in cells_.items() if (h := half_width(c, m, level)) is not None}
+        errors = {label: {n: h for n, c in cells_.items() if (h := _error_bar(c, m, level)) is not None}
                   for label, cells_ in rows.items() if label not in limits}
         bound = {label: v for label in limits if (v := _value(rows[label][nfes[0]], m)) is not None}  # a dashed line
         paths[f"{m}_plot"] = metric_vs_nfe_png(series, out / f"{m}_vs_nfe.png", METRICS[m],
                                                title=f"{METRICS[m]} vs NFE ({sweep_dir.name})", errors=errors,
-                                               error_label=f"{100 * level:g}% interval over seeds", limits=bound)
+                                               error_label=f"{100 * level:g}% interval over seeds"
+                                               + (" (k>1: training and evaluation seeds, wider side)" if pooled_rows(rows) else ""),
+                                               limits=bound)
     picture = cell_previews(rows, nfes)
     seeds = f"seeds {_seeds_text(picture['seeds'])}, row by row" if picture["seeds"] else "no previews"
     paths["samples_by_solver"] = samples_by_solver_png(

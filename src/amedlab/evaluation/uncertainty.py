@@ -20,6 +20,10 @@ so they carry sampling noise. Everything here reuses what the cell already compu
   per-sample delta method, ``(RMSE_A - RMSE_B) +- z * std(e_A/(2 RMSE_A) - e_B/(2 RMSE_B)) / sqrt(n)``.
 - **Paired ratios** (the table's ratio view, a cell over the limit cell): ``fid_A[b] / fid_B[b]`` from
   the same paired replicates, its percentile interval (FID and KID; no RMSE ratio).
+- **Training replicates** (one trained row from k training seeds, :func:`pooled_interval` and the
+  functions after it): the interval over training and evaluation seeds pools the k cells' stored
+  replicates, each centred on its own value, with equal weight (RMSE: the mixture of the k normals);
+  a claim that one row is lower must hold for every replicate pair (:func:`replicate_diff`).
 
 Cost: one replicate is one weighted covariance of the generated features (n d^2) and of the real
 features (m d^2), three symmetric eigenproblems of size d, and three kernel-weighted sums (n^2 + nm
@@ -466,3 +470,162 @@ def paired_ratio(a: CellData, b: CellData, metric: str, level: float = 0.95, sou
         return None, str(err)
     out["source"] = src
     return out, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Training replicates: one trained row from k training seeds (docs/evaluation.md, training replicates)
+# ------------------------------------------------------------------------------------------------
+#
+# A trained row (AMED's predictor, the learned solver) moves when it is trained again, by as much as its
+# interval over the evaluation seeds. Its k replicates (the same cell trained from seed = 0 .. k-1, each on
+# its own teacher trajectories) are pooled here from what each cell stored: no model call, no second
+# bootstrap. The pooled distribution picks a replicate r uniformly, then one of its bootstrap replicates
+# centred on r's own value: value_r + (rep_r[b] - mean_b rep_r) -- centred, as a single cell's interval
+# (value +- z se) is centred on its value and never on the replicates' mean, which the resampling biases
+# upwards (FID of a resample with repeated seeds: about +1 on digits, as much as the se).
+
+def pooled_samples(values, reps) -> np.ndarray:
+    """The pooled bootstrap distribution over training and evaluation seeds: every replicate r's
+    replicates centred on its value (``values[r] + reps[r] - mean(reps[r])``), all replicates with equal
+    weight (they must hold the same number of replicates: the same eval.bootstrap settings)."""
+    reps = [np.asarray(r, np.float64) for r in reps]
+    if len(values) != len(reps) or not reps or len({r.size for r in reps}) != 1 or reps[0].size == 0:
+        raise ValueError(f"pooling needs one non-empty set of replicates of equal size per value; got sizes "
+                         f"{[r.size for r in reps]} for {len(values)} values")
+    return np.concatenate([float(v) + (r - r.mean()) for v, r in zip(values, reps)])
+
+
+def pooled_interval(values, reps, level: float = 0.95) -> dict:
+    """Mean over the replicates' ``values`` and the ``level`` percentile interval of :func:`pooled_samples`."""
+    pooled = pooled_samples(values, reps)
+    lo, hi = np.quantile(pooled, [(1 - level) / 2, (1 + level) / 2])
+    return {"value": float(np.mean(values)), "lo": float(lo), "hi": float(hi), "se": float(pooled.std(ddof=1)),
+            "method": "pooled bootstrap over training replicates (each centred on its value), percentile interval"}
+
+
+def normal_mixture_interval(means, ses, level: float = 0.95) -> dict:
+    """Mean of ``means`` and the ``level`` interval of the equal mixture of N(means[r], ses[r]^2): the
+    pooled interval of a delta-method statistic (RMSE), whose replicates are not stored. Its quantiles
+    are found by bisection on the mixture's distribution function (exact to 1e-12 of the spread)."""
+    from scipy.stats import norm
+
+    m, s = np.asarray(means, np.float64), np.asarray(ses, np.float64)
+    scale = max(float(s.max()), float(np.abs(m).max()), 1e-300)
+    s = np.maximum(s, 1e-12 * scale)  # a zero se is a point mass: a steep normal in its place
+
+    def quantile(q: float) -> float:
+        lo, hi = float((m - 10 * s).min()), float((m + 10 * s).max())
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if norm.cdf((mid - m) / s).mean() < q:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-12 * scale:
+                break
+        return 0.5 * (lo + hi)
+
+    return {"value": float(m.mean()), "lo": quantile((1 - level) / 2), "hi": quantile((1 + level) / 2),
+            "method": "equal mixture of the replicates' delta-method normals"}
+
+
+def training_spread(values) -> dict | None:
+    """The spread of a trained row over its k training seeds: k, min, max and sd (ddof 1) of the
+    replicate values (None when a value is missing)."""
+    if not values or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        return None
+    v = np.asarray(values, np.float64)
+    return {"k": len(v), "min": float(v.min()), "max": float(v.max()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def _pairs(a, b, one):
+    """[(i, j, result)] of ``one(a[i], b[j])`` over every replicate pair, or (None, why) at the first that fails."""
+    out = []
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            got, why = one(x, y)
+            if got is None:
+                return None, (why if len(a) * len(b) == 1 else f"replicates {i + 1} and {j + 1}: {why}")
+            out.append((i, j, got))
+    return out, None
+
+
+def replicate_diff(a, b, metric: str, level: float = 0.95, source: str = "total") -> tuple[dict | None, str | None]:
+    """A - B where A and B are rows given by their replicates' :class:`CellData` (sequences; one cell:
+    a sequence of one). One cell each: :func:`paired_diff`, unchanged. Otherwise every replicate pair is
+    compared as one cell with another (paired as today) and the result holds over the training seeds:
+    ``lo``/``hi`` are the lowest and highest ends over the pairs, ``significant`` only if every pair's
+    interval excludes 0 on the same side (the table's bold rule); ``pooled`` is the interval over
+    training and evaluation seeds (:func:`pooled_diff`). ``diff``: the difference of the means."""
+    a, b = list(a), list(b)
+    if len(a) == 1 and len(b) == 1:
+        return paired_diff(a[0], b[0], metric, level, source)
+    pairs, why = _pairs(a, b, lambda x, y: paired_diff(x, y, metric, level, source))
+    if pairs is None:
+        return None, why
+    ds = [d for _, _, d in pairs]
+    lo, hi = min(d["lo"] for d in ds), max(d["hi"] for d in ds)
+    out = {"diff": float(np.mean([d["diff"] for d in ds])), "lo": lo, "hi": hi, "se": max(d["se"] for d in ds),
+           "significant": bool(lo > 0 or hi < 0), "replicates": [len(a), len(b)], "pairs": len(ds),
+           "method": f"{ds[0]['method']}, for every one of the {len(a)} x {len(b)} replicate pairs (lo/hi: the extreme "
+                     "ends over the pairs)"}
+    if "source" in ds[0]:
+        out["source"] = ds[0]["source"]
+    pooled, why = pooled_diff(a, b, metric, level, source)
+    out["pooled"] = pooled
+    return out, None
+
+
+def pooled_diff(a, b, metric: str, level: float = 0.95, source: str = "total") -> tuple[dict | None, str | None]:
+    """A - B over training and evaluation seeds, A and B rows given by their replicates' :class:`CellData`:
+    the difference of the means, and the percentile interval of the equal mixture over replicate pairs
+    (r, s) of each pair's paired replicate differences centred on its own difference (FID, KID); RMSE:
+    the mixture of the pairs' paired delta-method normals. One cell each: as :func:`paired_diff`."""
+    a, b = list(a), list(b)
+    if len(a) == 1 and len(b) == 1:
+        return paired_diff(a[0], b[0], metric, level, source)
+    if metric == "rmse":
+        pairs, why = _pairs(a, b, lambda x, y: paired_diff(x, y, metric, level, source))
+        if pairs is None:
+            return None, why
+        ds = [d for _, _, d in pairs]
+        out = normal_mixture_interval([d["diff"] for d in ds], [d["se"] for d in ds], level)
+        out["method"] = "paired per-sample delta method, " + out["method"] + " over the replicate pairs"
+    else:
+        def one(x, y):
+            if not np.array_equal(x.arrays["seeds"], y.arrays["seeds"]):
+                return None, "different seeds"
+            return _paired_replicates(x, y, metric, source)
+
+        pairs, why = _pairs(a, b, one)
+        if pairs is None:
+            return None, why
+        got = [g for _, _, g in pairs]
+        out = pooled_interval([va - vb for va, vb, *_ in got], [ra - rb for _, _, ra, rb, _ in got], level)
+        out["method"] = "paired bootstrap, " + out["method"] + " over the replicate pairs"
+        out["source"] = got[0][4]
+    diff = out.pop("value")
+    out.update(diff=diff, significant=bool(out["lo"] > 0 or out["hi"] < 0), replicates=[len(a), len(b)])
+    return out, None
+
+
+def pooled_ratio(a, b: CellData, metric: str, level: float = 0.95, source: str = "total") -> tuple[dict | None, str | None]:
+    """Row A (its replicates' :class:`CellData`) as a multiple of cell B (the limit). One cell: as
+    :func:`paired_ratio`, unchanged. k > 1: each replicate's paired ratio (:func:`paired_ratio`), then
+    pooled as the table pools a trained row: ``ratio`` the mean of the k ratios (``a`` the mean of A's
+    values), the interval the percentile one of :func:`pooled_samples` of the replicates' ratio replicates."""
+    a = list(a)
+    if len(a) == 1:
+        return paired_ratio(a[0], b, metric, level, source)
+    ratios, reps = [], []
+    for i, x in enumerate(a):
+        r, why = paired_ratio(x, b, metric, level, source)
+        if r is None:
+            return None, f"replicate {i + 1}: {why}"
+        ratios.append(r)
+        va, vb, ra, rb, _ = _paired_replicates(x, b, metric, r["source"])[0]
+        reps.append(np.asarray(ra, np.float64) / np.asarray(rb, np.float64))
+    pooled = pooled_interval([r["ratio"] for r in ratios], reps, level)
+    return {"ratio": pooled["value"], "a": float(np.mean([r["a"] for r in ratios])), "b": ratios[0]["b"],
+            "lo": pooled["lo"], "hi": pooled["hi"], "se": pooled["se"], "source": ratios[0]["source"],
+            "replicates": len(a), "method": "paired bootstrap of the ratio per replicate, " + pooled["method"]}, None

@@ -4,10 +4,36 @@ it); the rule names it by ``"amedlab.learned.trained:TRAINING"`` (:func:`amedlab
 from __future__ import annotations
 
 
+def replicate_settings(sdist: dict, seed: int, eval_seeds=None) -> dict:
+    """``solver.distill`` checked and filled for training replicate r = ``seed``: its teacher solutions
+    are the block first_seed + r * num_trajectories .. (r = 0: first_seed.., the settings and cache key
+    from before replicates), so replicates differ in their data as well as in the shuffling. A block
+    beyond 2^32 or overlapping ``eval_seeds`` is a ConfigError naming ``seed``, before any compute."""
+    from ..errors import ConfigError
+    from ..limits import SEED_LIMIT
+    from .settings import check_learned_settings
+
+    if not seed:
+        return check_learned_settings(sdist, eval_seeds)
+    base = check_learned_settings(sdist)  # the defaults filled in, every value checked
+    n, first = base["num_trajectories"], base["first_seed"] + seed * base["num_trajectories"]
+    block = f"solver.distill.first_seed + seed * solver.distill.num_trajectories = {first} .. {first + n - 1}"
+    if first + n > SEED_LIMIT:
+        raise ConfigError(f"seed={seed}: training replicate {seed} trains on the teacher solutions of seeds {block}, "
+                          f"beyond 2^32; accepted: seed <= {(SEED_LIMIT - n - base['first_seed']) // n}", "seed")
+    overlap = next((s for s in eval_seeds or () if first <= s < first + n), None)
+    if overlap is not None:
+        raise ConfigError(f"seed={seed}: training replicate {seed} trains on the teacher solutions of seeds {block}, "
+                          f"which overlap the evaluation seeds (e.g. {overlap}); accepted: a seed whose block is "
+                          "disjoint from eval.seeds (or another solver.distill.first_seed)", "seed")
+    return check_learned_settings({**sdist, "first_seed": first}, eval_seeds)
+
+
 class LearnedTraining:
     """The ``trained`` hook of solver=learned (:mod:`amedlab.solvers.trained`): the grid + coefficients
-    trained for the cell's settings (``solver.distill`` checked and filled, the NFE, schedule, AFS,
-    order, teacher = ``eval.ode_reference``, dtype, seed), cached under them
+    trained for the cell's settings (``solver.distill`` checked and filled, with training replicate
+    ``seed``'s own first_seed, :func:`replicate_settings`; the NFE, schedule, AFS, order, teacher =
+    ``eval.ode_reference``, dtype, seed), cached under them
     (:func:`amedlab.learned.train.cell_learned`)."""
 
     key = "learned"   # the cell key's entry: these settings
@@ -16,9 +42,9 @@ class LearnedTraining:
     def cell_settings(self, cell) -> dict:
         from ..errors import user_errors
         from ..schedules import ScheduleSpec
-        from .settings import check_learned_settings, start_schedules
+        from .settings import start_schedules
 
-        settings = check_learned_settings(dict(cell.solver.get("distill") or {}), cell.eval_seeds)
+        settings = replicate_settings(dict(cell.solver.get("distill") or {}), int(cell.seed), cell.eval_seeds)
         starts = start_schedules(cell.schedule, settings["starts"])  # every starting grid is a valid schedule
         ref = {k: v for k, v in cell.ode_reference.items() if k != "chunk_size"}
         out = {"nfe": int(cell.nfe), "schedule": dict(cell.schedule), "afs": cell.solver.get("afs", False),

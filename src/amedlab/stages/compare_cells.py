@@ -3,7 +3,9 @@
 The paired difference A - B of each metric at every NFE with its interval (``table.significance``),
 printed and written as ``compare_<A>_vs_<B>.md`` and ``.json`` next to the table. The library part
 is :mod:`amedlab.evaluation.compare_cells`. Every input is checked first
-(:func:`amedlab.specs.check_compare_cells`); the sweep's files are read as stage=table reads them.
+(:func:`amedlab.specs.check_compare_cells`); the sweep's files are read as stage=table reads them. A
+trained row evaluated at several ``seed`` (training replicates) is compared as the table pools it: the
+means, the interval pooled over training and evaluation seeds, and whether every replicate pair agrees.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 samples by solver and NFE (``samples_by_solver.png``) from a sweep.
 
 Written into ``table.out_dir`` (default: the sweep directory); the main table is printed. The
-library part is :mod:`amedlab.evaluation.table` (what each file holds is described there). With
+library part is :mod:`amedlab.evaluation.table` (what each file holds is described there; a trained row
+evaluated at several ``seed`` is one row, pooled over its training replicates). With
 ``logger=wandb`` the run (the sweep's wandb group) gets every table with its intervals (``table2/<metric>``:
 per row, each NFE's value and interval; ``table2/cells``: table2.csv's lines), the ratio view of a sweep
 with a limit cell (``table2_ratio/<metric>``: per row, each NFE's ratio to the limit and its interval;
