@@ -11,7 +11,11 @@ from ..resources import package_conf
 from ..schedules import check_schedule_node
 from ..limits import SEED_LIMIT, upper_bound
 
-LOSSES = ("final", "denoised")
+#: solver.distill.loss: final (x(sigma_min) vs the teacher's), denoised (D(x, sigma_min) vs D(teacher, sigma_min)),
+#: teacher_features (the teacher's own feature-block output at sigma_min of both, :func:`amedlab.training.loss.
+#: teacher_features`; never the evaluation's extractor), final+teacher_features (the sum, the feature term
+#: scaled to the sample term by the ratio of the teacher solutions' total variances)
+LOSSES = ("final", "denoised", "teacher_features", "final+teacher_features")
 #: solver.distill defaults for solver=learned: the package's own conf/solver/learned.yaml (one source;
 #: a user's --config-dir cannot change what the Python API assumes)
 DEFAULTS = package_conf("solver", "learned")["distill"]

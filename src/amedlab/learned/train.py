@@ -8,8 +8,14 @@ the project's cached high-NFE reference (:func:`amedlab.data.reference.ode_refer
 solution every cell's RMSE is measured against), on a seed range disjoint from the evaluation seeds.
 Intermediate terms are not offered: the student's grid moves, so the teacher has no state there.
 
-``loss``: ``final`` (x at sigma_min) or ``denoised`` (D(x, sigma_min) against D(teacher, sigma_min);
-one more model call per training batch, none at sampling).
+``loss``: ``final`` (x at sigma_min), ``denoised`` (D(x, sigma_min) against D(teacher, sigma_min);
+one more model call per training batch, none at sampling), ``teacher_features`` (the output of the
+*teacher's* feature block, :func:`amedlab.training.loss.teacher_features`, at sigma_min of the student's
+final sample against that of the teacher's solution: a perceptual loss in the sampled network's own
+bottleneck, never in the evaluation's extractor) or ``final+teacher_features`` (the sum, the feature
+term scaled by ``feature_scale``: the total variance of the teacher solutions over that of their
+features, so both terms are in the same units). Measured on digits in docs/learned.md "Closer to the
+limit".
 
 :class:`LearnedDistillation` is what the shared fit trains (:func:`amedlab.training.fit.fit`);
 ``cell_learned`` (the learned rule's ``prepare``, what ``stage=evaluate`` calls) the parameters for a
@@ -27,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..training.fit import Update, fit, train_cached
-from ..training.loss import divergence, squared_error, trajectory_loss
+from ..training.loss import divergence, feature_block_of, squared_error, teacher_features, trajectory_loss
 from ..models.base import device_of
 from ..solvers.base import Solver
 from .settings import DEFAULTS, LOSSES, start_schedules
@@ -41,8 +47,10 @@ class LearnedDistillation:
     logits, coefficient corrections) through the whole student run; the denoiser is frozen.
     ``loss``: ``final`` (the trajectory objective with the two ends only) or ``denoised``."""
 
-    def __init__(self, denoiser, params: LearnedSolverParams, afs, lr: float, loss: str = "final") -> None:
+    def __init__(self, denoiser, params: LearnedSolverParams, afs, lr: float, loss: str = "final",
+                 feature_scale: float = 1.0) -> None:
         self.denoiser, self.params, self.afs, self.lr, self.loss_kind = denoiser, params, afs, float(lr), loss
+        self.feature_scale = float(feature_scale)  # the feature term's weight (teacher_features losses)
         self.rule = LearnedIPNDM(params, params.max_order)
 
     def parameters_module(self) -> LearnedSolverParams:
@@ -57,12 +65,18 @@ class LearnedDistillation:
         return divergence(loss, {"grid/coefficient": self.params}, self.params), "solver.distill.lr", self.lr
 
     def updates(self, batch, fit):
-        noise, target = batch
+        noise, target = batch[0], batch[1]
         sigmas = self.params.sigmas()
         solver = Solver(self.rule, afs=self.afs)
         if self.loss_kind == "final":
             # the trajectory objective with the two ends only: the loss on the final sample
             loss, _ = trajectory_loss(solver, self.denoiser, torch.stack([noise, target], 1), sigmas)
+        elif self.loss_kind in ("teacher_features", "final+teacher_features"):
+            x = solver.sample(self.denoiser, noise, sigmas)
+            _, feats = teacher_features(self.denoiser, x, float(sigmas[-1]))
+            loss = self.feature_scale * squared_error(feats, batch[2])
+            if self.loss_kind == "final+teacher_features":
+                loss = loss + squared_error(x, target)
         else:
             x = solver.sample(self.denoiser, noise, sigmas)
             smin = sigmas[-1].to(dtype=x.dtype, device=x.device) * torch.ones(len(x), dtype=x.dtype, device=x.device)
@@ -108,14 +122,24 @@ def train_learned(denoiser, noise: torch.Tensor, target: torch.Tensor, base_sigm
     if len(noise) != len(target) or len(noise) < int(batch_size):
         raise ValueError(f"{len(noise)} noise / {len(target)} target trajectories for batches of {batch_size}")
     params = LearnedSolverParams(base_sigmas, max_order, learn_grid, learn_coefficients)
+    extra, feature_scale = (), 1.0
+    if loss in ("teacher_features", "final+teacher_features"):
+        feature_block_of(denoiser)  # a ValueError before any compute for a denoiser without a feature block
+        with torch.no_grad():
+            smin = float(base_sigmas[-1])
+            feats = torch.cat([teacher_features(denoiser, t, smin)[1] for t in target.split(500)])
+        # the feature term in the units of the sample term: total variance of the solutions / of their features
+        feature_scale = float(target.flatten(1).var(0).sum() / feats.var(0).sum().clamp_min(1e-30))
+        extra = (feats,)
     if loss == "denoised":
         with torch.no_grad():
             smin = float(base_sigmas[-1])
             target = torch.cat([denoiser(t, torch.full((len(t),), smin, dtype=t.dtype, device=t.device))
                                 for t in target.split(500)])
-    method = LearnedDistillation(denoiser, params, afs, lr, loss)
+    method = LearnedDistillation(denoiser, params, afs, lr, loss, feature_scale)
     order = torch.randperm(len(noise), generator=torch.Generator().manual_seed(int(seed)))
-    loader = DataLoader(TensorDataset(noise[order], target[order]), batch_size=int(batch_size), shuffle=False, drop_last=True)
+    loader = DataLoader(TensorDataset(noise[order], target[order], *(e[order] for e in extra)), batch_size=int(batch_size),
+                        shuffle=False, drop_last=True)
     done = fit(method, denoiser, loader, epochs=int(epochs), logger=logger)
     params = params.cpu()
     losses = [r["loss"] for r in done.records]
@@ -123,6 +147,7 @@ def train_learned(denoiser, noise: torch.Tensor, target: torch.Tensor, base_sigm
     params.meta = {**dict(meta or {}), "afs": afs, "max_order": int(max_order), "num_trajectories": len(noise),
                    "batch_size": int(batch_size), "epochs": int(epochs), "lr": float(lr), "loss": loss,
                    "learn_grid": bool(learn_grid), "learn_coefficients": bool(learn_coefficients), "seed": int(seed),
+                   **({"feature_scale": feature_scale} if extra else {}),
                    "updates": len(losses), "loss_first": losses[0], "loss_end": sum(losses[-tail:]) / tail,
                    "train_seconds": done.seconds, "train_cpu_seconds": done.cpu_seconds,
                    "base_sigmas": [float(s) for s in base_sigmas], **params.summary()}

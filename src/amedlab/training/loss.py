@@ -92,3 +92,35 @@ def any_rank(flag: bool, device) -> bool:
         dist.all_reduce(t)
         return bool(t.item() > 0)
     return flag
+
+
+def feature_block_of(denoiser) -> tuple[torch.nn.Module, str]:
+    """(the module, its name) whose output is the teacher's feature map: ``denoiser.feature_block`` of
+    ``denoiser.net`` (:class:`amedlab.models.precond.EDMPrecond`); a ValueError for a denoiser without one."""
+    net, block = getattr(denoiser, "net", None), getattr(denoiser, "feature_block", None)
+    if not isinstance(net, torch.nn.Module) or not block:
+        raise ValueError(f"{type(denoiser).__name__} has no feature block (a network `net` with `feature_block`, as "
+                         "EDMPrecond): a teacher-feature loss needs the teacher's own features")
+    return net.get_submodule(block), str(block)
+
+
+def teacher_features(denoiser, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D(x, sigma), the full output of the teacher's feature block [B, -1]) from one forward pass of the
+    teacher, differentiable with respect to ``x`` (unlike the detached channel-mean ``last_features``
+    AMED's predictor reads). The features are the *teacher's* (the denoiser being sampled), never an
+    evaluation extractor's."""
+    module, block = feature_block_of(denoiser)
+    kept: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output):
+        kept.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = module.register_forward_hook(keep)
+    try:
+        s = torch.full((len(x),), float(sigma), dtype=x.dtype, device=x.device)
+        denoised = denoiser(x, s)
+    finally:
+        handle.remove()
+    if not kept:
+        raise RuntimeError(f"feature block {block!r} did not run during the forward pass")
+    return denoised, kept[-1].flatten(1).to(x.dtype)
