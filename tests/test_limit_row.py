@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,14 +23,12 @@ from amedlab.evaluation import table as T
 from amedlab.evaluation import uncertainty as U
 from amedlab.evaluation.evaluate import METRICS_FORMAT, is_limit_cell, limit_label
 from amedlab.evaluation.metrics import quantize
-from amedlab.models.digits import make_digits_denoiser, save_denoiser
 from amedlab.specs import CONF_DIR, check_stage
 from amedlab.stages import evaluate as evaluate_stage
 from amedlab.stages import table as table_stage
 from amedlab.wandb_logger import RunLogger
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_NET = dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
 REF_NFE = 6  # eval.ode_reference.nfe in these tiny sweeps (the default is 40)
 LABEL = f"ODE reference (Heun, {REF_NFE} NFE)"
 
@@ -42,17 +38,8 @@ def _compose(*overrides):
         return compose("config", overrides=list(overrides))
 
 
-def _amedlab(*args, env):
-    proc = subprocess.run([sys.executable, "-m", "amedlab", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_denoiser(make_digits_denoiser(TINY_NET, sigma_data=0.75), tmp_path_factory.mktemp("model") / "tiny.safetensors")
+# the entry point in a subprocess and the tiny digits model of the sweep tests (one copy of each)
+from test_sweep import amedlab as _amedlab, tiny_model  # noqa: E402,F401 -- tiny_model is a fixture
 
 
 @pytest.fixture(scope="module")
