@@ -441,6 +441,8 @@ def test_two_seeds_of_the_learned_solver_train_apart_and_tabulate_as_one_row(tmp
     assert meta[0]["seed"] == 0 and meta[1]["seed"] == 1 and m[0]["predictor"]["source"] == m[1]["predictor"]["source"] == "trained"
     assert m[0]["sigmas"] != m[1]["sigmas"] and m[0]["cell_key"] != m[1]["cell_key"]  # two different learned grids
     assert m[0]["fid"] != m[1]["fid"]
+    assert (m[0]["seed"], m[1]["seed"]) == (0, 1)  # recorded, so a seed set in a config file counts too
+    assert T.cell_seed({"seed": 2, "overrides": []}) == 2 and T.cell_seed({"overrides": ["seed=3"]}) == 3
     result = T.write_tables(root, metrics=["fid", "rmse"])
     (label,) = result["rows"]
     cell = result["rows"][label][3]

@@ -274,8 +274,11 @@ def limit_rows(rows) -> list[str]:
 
 
 def cell_seed(cell: dict) -> int:
-    """The training replicate r of a cell: the top-level ``seed`` it ran with, from its ``seed=``
-    override (absent: 0, the default; stage=evaluate records the overrides, not the composed config)."""
+    """The training replicate r of a cell: the top-level ``seed`` it ran with, as metrics.json records it
+    (``seed``, a seed set in a config file included); a cell written before that field, from its
+    ``seed=`` override (absent: 0, the default)."""
+    if isinstance(cell.get("seed"), int) and not isinstance(cell.get("seed"), bool):
+        return cell["seed"]
     seed = 0
     for o in cell.get("overrides") or []:
         key, _, value = o.partition("=")

@@ -165,7 +165,7 @@ def run(cfg):
             "complete": True, "format": METRICS_FORMAT, "cell_key": key, "label": label, "solver": spec.solver.name,
             **({"limit": True} if limit else {}),  # optional within format 2: absent is false
             "nfe": nfe, "nfe_counted": counted, "num_points": spec.num_points, "fid": fm["fid"], **fm["kid"],
-            "rmse": traj_rmse, "num_samples": len(seeds), "seeds": seeds_spec(seeds),
+            "rmse": traj_rmse, "num_samples": len(seeds), "seeds": seeds_spec(seeds), "seed": spec.seed,
             "schedule": spec.schedule, "sigmas": sigmas.tolist(), "solver_config": spec.solver_node,
             "model": {"name": spec.model_config.get("name"), "identity": model.identity() if hasattr(model, "identity") else None},
             "feature_extractor": spec.extractor, "feature_extractor_weights": spec.weights or "shipped",
