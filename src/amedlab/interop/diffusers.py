@@ -24,10 +24,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from ..errors import ExportError, ParametrisationError, WrongNFEError
+from ..models.adapters import PREDICTION_TYPES, vp_denoised, vp_sigma_to_t
 from .solver_json import ExportedSolver
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
 
 class LearnedScheduler(SchedulerMixin, ConfigMixin):
     """A ``solver.json`` (its record, verified) as a scheduler; ``prediction_type`` must be the model's."""
@@ -72,14 +70,6 @@ class LearnedScheduler(SchedulerMixin, ConfigMixin):
         return scheduler
 
     # -- the schedule --
-    def _sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """amedlab.models.adapters.DiffusersVPDenoiser.sigma_to_t, on the recorded table."""
-        ls = self.log_sigmas
-        log_sigma = sigma.float().log().clamp(ls[0], ls[-1])
-        idx = torch.searchsorted(ls, log_sigma.contiguous()).clamp(1, len(ls) - 1)
-        lo, hi = ls[idx - 1], ls[idx]
-        return (idx - 1).float() + ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
-
     def set_timesteps(self, num_inference_steps: int | None = None, device=None) -> None:
         """The model's timesteps, one per model call. ``num_inference_steps`` (model calls) must be the NFE
         the solver was trained for (its grid and weights belong to it)."""
@@ -89,7 +79,7 @@ class LearnedScheduler(SchedulerMixin, ConfigMixin):
                                 f"(export one trained for NFE {num_inference_steps})")
         self.num_inference_steps = nfe
         self.model_sigmas = list(self.exported.model_sigmas)
-        self.timesteps = self._sigma_to_t(torch.tensor(self.model_sigmas, dtype=torch.float64)).to(device)
+        self.timesteps = vp_sigma_to_t(self.log_sigmas, torch.tensor(self.model_sigmas, dtype=torch.float64)).to(device)
         self._step_index, self._slopes = 0, []
 
     # -- the loop --
@@ -117,13 +107,7 @@ class LearnedScheduler(SchedulerMixin, ConfigMixin):
 
     def _denoised(self, out: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
         s = torch.tensor(sigma, dtype=x.dtype, device=x.device)
-        out = out.to(x.dtype)
-        if self.prediction_type == "epsilon":
-            return x - s * out
-        if self.prediction_type == "v_prediction":
-            c_in = 1 / (s**2 + 1).sqrt()
-            return c_in * (c_in * x) - s * c_in * out
-        return out
+        return vp_denoised(out.to(x.dtype), x, s, 1 / (s**2 + 1).sqrt(), self.prediction_type)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs):
         """One model call's step: x at the next sigma (or D at the end with ``final_step=denoise``)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ExportError, WrongModelError, WrongNFEError
-from .solver_json import SCHEMA_VERSION, ExportedSolver, content_digest
+from .solver_json import SCHEMA_VERSION, ExportedSolver, content_digest, verify_record
 
 AMED_KIND = "amedlab.amed_predictor"
 #: the model classes whose forward pass exposes the block AMED's predictor reads
@@ -139,17 +139,14 @@ def load_amed_predictor(folder):
     from safetensors.torch import load_file
 
     from ..amed.predictor import AMEDPredictor
-    from ..errors import DigestMismatchError, SchemaVersionError
+    from ..errors import DigestMismatchError
 
     folder = Path(folder)
-    record = json.loads((folder / "amed.json").read_text())
-    if record.get("kind") != AMED_KIND:
-        raise ExportError(f"{folder / 'amed.json'}: not an exported AMED predictor")
-    if record.get("schema_version") != SCHEMA_VERSION:
-        raise SchemaVersionError(f"{folder / 'amed.json'}: schema_version={record.get('schema_version')!r}; this "
-                                 f"amedlab reads {SCHEMA_VERSION}")
-    if record.get("digest") != content_digest(record):
-        raise DigestMismatchError(f"{folder / 'amed.json'}: the content does not match its digest")
+    try:
+        record = json.loads((folder / "amed.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{folder / 'amed.json'}: not a readable export ({err})") from None
+    verify_record(record, AMED_KIND, str(folder / "amed.json"), "an exported AMED predictor")
     data = (folder / record["weights"]["file"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != record["weights"]["sha256"]:
         raise DigestMismatchError(f"{folder / record['weights']['file']}: the weights do not match amed.json's sha256")

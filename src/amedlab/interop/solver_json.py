@@ -41,6 +41,19 @@ def content_digest(record: dict) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in record.items() if k != "digest"})).hexdigest()
 
 
+def verify_record(record, kind: str, where: str, what: str) -> None:
+    """An exported record (``solver.json``, ``amed.json``) of ``kind``, of this schema version, whose
+    content matches its digest; else the named error."""
+    if not isinstance(record, dict) or record.get("kind") != kind:
+        raise ExportError(f"{where}: not {what} (kind {kind!r})")
+    if record.get("schema_version") != SCHEMA_VERSION:
+        raise SchemaVersionError(f"{where}: schema_version={record.get('schema_version')!r}; this amedlab reads "
+                                 f"schema_version {SCHEMA_VERSION} (export it again with this version)")
+    if record.get("digest") != content_digest(record):
+        raise DigestMismatchError(f"{where}: the content does not match its digest (the file was edited or "
+                                  "damaged); export it again")
+
+
 @dataclass(frozen=True)
 class ExportedSolver:
     """The content of a ``solver.json`` (see the module docstring for the step)."""
@@ -81,14 +94,7 @@ class ExportedSolver:
 
     @classmethod
     def from_record(cls, record: dict, where: str = "solver.json") -> "ExportedSolver":
-        if not isinstance(record, dict) or record.get("kind") != KIND:
-            raise ExportError(f"{where}: not an exported amedlab solver (kind {KIND!r})")
-        if record.get("schema_version") != SCHEMA_VERSION:
-            raise SchemaVersionError(f"{where}: schema_version={record.get('schema_version')!r}; this amedlab reads "
-                                     f"schema_version {SCHEMA_VERSION} (export the solver again with this version)")
-        if record.get("digest") != content_digest(record):
-            raise DigestMismatchError(f"{where}: the content does not match its digest (the file was edited or "
-                                      "damaged); export it again")
+        verify_record(record, KIND, where, "an exported amedlab solver")
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in record.items() if k in names})
 

@@ -51,6 +51,24 @@ def _check_keys(node: Mapping, name: str, accepted: tuple[str, ...]) -> None:
 # diffusers
 
 
+def vp_sigma_to_t(log_sigmas: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Continuous timestep of a discrete VP table: piecewise-linear interpolation of the index in log
+    sigma, clamped (also what amedlab.interop.diffusers gives the UNet, so both call it the same way)."""
+    log_sigma = sigma.float().log().clamp(log_sigmas[0], log_sigmas[-1])
+    idx = torch.searchsorted(log_sigmas, log_sigma.contiguous()).clamp(1, len(log_sigmas) - 1)
+    lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
+    return (idx - 1).float() + ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+
+
+def vp_denoised(out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, c_in: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """D(x, sigma) from a VP UNet's output at input ``c_in * x`` (c_in = 1 / sqrt(1 + sigma^2))."""
+    if prediction_type == "epsilon":
+        return x - s * out
+    if prediction_type == "v_prediction":  # x0 = alpha x_t - sigma_vp v, alpha = c_in, sigma_vp = s c_in
+        return c_in * (c_in * x) - s * c_in * out
+    return out
+
+
 class DiffusersVPDenoiser(Denoiser):
     """D(x, sigma) for a VP epsilon/v/sample-prediction ``UNet2DModel`` with a discrete DDPM schedule.
 
@@ -93,12 +111,7 @@ class DiffusersVPDenoiser(Denoiser):
                     unet=dict(self.unet.config))
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Continuous timestep: piecewise-linear interpolation of the index in log sigma, clamped."""
-        log_sigma = sigma.float().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
-        idx = torch.searchsorted(self.log_sigmas, log_sigma.contiguous()).clamp(1, len(self.log_sigmas) - 1)
-        lo, hi = self.log_sigmas[idx - 1], self.log_sigmas[idx]
-        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
-        return (idx - 1).float() + w
+        return vp_sigma_to_t(self.log_sigmas, sigma)
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         t = t.float().clamp(0, len(self.log_sigmas) - 1)
@@ -115,11 +128,7 @@ class DiffusersVPDenoiser(Denoiser):
         out = self.unet((c_in * x).to(dtype), self.sigma_to_t(sigma)).sample.to(x.dtype)
         if self._hook is not None:
             self.last_features = self._hook.pop().to(x.dtype)
-        if self.prediction_type == "epsilon":
-            return x - s * out
-        if self.prediction_type == "v_prediction":  # x0 = alpha x_t - sigma_vp v, alpha = c_in, sigma_vp = s c_in
-            return c_in * (c_in * x) - s * c_in * out
-        return out
+        return vp_denoised(out, x, s, c_in, self.prediction_type)
 
 
 def _find_dir_with(candidates: list[Path], filename: str) -> Path | None:

@@ -16,7 +16,7 @@ from .config import load_group
 from .distill import check_distill
 from .evaluate import check_evaluate, check_export
 from .solver import build_checked_model, check_schedule, check_solver_node
-from .values import (STAGE_NAMES, _get, _run_dir, check_common, check_device, check_metric_names, check_out_dir, check_significance,
+from .values import (STAGE_NAMES, _get, cache_root, _run_dir, check_common, check_device, check_metric_names, check_out_dir, check_significance,
                      check_sweep_dir, check_writable, choice_at, fail, float_at, int_at, list_at, user_errors)
 
 
@@ -176,10 +176,7 @@ def check_cache(cfg) -> CacheSpec:
     from ..cache import cache_kinds
 
     check_common(cfg, "cache")
-    value = _get(cfg, "cache_dir")
-    if not isinstance(value, str) or not value.strip():
-        raise fail("cache_dir", value, "a folder for the caches (default: AMEDLAB_CACHE, else ~/.cache/amedlab)")
-    root = Path(value).expanduser()
+    root = cache_root(cfg)
     clear = _get(cfg, "cache.clear")
     kinds = [r["kind"] for r in cache_kinds(root)]
     if clear is not None and (not isinstance(clear, str) or clear not in ("all", *kinds)):

@@ -250,18 +250,23 @@ def check_writable(key: str, directory) -> Path:
     return path
 
 
-def check_cache_dir(cfg) -> Path:
-    """``cache_dir``: the one folder of every cache (amedlab.cache), writable. Said once, when this
-    process first creates it, so that a user knows where the gigabytes go."""
+def cache_root(cfg) -> Path:
+    """``cache_dir`` as a path: a non-empty folder name (nothing created)."""
     value = _get(cfg, "cache_dir")
     if not isinstance(value, str) or not value.strip():
         raise fail("cache_dir", value, "a folder for the caches (default: AMEDLAB_CACHE, else ~/.cache/amedlab)")
-    path = Path(value).expanduser()
+    return Path(value).expanduser()
+
+
+def check_cache_dir(cfg) -> Path:
+    """``cache_dir``: the one folder of every cache (amedlab.cache), writable. Said once, when this
+    process first creates it, so that a user knows where the gigabytes go."""
+    path = cache_root(cfg)
     new = not path.exists()
-    path = check_writable("cache_dir", value)
+    path = check_writable("cache_dir", path)
     if new:
         log.info("caches go to %s (new; cache_dir= or AMEDLAB_CACHE moves it; amedlab stage=cache lists "
-                    "and clears it)", path.resolve())
+                 "and clears it)", path.resolve())
     return path
 
 
